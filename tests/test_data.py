@@ -32,15 +32,20 @@ def write_video(path: Path, frames: np.ndarray, gop: int = 12, faststart: bool =
 
 
 def numbered_frames(count: int, size: int = 32) -> np.ndarray:
-    """Frames whose brightness encodes their index: frame k is flat grey 20 + 3k."""
-    levels = 20 + 3 * np.arange(count, dtype=np.int64)
-    return np.broadcast_to(levels[:, None, None, None], (count, size, size, 3)).astype(np.uint8).copy()
+    """Flat frames whose colour encodes their index k: red 20 + 6 (k mod 30), green 20 + 40 (k div 30)
+    (steps wide enough for the codec's colour error of about 2 grey levels)."""
+    index = np.arange(count)
+    colours = np.stack([20 + 6 * (index % 30), 20 + 40 * (index // 30), np.full(count, 128)], 1)
+    return np.broadcast_to(colours[:, None, None, :], (count, size, size, 3)).astype(np.uint8).copy()
 
 
 def frame_number(image) -> int:
     """Invert ``numbered_frames`` for a decoded PIL image or a 3 x S x S tensor in [0, 1]."""
-    value = np.asarray(image, dtype=np.float32).mean() if isinstance(image, Image.Image) else float(image.mean()) * 255
-    return int(round((value - 20) / 3))
+    if isinstance(image, Image.Image):
+        red, green, _ = np.asarray(image, dtype=np.float32).mean(axis=(0, 1))
+    else:
+        red, green, _ = (image.mean(dim=(1, 2)) * 255).tolist()
+    return int(round((red - 20) / 6)) + 30 * int(round((green - 20) / 40))
 
 
 def write_jpegs(folder: Path, frames: np.ndarray) -> Path:
@@ -250,7 +255,8 @@ def test_frame_count_from_metadata_too_high(tmp_path, cache):
 
 def test_decode_error_during_training_skips_the_pair(tmp_path, cache):
     frames = numbered_frames(20)
-    write_video(tmp_path / "videos" / "a.mp4", frames) if (tmp_path / "videos").mkdir() is None else None
+    (tmp_path / "videos").mkdir()
+    write_video(tmp_path / "videos" / "a.mp4", frames)
     write_video(tmp_path / "videos" / "b.mp4", frames)
     pairs = FramePairs(tmp_path / "videos", size=16, cache_dir=cache)
     (tmp_path / "videos" / "b.mp4").write_bytes(b"corrupted after the start")
@@ -259,6 +265,17 @@ def test_decode_error_during_training_skips_the_pair(tmp_path, cache):
     assert {Path(p.clip).name for p in loaded} == {"a.mp4"}
     assert pairs.summary["decode_failures"] >= 1
     assert any(p.attempts > 0 for p in loaded)
+
+
+def test_all_pairs_failing_stops_with_a_clear_error(tmp_path, cache):
+    """If every redraw fails (all data broken after the start), the error says so instead of looping."""
+    write_jpegs(tmp_path / "frames", numbered_frames(6))
+    pairs = FramePairs(tmp_path / "frames", size=16, cache_dir=cache)
+    for path in (tmp_path / "frames").iterdir():
+        path.write_bytes(b"")
+    with pytest.warns(SkippedFileWarning), pytest.raises(UserError, match="mostly unreadable"):
+        pairs.load(0)
+    assert pairs.summary["decode_failures"] == data.MAX_ATTEMPTS
 
 
 # ---------------------------------------------------------------------------------------
@@ -293,7 +310,7 @@ def test_workers_give_the_same_pairs(synth_root, cache):
 def test_distributed_ranks_draw_different_pairs(synth_root, cache):
     from torch.utils.data.distributed import DistributedSampler
 
-    pairs = FramePairs(synth_root, size=24, cache_dir=cache)
+    pairs = FramePairs(synth_root, size=24, cache_dir=cache, length=40)  # even: no padding index
     ranks = [list(DistributedSampler(pairs, num_replicas=2, rank=r, shuffle=True, seed=0)) for r in (0, 1)]
     assert not set(ranks[0]) & set(ranks[1])
     assert [pairs.pair_indices(i) for i in ranks[0][:8]] != [pairs.pair_indices(i) for i in ranks[1][:8]]
@@ -361,3 +378,20 @@ def test_mixed_sources(tmp_path, synth_root, cache):
     pairs = FramePairs([synth_root / "JPEGImages", "synth:scenes=2,frames=5,size=32"], size=16, cache_dir=cache)
     assert pairs.summary["by_kind"] == {"frames": 3, "synth": 2}
     assert len(pairs) == 3 * 11 + 2 * 4
+
+
+def test_bench_data_writes_a_table_and_json(tmp_path, capsys):
+    """``fmapicon bench data`` at a tiny size: a row per source and worker count, rates > 0."""
+    import json
+
+    from fmapicon.cli import main
+
+    pytest.importorskip("av")
+    out = tmp_path / "bench.json"
+    argv = ["bench", "data", "--pairs", "8", "--batch", "4", "--size", "16", "--workers", "0", "--sequences", "2",
+            "--frames", "6", "--scene-size", "32", "--davis", "", "--json", str(out)]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["source"] for row in rows] == ["video (mp4)", "frames (jpg)", "synth (on the fly)"]
+    assert all(row["pairs"] >= 8 and row["pairs_per_s"] > 0 for row in rows)
+    assert "pairs_per_s" in capsys.readouterr().out

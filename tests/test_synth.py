@@ -13,7 +13,7 @@ from scipy import ndimage
 from fmapicon.davis import davis_palette, read_annotation
 from fmapicon.errors import UserError
 from fmapicon.flow import read_flo
-from fmapicon.synth import build_scene, generate_scene, scene_seed, write_scenes
+from fmapicon.synth import build_scene, generate_scene, read_marker, scene_seed, write_scenes
 
 
 def backward_warp(image: np.ndarray, flow: np.ndarray, order: int = 1) -> np.ndarray:
@@ -48,21 +48,26 @@ def test_shapes_and_types(scene):
 
 @pytest.mark.parametrize("seed,size,objects", [(3, (96, 128), 3), (11, (64, 64), 4), (5, (128, 96), 1)])
 def test_flow_warps_next_frame_onto_this_one(seed, size, objects):
-    """Frame t+1 sampled at x + flow(x) is frame t on visible pixels (and so is the mask)."""
+    """Frame t+1 sampled at x + flow(x) is frame t on visible pixels (and so is the mask).
+
+    The residual is resampling (both frames are bilinear samples of the texture) and, on
+    the one-pixel anti-aliased rim of each mask, the blend with the layer behind.
+    """
     scene = generate_scene(seed, frames=8, size=size, objects=objects)
-    errors, agreement = [], []
+    errors, interior_errors, agreement = [], [], []
     for t in range(7):
         visible = scene.visible[t]
         assert visible.mean() > 0.8
-        warped = backward_warp(scene.frames[t + 1], scene.flows[t])
-        frame = scene.frames[t].astype(np.float32)
-        errors.append(np.abs(warped - frame).mean(-1)[visible].mean())
-        # nearest-neighbour sampling of ids is ambiguous only on the one-pixel rim of a mask
         rim = ndimage.maximum_filter(scene.masks[t], 3) != ndimage.minimum_filter(scene.masks[t], 3)
+        warped = backward_warp(scene.frames[t + 1], scene.flows[t])
+        error = np.abs(warped - scene.frames[t].astype(np.float32)).mean(-1)
+        errors.append(error[visible].mean())
+        interior_errors.append(error[visible & ~rim].mean())
+        # nearest-neighbour sampling of ids is ambiguous only on the rim
         mask = backward_warp(scene.masks[t + 1], scene.flows[t], order=0)
         agreement.append((mask == scene.masks[t])[visible & ~rim].mean())
-    assert np.mean(errors) < 2.5, f"mean abs error {np.mean(errors):.2f} grey levels"
-    assert np.max(errors) < 3.5
+    assert np.mean(errors) < 3.0 and np.max(errors) < 3.5, f"mean abs error {np.round(errors, 2)} grey levels"
+    assert np.mean(interior_errors) < 2.0 and np.max(interior_errors) < 2.5, np.round(interior_errors, 2)
     assert np.min(agreement) > 0.99
 
 
@@ -171,6 +176,7 @@ def test_same_seed_same_bytes(tmp_path):
 def test_never_mixes_with_existing_files(tmp_path):
     out = tmp_path / "scenes"
     write_scenes(out, sequences=2, frames=3, size=(32, 32), objects=1, video=False)
+    assert read_marker(out)["complete"] is True and read_marker(out)["names"] == ["synth-0000", "synth-0001"]
     with pytest.raises(UserError, match="not empty"):
         write_scenes(out, sequences=1, frames=3, size=(32, 32), objects=1, video=False)
     # overwrite replaces the previous synth output entirely: no stale synth-0001 remains

@@ -142,7 +142,7 @@ class FramePairs(torch.utils.data.Dataset):
     def __init__(self, sources, size: int = 120, max_gap: int = 30, crop: str = "center", seed: int = 0,
                  length: int | None = None, cache_dir=None, crop_scale: tuple[float, float] = (0.5, 1.0),
                  weighting: str = "frames"):
-        _check_options(size, max_gap, crop, crop_scale, weighting, length)
+        _check_options(size, max_gap, crop, crop_scale, weighting, length, seed)
         self.size, self.max_gap, self.crop, self.seed = int(size), int(max_gap), crop, int(seed)
         self.crop_scale, self.weighting = tuple(crop_scale), weighting
         self.epoch = 0
@@ -220,6 +220,7 @@ class FramePairs(torch.utils.data.Dataset):
         """The pair for ``index``; a pair that does not decode is redrawn (deterministically)."""
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} pairs")
+        last_error = None
         for attempt in range(MAX_ATTEMPTS):
             clip_number, a, b, box = self._draw(index, attempt)
             clip = self.clips[clip_number]
@@ -227,11 +228,12 @@ class FramePairs(torch.utils.data.Dataset):
                 image_a, image_b, b = self._read(clip, a, b)
             except Exception as error:  # noqa: BLE001 - one bad pair must never end a run
                 self._failed(clip, a, b, error)
+                last_error = error
                 continue
-            return Pair(self._to_tensor(image_a, box, clip), self._to_tensor(image_b, box, clip),
-                        clip.path, a, b, attempt)
-        raise UserError(f"{MAX_ATTEMPTS} pairs in a row failed to decode (last: {clip.path}); "
-                        "the data looks mostly unreadable: check the files or remove the broken ones")
+            return Pair(self._to_tensor(image_a, box), self._to_tensor(image_b, box), clip.path, a, b, attempt)
+        raise UserError(f"{MAX_ATTEMPTS} pairs in a row failed to decode (last: {clip.path}: "
+                        f"{type(last_error).__name__}: {last_error}); the data looks mostly unreadable: "
+                        "check the files or remove the broken ones")
 
     def _failed(self, clip: Clip, a: int, b: int, error: Exception) -> None:
         self._counters["decode_failures"] += 1
@@ -274,7 +276,7 @@ class FramePairs(torch.utils.data.Dataset):
             self._models[key] = build_scene(seed, options["frames"], (options["size"],) * 2, options["objects"])
         return self._models[key]
 
-    def _to_tensor(self, image: Image.Image, box, clip: Clip) -> torch.Tensor:
+    def _to_tensor(self, image: Image.Image, box) -> torch.Tensor:
         """Crop the relative ``box`` and resize to S x S (antialiased bilinear) -> 3 x S x S in [0, 1]."""
         width, height = image.size
         pixels = (box[0] * width, box[1] * height, box[2] * width, box[3] * height)
@@ -321,7 +323,9 @@ def _as_list(sources) -> list:
     return sources
 
 
-def _check_options(size, max_gap, crop, crop_scale, weighting, length) -> None:
+def _check_options(size, max_gap, crop, crop_scale, weighting, length, seed) -> None:
+    if int(seed) < 0:
+        raise UserError(f"seed must be a non-negative integer, got {seed}")
     if int(size) < 8:
         raise UserError(f"size must be at least 8 pixels, got {size}")
     if int(max_gap) < 1:
@@ -519,6 +523,9 @@ def _probe_frames(folder: Path, names: list, sizes: list) -> dict:
 
 
 def _video_clip(path: Path, index: FrameIndex, report: ScanReport) -> Clip | None:
+    from fmapicon.runtime import require
+
+    require("av")  # a missing PyAV is the user's to fix, not a verdict on the file to cache
     stat = path.stat()
     stamp = [stat.st_size, stat.st_mtime_ns]
     entry = index.get(str(path), stamp)
@@ -595,24 +602,32 @@ def read_video_pair(path, a: int, b: int):
 
     Seeks to the keyframe at or before ``a`` and decodes forward to ``b``: the cost is a
     GOP plus the gap, whatever the video's length. Frame indices come from presentation
-    timestamps at the stream's average rate (exact for constant frame rate). If the video
-    ends (or breaks) before ``b`` although its metadata promised more frames, the last
-    frame decoded after ``a`` is B; if not even a frame after ``a`` decodes, PairReadError.
+    timestamps at the stream's average rate (exact for constant frame rate), or from the
+    decoding order when there are none. If the video ends (or breaks) before ``b`` although
+    its metadata promised more frames, B is the last frame decoded after ``a``; if no frame
+    after ``a`` decodes, PairReadError.
     """
+    span = _read_after_seek(path, a, b) if a > 0 else None
+    if span is None:  # not seekable, no timestamps, or the seek overshot: decode from the start
+        with _open_video(path) as container:
+            stream = container.streams.video[0]
+            span = _decode_span(container.decode(stream), a, b, _Timing(stream), after_seek=False)
+    (frame_a, _), (frame_b, b_read) = span
+    return frame_a.to_image(), frame_b.to_image(), b_read
+
+
+def _read_after_seek(path, a: int, b: int):
+    """The span read after seeking to the keyframe before ``a``, or None if that fails."""
     with _open_video(path) as container:
         stream = container.streams.video[0]
         timing = _Timing(stream)
-        frames = None
-        if a > 0 and timing.usable:
+        if not timing.usable:
+            return None
+        try:
             container.seek(timing.pts(a), stream=stream, backward=True, any_frame=False)
-            frames = _decode_span(container.decode(stream), a, b, timing)
-        if frames is None:  # no timestamps, or the seek landed after a: decode from the start
-            container.seek(0, stream=stream, backward=True, any_frame=False) if a > 0 else None
-            frames = _decode_span(container.decode(stream), a, b, timing, count_from_start=True)
-        if frames is None:
-            raise PairReadError(f"frame {a} of {path} could not be reached")
-    (frame_a, _), (frame_b, b_read) = frames
-    return frame_a.to_image(), frame_b.to_image(), b_read
+        except Exception:  # noqa: BLE001 - some containers cannot seek; decode from the start
+            return None
+        return _decode_span(container.decode(stream), a, b, timing, after_seek=True)
 
 
 class _Timing:
@@ -633,19 +648,21 @@ class _Timing:
         return int(round(float((pts - self.start) * self.time_base * self.rate)))
 
 
-def _decode_span(decoded, a: int, b: int, timing: _Timing, count_from_start: bool = False):
-    """Decode forward: ((frame A, a), (frame B, index read)), or None when the frames
-    start after ``a`` (a seek that overshot). A decode error or the end of the stream
-    after A gives B = the last good frame after A."""
-    found_a, last, position = None, None, -1
+def _decode_span(decoded, a: int, b: int, timing: _Timing, after_seek: bool):
+    """Decode forward to ((frame A, a'), (frame B, b')), a' the first index >= a and b' the
+    first >= b. Returns None after a seek that cannot be trusted (it landed after ``a``, or
+    frames carry no timestamps). A decode error or the end of the stream after A gives
+    B = the last good frame after A."""
+    found_a, last = None, None
     try:
-        for frame in decoded:
-            position += 1
-            index = position if count_from_start else timing.index(frame.pts)
+        for position, frame in enumerate(decoded):
+            index = timing.index(frame.pts)
             if index is None:
-                return None
+                if after_seek:
+                    return None
+                index = position
             if found_a is None:
-                if index > a and position == 0 and not count_from_start:
+                if after_seek and position == 0 and index > a:
                     return None
                 if index >= a:
                     found_a = (frame, index)
@@ -653,7 +670,7 @@ def _decode_span(decoded, a: int, b: int, timing: _Timing, count_from_start: boo
             last = (frame, index)
             if index >= b:
                 return found_a, last
-    except Exception:  # noqa: BLE001 - a broken tail: use what decoded (checked below)
+    except Exception:  # noqa: BLE001 - a broken tail: keep what decoded (checked below)
         pass
     if found_a is None or last is None:
         raise PairReadError(f"the video ends or breaks before frame {a if found_a is None else a + 1}")

@@ -172,10 +172,9 @@ def _random_shape(rng: np.random.Generator, radius: float):
         return Ellipse(radius, radius * aspect)
     if kind == "polygon":
         count = int(rng.integers(3, 9))
-        angles = np.sort(rng.uniform(0, 2 * np.pi, count))
-        # spread the vertices so that no edge is degenerate
-        angles = np.sort((np.linspace(0, 2 * np.pi, count, endpoint=False) + angles[0]
-                          + rng.uniform(-0.3, 0.3, count) * 2 * np.pi / count) % (2 * np.pi))
+        # vertices spread round the circle with a jitter, so that no edge is degenerate
+        steps = np.arange(count) + rng.uniform(-0.3, 0.3, count)
+        angles = np.sort((rng.uniform(0, 2 * np.pi) + steps * 2 * np.pi / count) % (2 * np.pi))
         vertices = np.stack([np.cos(angles), np.sin(angles)], 1) * radius * rng.uniform(0.8, 1.0, (count, 1))
         edges = np.roll(vertices, -1, axis=0) - vertices
         normals = np.stack([edges[:, 1], -edges[:, 0]], 1)
@@ -430,7 +429,6 @@ class SceneModel:
             flow[rows, cols, 1] = ny - y
         return flow
 
-
     def visibility(self, t: int, ids: np.ndarray, flow: np.ndarray) -> np.ndarray:
         """H x W bool: the surface at x in frame t is front-most at x + flow(x) in frame t+1.
 
@@ -484,7 +482,8 @@ def _camera_path(rng, frames: int, size: tuple[int, int]) -> np.ndarray:
     heading = rng.uniform(0, 2 * np.pi)
     cx = speed * np.cos(heading) * t + _wobble(rng, frames, rng.uniform(0, 6) * unit)
     cy = speed * np.sin(heading) * t + _wobble(rng, frames, rng.uniform(0, 6) * unit)
-    zoom = np.exp(rng.uniform(-0.004, 0.004) * t + _wobble(rng, frames, rng.uniform(0, 0.05)))
+    zoom_rate = min(0.004, 0.3 / frames)  # long sequences zoom no more than about e^0.3 in all
+    zoom = np.exp(rng.uniform(-zoom_rate, zoom_rate) * t + _wobble(rng, frames, rng.uniform(0, 0.05)))
     roll = rng.uniform(-0.004, 0.004) * t + _wobble(rng, frames, rng.uniform(0, 0.03))
     centre = _translation((width - 1) / 2.0, (height - 1) / 2.0)
     return np.stack([centre @ _rotation_scale(roll[i], zoom[i]) @ _translation(-cx[i], -cy[i])
@@ -501,7 +500,8 @@ def _object_path(rng, frames: int, size: tuple[int, int], start_world: np.ndarra
     y = start_world[1] + speed * np.sin(heading) * t + _wobble(rng, frames, rng.uniform(0, 20) * unit)
     spin = rng.uniform(-0.035, 0.035)
     angle = rng.uniform(0, 2 * np.pi) + spin * t + _wobble(rng, frames, rng.uniform(0, 0.3))
-    growth = rng.uniform(-0.008, 0.008)
+    growth_rate = min(0.008, 0.5 / frames)  # objects grow or shrink at most about e^0.5 in all
+    growth = rng.uniform(-growth_rate, growth_rate)
     scale = np.exp(growth * t + _wobble(rng, frames, rng.uniform(0, 0.2)))
     return np.stack([_translation(x[i], y[i]) @ _rotation_scale(angle[i], scale[i]) for i in range(frames)])
 
@@ -550,7 +550,7 @@ def _objects(rng, count: int, camera: np.ndarray, size: tuple[int, int], frames:
     unit = min(size) / 256.0
     layers = []
     for _ in range(count):
-        shape = _random_shape(rng, rng.uniform(0.1, 0.24) * min(size))
+        shape = _random_shape(rng, rng.uniform(0.08, 0.3) * min(size))
         side = int(np.ceil(2 * shape.radius)) + 5
         texture = _texture(rng, (side, side), unit)
         centre = ((side - 1) / 2.0, (side - 1) / 2.0)
@@ -569,10 +569,7 @@ def build_scene(seed: int, frames: int = 30, size: tuple[int, int] = (256, 256),
     placement a few times otherwise), so that a first-frame annotation names them all.
     """
     height, width = _check_size(size)
-    if frames < 2:
-        raise UserError(f"a scene needs at least 2 frames, got frames={frames}")
-    if not 0 <= objects <= 254:
-        raise UserError(f"objects must be in 0..254, got {objects}")
+    _check_counts(frames, objects)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 0x5C3E]))
     camera = _camera_path(rng, frames, (height, width))
     background = _background(rng, camera, (height, width))
@@ -597,6 +594,13 @@ def _all_visible(model: SceneModel, share: float) -> bool:
         if counts[object_id] < share * full_area:
             return False
     return True
+
+
+def _check_counts(frames: int, objects: int) -> None:
+    if frames < 2:
+        raise UserError(f"a scene needs at least 2 frames, got frames={frames}")
+    if not 0 <= objects <= 254:
+        raise UserError(f"objects must be in 0..254 (ids fit a uint8 with 255 void), got {objects}")
 
 
 def _check_size(size) -> tuple[int, int]:
@@ -652,7 +656,7 @@ def write_scenes(out, sequences: int = 4, frames: int = 30, size: tuple[int, int
         ImageSets/2017/<set_name>.txt       the sequence names
         Flow/<seq>/00000.flo                exact forward flow t -> t+1 (Middlebury, pixels)
         Videos/<seq>.mp4                    H.264, 24 fps (only when ``video``)
-        synth.json                          the parameters; written last, marks a complete output
+        synth.json                          the parameters; "complete": true once all is written
 
     ("480p" is the layout's folder name; the frames are ``size``.) The same arguments give
     the same bytes on the same installation (the encoder runs single-threaded). A folder
@@ -661,6 +665,7 @@ def write_scenes(out, sequences: int = 4, frames: int = 30, size: tuple[int, int
     """
     out = Path(out)
     height, width = _check_size(size)
+    _check_counts(frames, objects)
     if sequences < 1:
         raise UserError(f"sequences must be at least 1, got {sequences}")
     if video and (height % 2 or width % 2):
@@ -672,6 +677,11 @@ def write_scenes(out, sequences: int = 4, frames: int = 30, size: tuple[int, int
 
         av = require("av")
     _prepare_output(out, overwrite)
+    params = dict(sequences=sequences, frames=frames, size=[height, width], objects=objects, seed=seed,
+                  set_name=set_name, video=bool(video))
+    # the marker comes first (an interrupted output is still ours to replace) and is
+    # rewritten with complete=true at the end
+    _write_marker(out, {**params, "complete": False})
     names = [sequence_name(i) for i in range(sequences)]
     for index, name in enumerate(names):
         scene = generate_scene(scene_seed(seed, index), frames, (height, width), objects, visibility=False)
@@ -681,8 +691,7 @@ def write_scenes(out, sequences: int = 4, frames: int = 30, size: tuple[int, int
     image_set = out / "ImageSets" / "2017" / f"{set_name}.txt"
     image_set.parent.mkdir(parents=True, exist_ok=True)
     image_set.write_text("".join(f"{name}\n" for name in names))
-    _write_marker(out, dict(sequences=sequences, frames=frames, size=[height, width], objects=objects,
-                            seed=seed, set_name=set_name, video=bool(video), names=names))
+    _write_marker(out, {**params, "complete": True, "names": names})
     return names
 
 

@@ -24,9 +24,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=60, help="frames per synthetic sequence (default 60)")
     parser.add_argument("--scene-size", type=int, default=256, help="synthetic frame side in pixels (default 256)")
     parser.add_argument("--davis", metavar="ROOT", default=None,
-                        help="a DAVIS root to include (default: the shared davis2016-dev when present)")
+                        help="a DAVIS root to include (default: the shared davis2016-dev when present; "
+                        "'' leaves it out)")
     parser.add_argument("--no-synth", dest="synth", action="store_false",
                         help="leave out the on-the-fly 'synth' source")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads in the main process, which collates the batches (DataLoader "
+                        "workers use 1); on a busy machine torch's thread pool can make the collation "
+                        "the bottleneck (default 1)")
 
 
 def _throughput(dataset, workers: int, pairs: int, batch: int) -> dict:
@@ -71,6 +76,9 @@ def main(args) -> int:
     from fmapicon.bench import report
     from fmapicon.data import FramePairs
 
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
     rows = []
     with tempfile.TemporaryDirectory(prefix="fmapicon-bench-data-") as scratch:
         for name, source in _sources(args, scratch).items():
@@ -79,7 +87,8 @@ def main(args) -> int:
                 result = _throughput(dataset, workers, args.pairs, args.batch)
                 rows.append({"source": name, "clips": dataset.summary["clips"], "workers": workers, **result})
                 print(f"{name:>20}  workers={workers}  {result['pairs_per_s']:.1f} pairs/s", flush=True)
-    notes = [f"S={args.size}, batch {args.batch}, max_gap 30, centre crop; synthetic scenes "
+    notes = [f"S={args.size}, batch {args.batch}, max_gap 30, centre crop, {args.threads} torch thread(s) "
+             f"in the main process; synthetic scenes "
              f"{args.sequences} x {args.frames} frames at {args.scene_size}^2 (H.264 crf 16, GOP 12)",
              "shared machines are noisy: compare rows of the same run"]
     report("data", rows, args.json, notes=notes,

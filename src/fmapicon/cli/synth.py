@@ -5,21 +5,22 @@ from __future__ import annotations
 import argparse
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
 def _at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+
     def check(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text}")
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
         return value
 
     return check
+
+
+_positive = _at_least(1)
 
 
 def _set_name(text: str) -> str:
@@ -38,14 +39,17 @@ def register(subparsers) -> None:
         "exact forward flow Flow/SEQ/00000.flo (frame t -> t+1) and Videos/SEQ.mp4. "
         "The same arguments give the same bytes.",
     )
-    parser.add_argument("out", metavar="OUT", help="output folder (must be empty, or a previous synth output with --force)")
+    parser.add_argument("out", metavar="OUT",
+                        help="output folder (must be empty, or a previous synth output with --force)")
     parser.add_argument("--sequences", type=_positive, default=4, help="number of sequences (default 4)")
     parser.add_argument("--frames", type=_at_least(2), default=30, help="frames per sequence (default 30)")
     parser.add_argument("--size", type=_at_least(16), nargs=2, default=[256, 256], metavar=("H", "W"),
                         help="frame height and width in pixels; even when writing video (default 256 256)")
-    parser.add_argument("--objects", type=_at_least(0), default=3, help="moving objects per sequence, ids 1..M (default 3)")
+    parser.add_argument("--objects", type=_at_least(0), default=3,
+                        help="moving objects per sequence, ids 1..M (default 3)")
     parser.add_argument("--seed", type=_at_least(0), default=0,
-                        help="seed of the set; training on 'synth' uses seed 1 by default, so 0 stays held out (default 0)")
+                        help="seed of the set; training on 'synth' uses seed 1 by default, so 0 stays held out "
+                        "(default 0)")
     parser.add_argument("--set", dest="set_name", type=_set_name, default="val",
                         help="image-set name: ImageSets/2017/SET.txt (default val)")
     parser.add_argument("--no-video", dest="video", action="store_false", help="skip Videos/*.mp4 (no PyAV needed)")
