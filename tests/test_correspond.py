@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -201,3 +204,90 @@ def test_soft_temperature_defaults_to_one_over_lambda_squared():
     images = torch.rand(1, 3, 16, 16)
     result = match_images(ShiftEquivariantModel(lambda_=10.0), images, images, soft=True)
     assert result.temperature == pytest.approx(0.01)
+
+
+def test_argmax_ties_go_to_the_nearest_cell():
+    # a flat image: every cell of B scores the same, the match is the cell's own place
+    flat = F.normalize(torch.ones(1, 8, 9, 11), dim=1)
+    assert torch.all(correspondence(flat, flat) == 0)
+    assert torch.all(correspondence(flat, flat, radius=3, block=4) == 0)
+    # a region of equal features: the nearest of the tied cells wins, not the first one
+    fa = unit_features(batch=1, channels=8, height=9, width=11, seed=10)
+    fb = fa.clone()
+    fb[:, :, :, 5:8] = fa[:, :, :, 6:7]  # columns 5, 6, 7 of B all look like column 6 of A
+    phi = correspondence(fa, fb)
+    assert torch.all(phi[0, 0, :, 6] == 0) and torch.all(phi[0, 1, :, 6] == 0)
+
+
+def _run_cli(argv):
+    from fmapicon.cli import main
+
+    return main(argv)
+
+
+def test_match_cli_end_to_end_on_a_flyingchairs_pair(flyingchairs_dir, tmp_path, capsys):
+    from fmapicon.flow import epe_stats, read_flo
+
+    stem = flyingchairs_dir / "0000000"
+    out = tmp_path / "out"
+    argv = ["match", f"{stem}-img0.ppm", f"{stem}-img1.ppm", "--model", "pixels", "--out", str(out),
+            "--gt-flow", f"{stem}-gt.flo", "--radius", "4", "--device", "cpu"]
+    assert _run_cli(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["flow_ab.flo", "flow_ba.flo", "match.png", "metrics.json"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"ic_error_mean", "epe_mean", "epe_median", "outliers_3px"} <= set(metrics)
+    flow_ab, gt = read_flo(out / "flow_ab.flo"), read_flo(f"{stem}-gt.flo")
+    assert flow_ab.shape == gt.shape == (384, 512, 2) and read_flo(out / "flow_ba.flo").shape == (384, 512, 2)
+    expected = epe_stats(flow_ab, gt)  # the metrics come from the written full-resolution flow
+    assert all(metrics[key] == pytest.approx(value, rel=1e-6) for key, value in expected.items())
+    assert np.abs(flow_ab).max() <= 4 * 4 + 1e-3  # radius 4 cells of 4 pixels
+    assert 0 <= metrics["outliers_3px"] <= 1 and metrics["ic_error_mean"] >= 0
+    from PIL import Image
+
+    with Image.open(out / "match.png") as picture:
+        assert picture.width >= 3 * 512 and picture.height >= 2 * 384
+    assert "epe_mean" in capsys.readouterr().out
+
+
+def test_match_cli_errors_are_clear(tmp_path, capsys):
+    from PIL import Image
+
+    from fmapicon.flow import write_flo
+
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((16, 24, 3), np.uint8)).save(image)
+    (tmp_path / "broken.png").write_text("not an image")
+    write_flo(tmp_path / "small.flo", np.zeros((8, 8, 2), np.float32))
+    (tmp_path / "corrupt.flo").write_bytes(b"\0" * 20)
+    cases = [
+        ([str(tmp_path / "missing.png"), str(image)], "no image at"),
+        ([str(tmp_path / "broken.png"), str(image)], "cannot read"),
+        ([str(image), str(image), "--gt-flow", str(tmp_path / "small.flo")], "8 x 8 pixels but image A is 24 x 16"),
+        ([str(image), str(image), "--gt-flow", str(tmp_path / "corrupt.flo")], "not a .flo file"),
+        ([str(image), str(image), "--gt-flow", str(tmp_path / "none.flo")], "no flow file"),
+        ([str(image), str(image), "--model", "no-such-model"], "unknown model"),
+    ]
+    for args, message in cases:
+        assert _run_cli(["match", *args, "--out", str(tmp_path / "out"), "--device", "cpu"]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):
+        _run_cli(["match", str(image), str(image), "--stride", "0"])
+
+
+def test_bench_match_on_synthetic_pairs(tmp_path, capsys):
+    pytest.importorskip("fmapicon.synth")
+    from fmapicon.bench.match import synth_pairs
+    from fmapicon.flow import read_flo
+
+    out = tmp_path / "bench.json"
+    argv = ["bench", "match", "--synth", "--synth-sequences", "1", "--synth-frames", "3", "--synth-size", "64",
+            "--baselines", "zero,pixels", "--radius", "none,2", "--device", "cpu", "--json", str(out)]
+    assert _run_cli(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["method"], row["radius"]) for row in rows] == [("zero", "-"), ("pixels", "none"), ("pixels", 2)]
+    assert all(row["pairs"] == 2 and row["dataset"] == "synth" for row in rows)
+    # the zero flow's EPE is the mean length of the true flow (same scenes, same seed)
+    flows = [read_flo(pair.flow) for pair in synth_pairs(tmp_path / "again", 1, 3, 64)]
+    assert rows[0]["epe_mean"] == pytest.approx(np.mean([np.hypot(*f.transpose(2, 0, 1)).mean() for f in flows]), rel=1e-5)
+    assert rows[2]["s_per_pair"] > 0 and "epe_mean" in capsys.readouterr().out

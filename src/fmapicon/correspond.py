@@ -19,6 +19,10 @@ Conventions (the same as ``fmapicon.flow``):
 Memory stays bounded: the score matrix is computed in tiles of A's cells against all of
 B (or, with ``radius``, against the window of B that the tile can reach), never as the
 full N x N' matrix.
+
+From images: ``features_at_stride`` (a ``fmapicon.features`` model -> unit features on
+cells of ``stride`` pixels), ``match_images`` / ``match_features`` (both maps in pixels
+and the IC error, a ``Match``), ``match_picture`` (the labelled picture of a match).
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ DEFAULT_TEMPERATURE = 1.0 / DEFAULT_LAMBDA**2
 
 # entries of one tile's score matrix per batch element (16 MB in float32)
 SCORE_BUDGET = 2**22
+
+# argmax: scores this close (relative) to the best are a tie, settled by the shortest move
+TIE_TOLERANCE = 1e-6
 
 
 @dataclass
@@ -64,8 +71,9 @@ def correspondence(fa, fb, *, soft: bool = False, temperature: float | None = No
     Parameters
     ----------
     fa, fb : ``B x C x h x w`` and ``B x C x h' x w'`` features (unit-norm or lambda-scaled).
-    soft : False: Phi^AB(x) = argmax_j fa[x] . fb[j]. True: the expectation of B's cell
-        coordinates under softmax_j(fa[x] . fb[j] / temperature).
+    soft : False: Phi^AB(x) = argmax_j fa[x] . fb[j], ties (equal scores, as in flat
+        regions) going to the candidate nearest x's own place. True: the expectation of
+        B's cell coordinates under softmax_j(fa[x] . fb[j] / temperature).
     temperature : soft-argmax temperature (default ``DEFAULT_TEMPERATURE`` = 1/144).
     radius : search only the B cells within ``radius`` cells (per axis, a square window)
         of the cell corresponding to x (the same cell when h' = h and w' = w).
@@ -193,23 +201,37 @@ def match_images(model, image_a, image_b, *, stride: int = 4, soft: bool = False
 
     ``image_a``: ``B x 3 x H x W``, ``image_b``: ``B x 3 x H' x W'``, float in [0, 1],
     on the model's device. Features are computed on cells of ``stride`` pixels (see
-    ``features_at_stride``), matched with ``correspondence`` (soft temperature default:
-    ``default_temperature(model)``, 1/lambda^2), and turned into pixels with
-    ``pixel_flow``; the inverse-consistency error is computed from these
-    full-resolution maps on B's pixels.
+    ``features_at_stride``) and matched by ``match_features``; the soft-argmax
+    temperature defaults to ``default_temperature(model)`` (1/lambda^2).
     """
     if soft and temperature is None:
         temperature = default_temperature(model)
     fa = features_at_stride(model, image_a, stride, input_scale)
     fb = features_at_stride(model, image_b, stride, input_scale)
+    return match_features(fa, fb, tuple(image_a.shape[-2:]), tuple(image_b.shape[-2:]), soft=soft,
+                          temperature=temperature, radius=radius, block=block)
+
+
+def match_features(fa, fb, size_a, size_b, *, soft: bool = False, temperature: float | None = None,
+                   radius: int | None = None, block: int | None = None) -> Match:
+    """Both maps from feature grids ``fa``, ``fb`` of images of ``size_a``, ``size_b`` pixels.
+
+    ``correspondence`` both ways, ``pixel_flow`` to full resolution, and the
+    inverse-consistency error computed from these full-resolution maps on B's pixels.
+    """
     options = dict(soft=soft, temperature=temperature, radius=radius, block=block)
-    phi_ab = correspondence(fa, fb, **options)
-    phi_ba = correspondence(fb, fa, **options)
-    size_a, size_b = tuple(image_a.shape[-2:]), tuple(image_b.shape[-2:])
-    flow_ab = pixel_flow(phi_ab, size_a, size_b, fb.shape[-2:])
-    flow_ba = pixel_flow(phi_ba, size_b, size_a, fa.shape[-2:])
-    ic_error = inverse_consistency_error(flow_ab, flow_ba)
-    return Match(flow_ab, flow_ba, ic_error, temperature if soft else None)
+    flow_ab = pixel_flow(correspondence(fa, fb, **options), size_a, size_b, fb.shape[-2:])
+    flow_ba = pixel_flow(correspondence(fb, fa, **options), size_b, size_a, fa.shape[-2:])
+    used = (DEFAULT_TEMPERATURE if temperature is None else float(temperature)) if soft else None
+    return Match(flow_ab, flow_ba, inverse_consistency_error(flow_ab, flow_ba), used)
+
+
+def load_feature_model(spec, device="cpu", stride: int = 4):
+    """``fmapicon.features.load_model(spec, device)``; the ``pixels`` baseline averages its
+    Lab colour over cells of ``stride`` pixels, the cells being matched."""
+    from fmapicon.features import load_model
+
+    return load_model(spec, device, stride=stride) if str(spec) == "pixels" else load_model(spec, device)
 
 
 def read_image(path) -> torch.Tensor:
@@ -336,12 +358,33 @@ def _match_tile(fa, fb, tile, temperature, radius):
     key_y = key_y[:, None].expand(-1, len(key_x)).reshape(-1)
     key_x = key_x[None, :].expand(wy1 - wy0, -1).reshape(-1)
     if temperature is None:
-        best = scores.argmax(dim=-1)
+        best = _argmax_nearest(scores, centre_y, centre_x, key_y, key_x)
         match_x, match_y = key_x[best], key_y[best]
     else:
         weights = torch.softmax(scores / temperature, dim=-1)
         match_x, match_y = weights @ key_x, weights @ key_y
     return torch.stack([match_x, match_y], dim=1).view(fa.shape[0], 2, y1 - y0, x1 - x0)
+
+
+def _argmax_nearest(scores, centre_y, centre_x, key_y, key_x):
+    """The best key of each query, ties going to the key nearest the query's own place.
+
+    Flat or saturated regions give many equal scores; torch's argmax would take the
+    first (top-left) one, a systematic pull up and to the left. Scores within
+    ``TIE_TOLERANCE`` (relative) of the best count as equal. Only rows with a tie pay.
+    """
+    best_score, best = scores.max(dim=-1)
+    tolerance = TIE_TOLERANCE * best_score.abs().clamp_min(1.0)
+    tied = scores >= (best_score - tolerance)[..., None]
+    rows = (tied.sum(dim=-1) > 1).nonzero(as_tuple=True)
+    if len(rows[0]) == 0:
+        return best
+    queries = rows[1]
+    width = len(centre_x)
+    distance = (key_y[None] - centre_y.repeat_interleave(width)[queries, None]) ** 2 \
+        + (key_x[None] - centre_x.repeat(len(centre_y))[queries, None]) ** 2
+    best[rows] = distance.masked_fill(~tied[rows], float("inf")).argmin(dim=-1)
+    return best
 
 
 def _mask_window(scores, centre_y, centre_x, key_y, key_x, radius) -> None:

@@ -118,7 +118,7 @@ def rgb_to_lab(images: torch.Tensor) -> torch.Tensor:
     to_xyz = torch.tensor([[0.412453, 0.357580, 0.180423],
                            [0.212671, 0.715160, 0.072169],
                            [0.019334, 0.119193, 0.950227]], dtype=images.dtype, device=images.device)
-    white = torch.tensor([0.950456, 1.0, 1.088754], dtype=images.dtype, device=images.device)
+    white = torch.tensor([0.95047, 1.0, 1.08883], dtype=images.dtype, device=images.device)
     xyz = torch.einsum("ij,bjhw->bihw", to_xyz, linear) / white[:, None, None]
     delta = 6 / 29
     f = torch.where(xyz > delta**3, xyz.clamp_min(1e-12) ** (1 / 3), xyz / (3 * delta**2) + 4 / 29)

@@ -21,19 +21,28 @@ Write S1_ij = a1_i . b2_j and S2_ij = a3_i . b4_j, LSE for log-sum-exp. Then
         = LSE_j ([a1_i, a3_i] . [b2_j, b4_j] - c_j)  (the product, one dot product)
     L   = mean_i (t_i - r_i),
 
-because softmax_j(S1)_ij * softmax_i(S2)_ij = exp(S1_ij - r_i + S2_ij - c_j). All
-three are one reduction, ``row_logsumexp(q, k, bias)_i = LSE_j (q_i . k_j + bias_j)``
-(c is the row reduction of the transposed problem, q = b4, k = a3), computed by a
-custom autograd function over ``block_rows x block_cols`` tiles with a running
-maximum, as flash attention does: no N_A x N_B matrix larger than one tile ever
-exists, in forward or backward. Backward recomputes each tile and, with the saved
-LSE, the row softmax p_ij = exp(q_i . k_j + bias_j - LSE_i):
+because softmax_j(S1)_ij * softmax_i(S2)_ij = exp(S1_ij - r_i + S2_ij - c_j). All three
+are log-sum-exp reductions over an implicit N_A x N_B matrix, computed by one custom
+autograd function in strips of ``block_cols`` of B's pixels, with a running maximum
+per row of A as flash attention does. A strip holds every row, so c_j for its columns
+is exact within the strip, and r_i, t_i accumulate across strips; with
+``block_rows < N_A`` each strip is further cut into row chunks (then c needs one more
+pass over the chunks). No N_A x N_B matrix larger than one tile
+(``B x block_rows x block_cols``) ever exists, in forward or backward.
 
-    dLSE_i / dq_i = sum_j p_ij k_j,   d(sum_i g_i LSE_i) / dk_j = sum_i g_i p_ij q_i,
-    d(sum_i g_i LSE_i) / dbias_j = sum_i g_i p_ij.
+Backward recomputes each tile from the saved r, t and c. With the row softmax
+P_ij = exp(S1_ij - r_i), the column softmax Q_ij = exp(S2_ij - c_j), the normalized
+product W_ij = exp(S1_ij + S2_ij - c_j - t_i) and g_i the gradient of the loss with
+respect to pixel i's term t_i - r_i:
 
-The gradient into c (through t's bias -c) flows back through c's own reduction by
-ordinary autograd. Memory is O(B (N_A + N_B) C + B * block_rows * block_cols).
+    dL/dS1_ij = g_i (W_ij - P_ij)
+    dL/dS2_ij = g_i W_ij - Q_ij sum_i' g_i' W_i'j     (the second part through c_j)
+    dL/da1 = dS1 b2,  dL/db2 = dS1^T a1,  dL/da3 = dS2 b4,  dL/db4 = dS2^T a3.
+
+The column sum in dS2 is exact within a strip, so one pass suffices when a strip is one
+chunk. Cost: 2 matrix products of size N_A x N_B x C forward, 6 backward (the dense
+form needs 2 and 4, but also five N_A x N_B matrices in memory and as many passes over
+them). Memory is O(B (N_A + N_B) C + B * block_rows * block_cols).
 
 Why float32
 -----------
@@ -70,16 +79,14 @@ from torch.autograd.function import once_differentiable
 
 from fmapicon.errors import UserError
 
-# Tile sizes, measured with `fmapicon bench loss` on a 2-core AVX-512 CPU: tiles of
-# 2-4 Mi elements keep the Python loop short and the tile in the last-level cache;
-# bigger tiles were no faster. On a GPU larger tiles mean fewer kernel launches.
-_CPU_BLOCK_COLS = 1024
-_CPU_TILE_ELEMENTS = 1 << 21
-_GPU_BLOCK_COLS = 4096
-_GPU_TILE_ELEMENTS = 1 << 26
+# Tile budgets (elements of one B x rows x cols tile), minimum and maximum strip widths,
+# keyed by "is this the CPU". CPU: measured with `fmapicon bench loss` on a 2-core
+# AVX-512 machine, where a tile of about 1 Mi elements (4 MB) stays in cache.
+# GPU: larger tiles mean fewer kernel launches.
+_TILE = {True: (1 << 20, 32, 512), False: (1 << 26, 16, 4096)}
 _MIN_BLOCK_ROWS = 16
 
-__all__ = ["log_p", "log_p_dense", "row_logsumexp", "default_blocks"]
+__all__ = ["log_p", "log_p_dense", "default_blocks"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -98,33 +105,34 @@ def log_p(a1, b2, a3, b4, *, eps: float = 0.0, block_rows: int | None = None,
         Added to each pixel's cycle probability inside the log (0: exact objective;
         the original code uses 1e-4).
     block_rows, block_cols : int, optional
-        Tile size of the three log-sum-exp reductions (rows x columns of the implicit
-        similarity matrix). Default: chosen per device and shape (``default_blocks``).
+        Tile size: rows (A's pixels) x columns (B's pixels) of the implicit similarity
+        matrix. Default: chosen per device and shape by ``default_blocks``.
 
     Returns
     -------
     ``(B,)`` tensor, float32 (float64 when an input is float64), also under autocast:
     ``mean_i log(sum_j softmax_j(a1_i . b2_j) softmax_i(a3_i . b4_j) + eps)``.
+    Differentiable (once) in all four inputs.
     """
     dtype = _check_inputs(a1, b2, a3, b4)
     _check_eps(eps)
     _check_block(block_rows, "block_rows")
     _check_block(block_cols, "block_cols")
-    blocks = {"block_rows": block_rows, "block_cols": block_cols}
+    batch, n_a, n_b = a1.shape[0], a1.shape[2] * a1.shape[3], b2.shape[2] * b2.shape[3]
+    default_rows, default_cols = default_blocks(a1.device, batch, n_a, n_b)
+    blocks = (min(block_rows or default_rows, n_a), min(block_cols or default_cols, n_b))
     with _autocast_off(a1.device.type):
-        a1, b2, a3, b4 = (_pixels(x, dtype) for x in (a1, b2, a3, b4))
-        r = row_logsumexp(a1, b2, **blocks)
-        c = row_logsumexp(b4, a3, **blocks)
-        t = row_logsumexp(torch.cat([a1, a3], 2), torch.cat([b2, b4], 2), -c, **blocks)
-        return _pixel_terms(t - r, eps).mean(1)
+        pixels = [_pixels(x, dtype) for x in (a1, b2, a3, b4)]
+        log_cycle = _LogCycle.apply(*pixels, *blocks)  # B x N_A: t_i - r_i
+        return _pixel_terms(log_cycle, eps).mean(dim=1)
 
 
 def log_p_dense(a1, b2, a3, b4, *, eps: float = 0.0) -> torch.Tensor:
     """The quadratic reference: the formula of ``log_p`` written out with softmaxes.
 
-    Builds the two ``B x N_A x N_B`` softmax matrices (0.83 GB each per sample at
-    N = 14,400 in float32); for tests and benchmarks only. Same arguments and result
-    as ``log_p``; computes in float32 (float64 when an input is float64).
+    Builds ``B x N_A x N_B`` matrices (0.83 GB each per sample at N = 14,400 in
+    float32); for tests and benchmarks only. Same arguments and result as ``log_p``;
+    computes in float32 (float64 when an input is float64).
     """
     dtype = _check_inputs(a1, b2, a3, b4)
     _check_eps(eps)
@@ -135,38 +143,19 @@ def log_p_dense(a1, b2, a3, b4, *, eps: float = 0.0) -> torch.Tensor:
     return torch.log(cycle + eps).mean(dim=1)
 
 
-def row_logsumexp(q, k, bias=None, *, block_rows: int | None = None,
-                  block_cols: int | None = None) -> torch.Tensor:
-    """``LSE_j (q_i . k_j + bias_j)`` for every row i, tiled, with a recomputing backward.
+def default_blocks(device, batch: int, n_a: int, n_b: int) -> tuple[int, int]:
+    """Default tile (block_rows, block_cols) for ``batch`` samples of N_A x N_B pixels.
 
-    Parameters
-    ----------
-    q : ``B x N x D``;  k : ``B x M x D``;  bias : ``B x M`` or None (same dtype).
-    block_rows, block_cols : tile size; default ``default_blocks(...)``.
-
-    Returns
-    -------
-    ``B x N``. Never holds more than one ``B x block_rows x block_cols`` tile of
-    scores. Differentiable once in q, k and bias.
+    A strip keeps all N_A rows (one pass, no recomputation) and as many of B's pixels
+    as fit the device's budget of ``batch * block_rows * block_cols`` elements, between
+    a minimum width (long matrix products stay efficient) and a maximum (measured: no
+    gain beyond). When even the minimum width would not fit, rows are chunked, so the
+    memory stays bounded for any batch and pixel count.
     """
-    default_rows, default_cols = default_blocks(q.device, q.shape[0], q.shape[1], k.shape[1])
-    block_rows = block_rows or default_rows
-    block_cols = block_cols or default_cols
-    return _RowLogSumExp.apply(q, k, bias, block_rows, block_cols)
-
-
-def default_blocks(device, batch: int, rows: int, cols: int) -> tuple[int, int]:
-    """Tile size (block_rows, block_cols) for a ``batch x rows x cols`` reduction.
-
-    Columns first (long rows make few, large matrix products), then as many rows as
-    fit the device's tile budget (``batch * block_rows * block_cols`` elements), so
-    that the memory is bounded whatever the batch or pixel count.
-    """
-    is_cpu = torch.device(device).type == "cpu"
-    block_cols = min(cols, _CPU_BLOCK_COLS if is_cpu else _GPU_BLOCK_COLS)
-    budget = _CPU_TILE_ELEMENTS if is_cpu else _GPU_TILE_ELEMENTS
-    block_rows = max(_MIN_BLOCK_ROWS, budget // (batch * block_cols))
-    return min(rows, block_rows), block_cols
+    budget, min_cols, max_cols = _TILE[torch.device(device).type == "cpu"]
+    block_cols = min(max_cols, max(min_cols, budget // (batch * n_a)))
+    block_rows = min(n_a, max(_MIN_BLOCK_ROWS, budget // (batch * block_cols)))
+    return block_rows, min(block_cols, n_b)
 
 
 def _pixel_terms(log_cycle, eps: float):
@@ -177,82 +166,152 @@ def _pixel_terms(log_cycle, eps: float):
 
 
 # ---------------------------------------------------------------------------------------
-# the tiled reduction and its backward
+# the tiled computation and its backward
 
 
-class _RowLogSumExp(torch.autograd.Function):
-    """LSE_j (q_i . k_j + bias_j) over tiles; backward recomputes the tiles."""
+class _LogCycle(torch.autograd.Function):
+    """Per-pixel log cycle probability t_i - r_i (``B x N_A``) from ``B x N x C`` pixels."""
 
     @staticmethod
-    def forward(ctx, q, k, bias, block_rows, block_cols):
-        with _autocast_off(q.device.type):
-            lse = _lse_forward(q, k, bias, block_rows, block_cols)
-        ctx.save_for_backward(q, k, bias, lse)
+    def forward(ctx, a1, b2, a3, b4, block_rows, block_cols):
+        with _autocast_off(a1.device.type):
+            r, t, c = _cycle_forward(a1, b2, a3, b4, block_rows, block_cols)
+        ctx.save_for_backward(a1, b2, a3, b4, r, t, c)
         ctx.blocks = (block_rows, block_cols)
-        return lse
+        return t - r
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        q, k, bias, lse = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3]
-        with _autocast_off(q.device.type):
-            grads = _lse_backward(q, k, bias, lse, grad.to(lse.dtype), *ctx.blocks, needs)
+        a1, b2, a3, b4, r, t, c = ctx.saved_tensors
+        grads = [torch.zeros_like(x) if need else None
+                 for x, need in zip((a1, b2, a3, b4), ctx.needs_input_grad)]
+        strip = _Strip((a1, b2, a3, b4), (r, t, c), grad.to(r.dtype), grads)
+        block_rows, block_cols = ctx.blocks
+        with _autocast_off(a1.device.type):
+            for cols in _blocks(b2.shape[1], block_cols):
+                strip.backward(cols, _blocks(a1.shape[1], block_rows))
         return (*grads, None, None)
 
 
-def _scores(q_rows, k_cols, bias_cols):
-    """One tile ``q_rows k_cols^T + bias_cols``: ``B x rows x cols``."""
-    if bias_cols is None:
-        return torch.bmm(q_rows, k_cols.transpose(1, 2))
-    return torch.baddbmm(bias_cols.unsqueeze(1), q_rows, k_cols.transpose(1, 2))
+def _cycle_forward(a1, b2, a3, b4, block_rows, block_cols):
+    """r, t (``B x N_A``) and c (``B x N_B``), strip by strip of B's pixels."""
+    batch, n_a, n_b = a1.shape[0], a1.shape[1], b2.shape[1]
+    r, t = _RunningLSE(a1, (batch, n_a)), _RunningLSE(a1, (batch, n_a))
+    c = a1.new_empty(batch, n_b)
+    chunks = _blocks(n_a, block_rows)
+    for cols in _blocks(n_b, block_cols):
+        s2_whole = _column_lse(a3, b4[:, cols], chunks, out=c[:, cols])
+        c_cols = c[:, cols].unsqueeze(1)
+        for rows in chunks:
+            s1 = _scores(a1[:, rows], b2[:, cols])
+            s2 = s2_whole if s2_whole is not None else _scores(a3[:, rows], b4[:, cols])
+            product = s2.sub_(c_cols).add_(s1)  # S1 + S2 - c
+            r.add(s1, dim=2, index=rows)
+            t.add(product, dim=2, index=rows)
+    return r.result(), t.result(), c
+
+
+def _column_lse(a3, b4_cols, chunks, out):
+    """Write c_j = LSE_i a3_i . b4_j for a strip of columns into ``out`` (``B x cols``).
+
+    Returns the strip's score tile S2 when the strip is a single chunk (kept for the
+    product), else None (the caller recomputes it chunk by chunk).
+    """
+    c = _RunningLSE(a3, out.shape)
+    if len(chunks) == 1:
+        s2 = _scores(a3, b4_cols)
+        c.add(s2.clone(), dim=1)
+        out.copy_(c.result())
+        return s2
+    for rows in chunks:
+        c.add(_scores(a3[:, rows], b4_cols), dim=1)
+    out.copy_(c.result())
+    return None
+
+
+class _RunningLSE:
+    """Online log-sum-exp along one axis of a stream of tiles: a running max and a sum
+    rescaled whenever the max grows (the flash-attention recurrence)."""
+
+    def __init__(self, like, shape):
+        self.max = like.new_full(shape, -math.inf)
+        self.sum = like.new_zeros(shape)
+
+    def add(self, tile, dim, index=slice(None)):
+        """Fold ``tile`` (``B x rows x cols``, consumed) reduced along ``dim`` into the
+        entries ``[:, index]``."""
+        old_max = self.max[:, index]
+        new_max = torch.maximum(old_max, tile.amax(dim=dim))
+        self.sum[:, index] *= torch.exp(old_max - new_max)
+        self.sum[:, index] += _exp_(tile.sub_(new_max.unsqueeze(dim))).sum(dim=dim)
+        self.max[:, index] = new_max
+
+    def result(self):
+        return self.max + self.sum.log()
+
+
+class _Strip:
+    """Backward over one strip of B's pixels: recompute the tiles, accumulate gradients."""
+
+    def __init__(self, inputs, stats, grad, grads):
+        self.a1, self.b2, self.a3, self.b4 = inputs
+        self.r, self.t, self.c = stats
+        self.grad = grad  # g_i: dL / d(t_i - r_i), B x N_A
+        self.grads = grads  # da1, db2, da3, db4 (None where not needed), accumulated in place
+
+    def backward(self, cols, chunks):
+        whole = len(chunks) == 1
+        b2, b4, c = self.b2[:, cols], self.b4[:, cols], self.c[:, cols].unsqueeze(1)
+        column_weight = c.new_zeros(c.shape[0], 1, c.shape[2])  # sum_i g_i W_ij
+        for rows in chunks:
+            g = self.grad[:, rows].unsqueeze(2)
+            s1 = _scores(self.a1[:, rows], b2)
+            s2 = _scores(self.a3[:, rows], b4).sub_(c)  # S2 - c
+            q = _exp_(s2.clone()) if whole else None  # column softmax Q, for the c term
+            gw = _exp_(s2.add_(s1).sub_(self.t[:, rows].unsqueeze(2))).mul_(g)  # g_i W_ij
+            d1 = _exp_(s1.sub_(self.r[:, rows].unsqueeze(2))).mul_(g).neg_().add_(gw)  # g (W - P)
+            column_weight += gw.sum(dim=1, keepdim=True)
+            # dS2 = gW - Q * column_weight; the second part needs the whole column
+            d2 = gw.sub_(q.mul_(column_weight)) if whole else gw
+            self._accumulate(rows, cols, d1, d2)
+        if not whole:
+            for rows in chunks:
+                q = _exp_(_scores(self.a3[:, rows], b4).sub_(c)).mul_(column_weight)
+                self._accumulate(rows, cols, None, q.neg_())
+
+    def _accumulate(self, rows, cols, d1, d2):
+        """dL/da1 += dS1 b2, dL/db2 += dS1^T a1 (and the same for a3, b4 with dS2)."""
+        da1, db2, da3, db4 = self.grads
+        if d1 is not None and da1 is not None:
+            da1[:, rows].baddbmm_(d1, self.b2[:, cols])
+        if d1 is not None and db2 is not None:
+            db2[:, cols].baddbmm_(d1.transpose(1, 2), self.a1[:, rows])
+        if da3 is not None:
+            da3[:, rows].baddbmm_(d2, self.b4[:, cols])
+        if db4 is not None:
+            db4[:, cols].baddbmm_(d2.transpose(1, 2), self.a3[:, rows])
+
+
+def _scores(x_rows, y_cols):
+    """One tile of dot products ``x_rows y_cols^T``: ``B x rows x cols``."""
+    return torch.bmm(x_rows, y_cols.transpose(1, 2))
+
+
+def _exp_(shifted):
+    """In-place exp of max-shifted scores (all <= 0), floored just above underflow.
+
+    torch's CPU exp leaves its vectorized path for inputs below log(tiny) (about -87.3
+    in float32, where the result underflows) and runs 20-50x slower there; such inputs
+    are common (logits span +-144). Each floored term adds at most e^(log(tiny) + 1) to
+    a sum that is >= 1 (or to a gradient weight), far below the dtype's resolution.
+    """
+    floor = math.log(torch.finfo(shifted.dtype).tiny) + 1.0
+    return shifted.clamp_(min=floor).exp_()
 
 
 def _blocks(length: int, size: int):
     return [slice(start, min(start + size, length)) for start in range(0, length, size)]
-
-
-def _lse_forward(q, k, bias, block_rows, block_cols):
-    lse = q.new_empty(q.shape[:2])
-    for rows in _blocks(q.shape[1], block_rows):
-        lse[:, rows] = _lse_of_rows(q[:, rows], k, bias, block_cols)
-    return lse
-
-
-def _lse_of_rows(q_rows, k, bias, block_cols):
-    """Online log-sum-exp along the columns: a running max and a rescaled running sum."""
-    running_max = running_sum = None
-    for cols in _blocks(k.shape[1], block_cols):
-        tile = _scores(q_rows, k[:, cols], None if bias is None else bias[:, cols])
-        new_max = tile.amax(dim=2)
-        if running_max is not None:
-            new_max = torch.maximum(new_max, running_max)
-            # earlier columns were summed relative to the old max: rescale them
-            running_sum = running_sum.mul_(torch.exp(running_max - new_max))
-        tile_sum = tile.sub_(new_max.unsqueeze(2)).exp_().sum(dim=2)
-        running_sum = tile_sum if running_sum is None else running_sum.add_(tile_sum)
-        running_max = new_max
-    return running_max + running_sum.log()
-
-
-def _lse_backward(q, k, bias, lse, grad, block_rows, block_cols, needs):
-    """Gradients of sum_i grad_i LSE_i, accumulated tile by tile from g_i p_ij."""
-    dq = torch.zeros_like(q) if needs[0] else None
-    dk = torch.zeros_like(k) if needs[1] else None
-    dbias = torch.zeros_like(bias) if bias is not None and needs[2] else None
-    for rows in _blocks(q.shape[1], block_rows):
-        q_rows = q[:, rows]
-        shift, weight = lse[:, rows].unsqueeze(2), grad[:, rows].unsqueeze(2)
-        for cols in _blocks(k.shape[1], block_cols):
-            tile = _scores(q_rows, k[:, cols], None if bias is None else bias[:, cols])
-            weighted_p = tile.sub_(shift).exp_().mul_(weight)  # g_i p_ij
-            if dq is not None:
-                dq[:, rows].baddbmm_(weighted_p, k[:, cols])
-            if dk is not None:
-                dk[:, cols].baddbmm_(weighted_p.transpose(1, 2), q_rows)
-            if dbias is not None:
-                dbias[:, cols] += weighted_p.sum(dim=1)
-    return dq, dk, dbias
 
 
 # ---------------------------------------------------------------------------------------

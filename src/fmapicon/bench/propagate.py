@@ -1,0 +1,140 @@
+"""Label propagation speed on DAVIS frames: seconds per frame, feature extraction vs propagation.
+
+Runs ``fmapicon.propagate.propagate_sequence`` (the CRW protocol of ``fmapicon eval``, same
+flags) on a few sequences and times its two phases; nothing is written or scored. Defaults:
+the shared DAVIS-2016 folder (../shared/data/davis2016-dev) when present, its 2 shortest
+sequences, ``--model random`` (the untrained short U-Net: the cost of a trained short U-Net)
+seen at 1/4 of the frame size (the scale the original trains at). The last row extrapolates
+the measured seconds per frame to every frame of the set: on a shared machine, measure a
+few sequences and say that the total is extrapolated.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+HELP = "label propagation: seconds per frame, feature extraction vs propagation, on DAVIS frames"
+
+RANDOM_INPUT_SCALE = 0.25
+
+
+def add_arguments(parser) -> None:
+    from fmapicon.cli.eval import _positive
+    from fmapicon.cli.score import sequence_list
+
+    parser.add_argument("--davis", default=None, metavar="ROOT",
+                        help="DAVIS folder (default: ../shared/data/davis2016-dev when present)")
+    parser.add_argument("--set", dest="set_name", default=None, metavar="NAME",
+                        help="sequence list (default: val, else the root's only list, e.g. dev)")
+    parser.add_argument("--sequences", type=sequence_list, default=None, metavar="A,B",
+                        help="sequences to time (default: the --count shortest of the set)")
+    parser.add_argument("--count", type=_positive(int), default=2,
+                        help="how many of the shortest sequences to time when --sequences is not given (default: 2)")
+    parser.add_argument("--frames", type=_positive(int), default=None,
+                        help="time only the first N frames of each sequence (default: all)")
+    parser.add_argument("--model", default="random",
+                        help="run folder, checkpoint, pixels, random or xfeat (default: random, the short U-Net)")
+    parser.add_argument("--input-scale", type=_positive(float), default=None, metavar="S",
+                        help=f"frame scale the network sees (default: the model's; {RANDOM_INPUT_SCALE} for random)")
+    parser.add_argument("--protocol", choices=["crw", "original"], default="crw", help="(default: crw)")
+    parser.add_argument("--stride", type=_positive(int), default=8, help="feature cell in pixels (default: 8)")
+    parser.add_argument("--context", type=_positive(int), default=20, help="previous frames in context (default: 20)")
+    parser.add_argument("--radius", type=_positive(float), default=12.0, help="radius in cells (default: 12)")
+    parser.add_argument("--topk", type=_positive(int), default=10, help="top-k (default: 10)")
+    parser.add_argument("--tile", type=_positive(int), default=4, help="query tile side in cells (default: 4)")
+    parser.add_argument("--batch-size", type=_positive(int), default=4, help="frames per feature batch (default: 4)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    parser.add_argument("--threads", type=_positive(int), default=None,
+                        help="torch CPU threads (default: torch's choice)")
+
+
+def _root(davis) -> Path:
+    from fmapicon.errors import UserError
+    from fmapicon.runtime import shared_data_dir
+
+    if davis:
+        return Path(davis)
+    shared = shared_data_dir()
+    if shared is None or not (shared / "davis2016-dev").is_dir():
+        raise UserError("no --davis given and the shared data (../shared/data/davis2016-dev) is absent: "
+                        "pass --davis ROOT")
+    return shared / "davis2016-dev"
+
+
+def _set_name(root: Path, set_name) -> str:
+    from fmapicon.davis import available_sets
+
+    sets = available_sets(root)
+    if set_name or "val" in sets or len(sets) != 1:
+        return set_name or "val"
+    return sets[0]
+
+
+def main(args) -> int:
+    import dataclasses
+
+    import torch
+
+    from fmapicon.bench import report
+    from fmapicon.davis import frame_paths, layout, sequence_names
+    from fmapicon.features import load_model
+    from fmapicon.propagate import PropagationParams
+    from fmapicon.runtime import resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = _root(args.davis)
+    set_name = _set_name(root, args.set_name)
+    images_dir, annotations_dir = layout(root)
+    everything = {name: len(frame_paths(images_dir, name)) for name in sequence_names(root, set_name)}
+    names = args.sequences or sorted(everything, key=everything.get)[: args.count]
+    model = load_model(args.model, resolve_device(args.device),
+                       **({"stride": args.stride} if args.model == "pixels" else {}))
+    scale = args.input_scale or (RANDOM_INPUT_SCALE if args.model == "random" else model.default_input_scale)
+    params = PropagationParams(protocol=args.protocol, input_scale=scale, stride=args.stride, context=args.context,
+                               radius=args.radius, topk=args.topk, tile=args.tile, batch_size=args.batch_size)
+    rows = [_time_sequence(model, images_dir, annotations_dir, name, params, args.frames) for name in names]
+    rows.append(_total_row("measured", rows))
+    per_frame = rows[-1]["total_s_per_frame"]
+    all_frames = sum(everything.values())
+    rows.append({"sequence": f"all {len(everything)} (extrapolated)", "frames": all_frames,
+                 "total_s": per_frame * all_frames, "total_s_per_frame": per_frame})
+    notes = [f"model {model.name} at input scale {scale}, device {args.device}, {torch.get_num_threads()} threads",
+             f"the last row is extrapolated from {rows[-2]['frames']} measured frames to the {all_frames} frames "
+             f"of set {set_name!r} ({all_frames * per_frame / 60:.1f} minutes)",
+             "timings on a shared machine are noisy: compare ratios measured in the same run; cpu_s_per_frame "
+             "is the process CPU time (all threads), close to the unloaded wall time with --threads 1"]
+    report("propagate", rows, args.json, notes=notes, extra={"params": dataclasses.asdict(params), "davis": str(root)},
+           columns=["sequence", "frames", "size", "features_s", "propagation_s", "features_s_per_frame",
+                    "propagation_s_per_frame", "total_s", "total_s_per_frame", "cpu_s_per_frame"])
+    return 0
+
+
+def _time_sequence(model, images_dir, annotations_dir, name, params, limit) -> dict:
+    """Propagate one sequence (its first ``limit`` frames) and time the two phases."""
+    from fmapicon.davis import annotation_paths, frame_paths, read_annotation, read_frames
+    from fmapicon.propagate import propagate_sequence
+
+    frames = read_frames(frame_paths(images_dir, name)[:limit])
+    first = read_annotation(annotation_paths(annotations_dir, name)[0])
+    cpu = time.process_time()
+    _, timing = propagate_sequence(model, frames, first, params, progress=False, name=name)
+    cpu = time.process_time() - cpu
+    count = len(frames)
+    total = timing["features_s"] + timing["propagation_s"]
+    return {"sequence": name, "frames": count, "size": f"{frames.shape[2]}x{frames.shape[1]}",
+            "features_s": timing["features_s"], "propagation_s": timing["propagation_s"],
+            "features_s_per_frame": timing["features_s"] / count,
+            "propagation_s_per_frame": timing["propagation_s"] / count,
+            "total_s": total, "total_s_per_frame": total / count, "cpu_s_per_frame": cpu / count}
+
+
+def _total_row(label: str, rows: list[dict]) -> dict:
+    frames = sum(r["frames"] for r in rows)
+    features = sum(r["features_s"] for r in rows)
+    propagation = sum(r["propagation_s"] for r in rows)
+    return {"sequence": label, "frames": frames, "features_s": features, "propagation_s": propagation,
+            "features_s_per_frame": features / frames, "propagation_s_per_frame": propagation / frames,
+            "total_s": features + propagation, "total_s_per_frame": (features + propagation) / frames,
+            "cpu_s_per_frame": sum(r["cpu_s_per_frame"] * r["frames"] for r in rows) / frames}

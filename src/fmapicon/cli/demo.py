@@ -1,0 +1,113 @@
+"""``fmapicon demo``: the main job, from nothing to a report; the work is ``fmapicon.demo.run_demo``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+DESCRIPTION = """Train FeatureMapICON features on synthetic scenes (or your --data) for a wall-clock budget,
+then evaluate them against the copy, pixels and random baselines with the same protocol: label
+propagation (J&F) on held-out synthetic sequences (and a DAVIS folder with --davis), and
+correspondence end-point error against exact flow (and FlyingChairs-style pairs with --pairs).
+Writes DIR/run (the training run), DIR/results.json and DIR/report.html (one self-contained page).
+Needs matplotlib for the pictures (pip install 'fmapicon[plots]')."""
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of minutes, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _existing_folder(text: str) -> str:
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a folder")
+    return text
+
+
+def _existing_path(text: str) -> str:
+    if text != "synth" and not text.startswith("synth:") and not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"{text!r} does not exist (give video files, frame folders or 'synth')")
+    return text
+
+
+def _device(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("demo", help="the main job: train, evaluate against baselines, write a report",
+                                   description=DESCRIPTION)
+    parser.add_argument("--out", metavar="DIR", default="runs/demo",
+                        help="output folder; an existing non-empty one needs --force (default: %(default)s)")
+    parser.add_argument("--data", metavar="PATH", nargs="+", type=_existing_path, default=[],
+                        help="train on these videos / frame folders instead of synthetic scenes; evaluation "
+                        "still uses held-out synthetic scenes (default: synthetic scenes)")
+    parser.add_argument("--minutes", type=_positive_float, default=None,
+                        help="wall-clock budget of training; longer learns more (default: 10, or 1.5 with --quick, which stops at 30 steps first)")
+    parser.add_argument("--steps", type=_positive_int, default=None,
+                        help="also stop after this many optimizer steps, for a budget that does not depend on "
+                        "the machine's speed (default: no step limit, the minutes decide; 30 with --quick)")
+    parser.add_argument("--davis", metavar="ROOT", type=_existing_folder, default=None,
+                        help="also evaluate J&F on this DAVIS folder (JPEGImages/480p, Annotations/480p, "
+                        "ImageSets); every model at its own input scale, as fmapicon eval (default: none)")
+    parser.add_argument("--davis-set", metavar="SET", default=None,
+                        help="the DAVIS sequence list (ImageSets/SET.txt or ImageSets/2017/SET.txt) "
+                        "(default: val, or the folder's only list)")
+    parser.add_argument("--pairs", metavar="DIR", type=_existing_folder, default=None,
+                        help="also measure EPE on FlyingChairs-style pairs NNNNN-img0.ppm, -img1.ppm, -gt.flo "
+                        "(default: none)")
+    parser.add_argument("--quick", action="store_true", default=False,
+                        help="a tiny version of every stage in about a minute (for tests and CI; the numbers "
+                        "mean little) (default: off)")
+    parser.add_argument("--force", action="store_true", default=False,
+                        help="replace the outputs of an earlier demo in --out (other files are kept) "
+                        "(default: refuse a non-empty folder)")
+    parser.add_argument("--device", type=_device, default="auto",
+                        help="auto (CUDA when available), cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--seed", type=_non_negative_int, default=0,
+                        help="seed of the weights, the data order and the scenes; held-out scenes never "
+                        "coincide with training's (default: %(default)s)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=True,
+                        help="no progress bars (default: show them on stderr)")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from fmapicon.bench import format_table
+    from fmapicon.demo import MODELS, DemoConfig, run_demo
+
+    config = DemoConfig(out=args.out, data=list(args.data), minutes=args.minutes, steps=args.steps,
+                        davis=args.davis, davis_set=args.davis_set, pairs=args.pairs, quick=args.quick,
+                        force=args.force, device=args.device, seed=args.seed, progress=args.progress)
+    results = run_demo(config, say=lambda text: print(text, flush=True))
+    columns = ["model", "jf_mean", "epe_mean", "ic_error_mean", "davis_jf_mean", "pairs_epe_mean"]
+    rows = [{"model": name, **{c: results["models"][name][c] for c in columns[1:]}} for name in MODELS]
+    print(format_table(rows, columns))
+    print(f"wrote {os.path.join(args.out, 'report.html')} and {os.path.join(args.out, 'results.json')}")
+    return 0

