@@ -289,5 +289,31 @@ def test_bench_match_on_synthetic_pairs(tmp_path, capsys):
     assert all(row["pairs"] == 2 and row["dataset"] == "synth" for row in rows)
     # the zero flow's EPE is the mean length of the true flow (same scenes, same seed)
     flows = [read_flo(pair.flow) for pair in synth_pairs(tmp_path / "again", 1, 3, 64)]
-    assert rows[0]["epe_mean"] == pytest.approx(np.mean([np.hypot(*f.transpose(2, 0, 1)).mean() for f in flows]), rel=1e-5)
+    lengths = [np.hypot(*flow.transpose(2, 0, 1)).mean() for flow in flows]
+    assert rows[0]["epe_mean"] == pytest.approx(np.mean(lengths), rel=1e-5)
     assert rows[2]["s_per_pair"] > 0 and "epe_mean" in capsys.readouterr().out
+
+
+def test_maps_follow_the_device(device):
+    fa, fb = unit_features(seed=11), unit_features(seed=12)
+    for options in (dict(), dict(radius=3), dict(soft=True, temperature=0.1)):
+        on_device = correspondence(fa.to(device), fb.to(device), **options)
+        assert on_device.device.type == device.type
+        torch.testing.assert_close(on_device.cpu(), correspondence(fa, fb, **options), rtol=0, atol=1e-4)
+    phi = correspondence(fa, fb)
+    flow = pixel_flow(phi.to(device), (80, 96))
+    error = inverse_consistency_error(flow, flow)
+    assert flow.device.type == error.device.type == device.type
+    on_cpu = pixel_flow(phi, (80, 96))
+    torch.testing.assert_close(error.cpu(), inverse_consistency_error(on_cpu, on_cpu), rtol=0, atol=1e-3)
+
+
+def test_features_at_the_models_own_stride_are_its_features():
+    from fmapicon.features import load_model
+
+    model = load_model("pixels", "cpu", stride=8)
+    images = torch.rand(1, 3, 40, 48)
+    torch.testing.assert_close(features_at_stride(model, images, stride=8), model(images))
+    odd = features_at_stride(model, torch.rand(1, 3, 45, 50), stride=4)  # ceil-padded grid, finer cells
+    assert odd.shape == (1, 27, 11, 12)
+    torch.testing.assert_close(odd.norm(dim=1), torch.ones(1, 11, 12))

@@ -149,7 +149,8 @@ def test_warping_by_the_true_synthetic_flow_reproduces_the_frame(request):
     for path in flows:
         frames = root / "JPEGImages" / "480p" / path.parent.name
         masks = root / "Annotations" / "480p" / path.parent.name
-        frame0, frame1 = (np.asarray(Image.open(frames / f"{t:05d}.jpg").convert("RGB"), np.float32) / 255 for t in (0, 1))
+        frame0, frame1 = (np.asarray(Image.open(frames / f"{t:05d}.jpg").convert("RGB"), np.float32) / 255
+                          for t in (0, 1))
         mask0, mask1 = (np.asarray(Image.open(masks / f"{t:05d}.png")) for t in (0, 1))
         flow = read_flo(path)
         visible = _visible(mask0, mask1, flow)

@@ -37,17 +37,20 @@ class Pair:
 
 
 def add_arguments(parser) -> None:
-    from fmapicon.cli.match import positive_int
+    from fmapicon.cli.match import positive_float, positive_int
 
     parser.add_argument("--pairs", default=None, metavar="DIR",
                         help="folder of NNNNNNN-img0.ppm, -img1.ppm, -gt.flo triples "
                         "(default: the shared flyingchairs folder when present)")
     parser.add_argument("--synth", action="store_true", default=False,
-                        help="also (or only, without --pairs) consecutive frames of synthetic scenes with exact flow")
-    parser.add_argument("--synth-sequences", type=positive_int, default=2, help="synthetic scenes (default: %(default)s)")
+                        help="consecutive frames of synthetic scenes with exact flow "
+                        "(with --pairs: both; without: synthetic only)")
+    parser.add_argument("--synth-sequences", type=positive_int, default=2,
+                        help="synthetic scenes (default: %(default)s)")
     parser.add_argument("--synth-frames", type=positive_int, default=3,
                         help="frames per synthetic scene; pairs = scenes x (frames - 1) (default: %(default)s)")
-    parser.add_argument("--synth-size", type=positive_int, default=256, help="synthetic frame side in pixels (default: %(default)s)")
+    parser.add_argument("--synth-size", type=positive_int, default=256,
+                        help="synthetic frame side in pixels (default: %(default)s)")
     parser.add_argument("--baselines", type=_baseline_list, default=",".join(BASELINES),
                         help="comma-separated subset of zero, pixels, random, xfeat (default: %(default)s; "
                         "xfeat is skipped with a note when its extra is missing)")
@@ -56,9 +59,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--radius", type=_radius_list, default="none,2,4,8",
                         help="comma-separated search radii in feature cells, 'none' = whole image "
                         "(default: %(default)s)")
-    parser.add_argument("--stride", type=positive_int, default=4, help="feature cell size in pixels (default: %(default)s)")
+    parser.add_argument("--stride", type=positive_int, default=4,
+                        help="feature cell size in pixels (default: %(default)s)")
     parser.add_argument("--soft", action="store_true", default=False, help="soft-argmax instead of argmax")
-    parser.add_argument("--temperature", type=float, default=None,
+    parser.add_argument("--temperature", type=positive_float, default=None,
                         help="soft-argmax temperature (default: 1/lambda^2 of each model, else 1/144)")
     parser.add_argument("--limit", type=positive_int, default=None, help="use at most this many pairs per dataset")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
