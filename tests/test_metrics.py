@@ -187,7 +187,8 @@ def test_two_objects_right_and_swapped(tmp_path):
 
 
 def test_csv_has_three_decimals_and_empty_nan(tmp_path):
-    results = {"set": "val", "global": dict(zip(metrics.GLOBAL_COLUMNS, [0.12345, 0.5, 1, -0.0004, 0.9996, 0, np.nan])),
+    values = [0.12345, 0.5, 1, -0.0004, 0.9996, 0, np.nan]
+    results = {"set": "val", "global": dict(zip(metrics.GLOBAL_COLUMNS, values)),
                "objects": [{"Sequence": "a_1", "J-Mean": 0.6666, "F-Mean": 0.0005}]}
     global_csv, sequence_csv = write_results(results, tmp_path)
     assert global_csv.read_text().splitlines()[1] == "0.123,0.500,1.000,-0.000,1.000,0.000,"
@@ -269,5 +270,5 @@ def test_davis2016_grayscale_scores_as_its_palette_conversion(davis2016_root, tm
 
     reference = score_davis(davis2016_root, tmp_path / "indexed", sequences=[name], progress=False)
     assert 0.3 < reference["global"]["J-Mean"] < 0.95
-    assert score_davis(converted, tmp_path / "indexed", sequences=[name], progress=False)["global"] == reference["global"]
-    assert score_davis(davis2016_root, tmp_path / "grey", sequences=[name], progress=False)["global"] == reference["global"]
+    for root, results in ((converted, tmp_path / "indexed"), (davis2016_root, tmp_path / "grey")):
+        assert score_davis(root, results, sequences=[name], progress=False)["global"] == reference["global"]

@@ -24,7 +24,10 @@ CRW protocol (``protocol="crw"``), every value a field of ``PropagationParams``:
 Memory stays bounded: query cells are processed in tiles of ``tile x tile``; each tile
 meets only the ``(tile + 2m)^2`` key cells (m = ceil(radius) - 1) around it in each
 short-term frame, masked to the radius, never a whole frame pair. Only the unrestricted
-first frame is scored against all of its cells, one band of tiles at a time.
+first frame is scored against all of its cells, 1024 query cells at a time. Each key frame
+is visited once, for all the query frames whose context holds it; beyond the sequence's
+feature maps the working memory is one band of tiles and a running top-k per pending
+frame (about 0.5 GB peak over the features on 1152 x 480 frames).
 
 ``protocol="original"`` is the original FeatureMapICON code's evaluation: the centre square
 of each frame subsampled by 4 (``[::4]``), a hard nearest neighbour (argmax of the dot
@@ -185,7 +188,7 @@ class _Tiles:
     tile^2 cells per tile, Nq cells in all). Key maps are padded by m on every side; the
     tile at (i, j) meets the padded window ``[i tile, i tile + side) x [j tile, j tile +
     side)`` of each key frame, side = tile + 2m (R = side^2 cells), of which a query keeps
-    the cells within the radius that lie on the frame (``valid``). Labels of all frames live
+    the cells within the radius that lie on the frame (not ``invalid``). Labels of all frames live
     in one store of ``T x padded`` cells; an index ``frame * plane + padded position``
     names a key cell.
     """
@@ -244,6 +247,7 @@ class _Tiles:
         store[t * self.plane:(t + 1) * self.plane] = padded.permute(1, 2, 0).reshape(self.plane, -1)
 
 
+@torch.no_grad()
 def _radius_topk(tiles: _Tiles, queries, keys, s: int, users: range, topk: int):
     """Top-k affinities of the query frames ``users`` (consecutive) over key frame s within
     the radius.
@@ -271,8 +275,9 @@ def _radius_topk(tiles: _Tiles, queries, keys, s: int, users: range, topk: int):
     return tile_order(values), tile_order(index) + s * tiles.plane
 
 
+@torch.no_grad()
 def _first_frame_topk(tiles: _Tiles, queries: torch.Tensor, first_keys: torch.Tensor, topk: int,
-                      chunk: int = 2048):
+                      chunk: int = 1024):
     """Top-k affinities of queries ``Nq x C`` over all cells of frame 0 (``C x hw``)."""
     k = min(topk, first_keys.shape[1])
     values, index = [], []
@@ -291,6 +296,32 @@ def _reduce(candidates: list, topk: int):
     index = torch.cat([i for _, i in candidates], dim=-1)
     values, pick = values.topk(min(topk, values.shape[-1]), dim=-1)
     return values, torch.gather(index, -1, pick)
+
+
+def _meet_key_frame(pending: dict, tiles: _Tiles, queries, keys, s: int, params: PropagationParams) -> None:
+    """Add key frame s's radius-restricted candidates to every query frame whose context
+    holds it (``pending[t]``: a short list of candidate sets, reduced to one when it grows)."""
+    users = _key_users(s, queries.shape[2], params)
+    for start in range(0, len(users), params.context):
+        batch = users[start:start + params.context]
+        values, index = _radius_topk(tiles, queries, keys[s], s, range(batch[0][0], batch[-1][0] + 1), params.topk)
+        for u, (t, copies) in enumerate(batch):
+            # copies, not views: a view would keep the whole batch's tensor alive
+            pending[t] += [(values[u].clone(), index[u].clone())] * min(copies, params.topk)
+            if len(pending[t]) >= 4:
+                pending[t] = [_reduce(pending[t], params.topk)]
+
+
+@torch.no_grad()
+def _finish_frame(candidates: list, tiles: _Tiles, frame_queries, first_keys, store, params: PropagationParams):
+    """Soft labels ``(K+1) x h x w`` of a frame from its candidate sets, with the first
+    frame's unrestricted candidates unless ``restrict_first``: softmax over the top-k of
+    affinity / temperature, weighting the candidates' labels."""
+    if not params.restrict_first:
+        candidates = candidates + [_first_frame_topk(tiles, frame_queries, first_keys, params.topk)]
+    values, index = _reduce(candidates, params.topk)
+    weights = torch.softmax(values / params.temperature, dim=-1)
+    return tiles.to_grid((weights[..., None] * store[index]).sum(dim=1))
 
 
 def propagate_labels(features: torch.Tensor, first_labels: torch.Tensor, params: PropagationParams,
@@ -318,28 +349,15 @@ def propagate_labels(features: torch.Tensor, first_labels: torch.Tensor, params:
     tiles = _Tiles(features.shape[-2:], params.radius, params.tile, features.device)
     queries, keys = tiles.arrange(features), tiles.pad_keys(features)
     first_keys = features[0].reshape(channels, -1)
-    store = features.new_zeros(frames * tiles.plane, first_labels.shape[0])
+    store = features.new_zeros(frames * tiles.plane, first_labels.shape[0])  # labels of all frames
     tiles.store(store, 0, first_labels)
-    pending = {t: [] for t in range(1, frames)}  # candidate sets met so far, per query frame
+    pending = {t: [] for t in range(1, frames)}
     yield first_labels
     for s in range(frames - 1):
-        users = _key_users(s, frames, params)
-        for start in range(0, len(users), params.context):
-            batch = users[start:start + params.context]
-            frames_met = range(batch[0][0], batch[-1][0] + 1)
-            values, index = _radius_topk(tiles, queries, keys[s], s, frames_met, params.topk)
-            for u, (t, copies) in enumerate(batch):
-                pending[t] += [(values[u], index[u])] * min(copies, params.topk)
-                if len(pending[t]) >= 8:  # bound the memory: keep only the best so far
-                    pending[t] = [_reduce(pending[t], params.topk)]
+        _meet_key_frame(pending, tiles, queries, keys, s, params)
         t = s + 1  # every context frame of t has been met
-        candidates = pending.pop(t)
-        if not params.restrict_first:
-            frame_queries = queries[:, :, t].reshape(-1, channels)
-            candidates.append(_first_frame_topk(tiles, frame_queries, first_keys, params.topk))
-        values, index = _reduce(candidates, params.topk)
-        weights = torch.softmax(values / params.temperature, dim=-1)
-        current = tiles.to_grid((weights[..., None] * store[index]).sum(dim=1))
+        current = _finish_frame(pending.pop(t), tiles, queries[:, :, t].reshape(-1, channels), first_keys,
+                                store, params)
         tiles.store(store, t, current)
         if on_frame is not None:
             on_frame()
@@ -458,18 +476,27 @@ def propagate_sequence(model, frames: np.ndarray, first_ids: np.ndarray, params:
 
 
 def _resolve_model(model, params: PropagationParams, device):
-    """(FeatureModel or None for copy, its name)."""
-    from fmapicon.features import load_model
+    """(FeatureModel or None for copy, its name, the device used).
+
+    Without a device, a model object stays where it is (a network being trained must not
+    be moved) and a spec loads on ``auto``.
+    """
+    from fmapicon.features import FeatureModel, load_model
+    from fmapicon.runtime import resolve_device
 
     if params.protocol == "copy" or (isinstance(model, str) and model == "copy"):
-        return None, "copy"
-    kwargs = {"stride": params.stride} if model == "pixels" else {}
-    loaded = load_model(model, device, **kwargs)
-    return loaded, loaded.name
+        return None, "copy", torch.device("cpu")
+    if device is None and isinstance(model, FeatureModel):
+        device = model.device
+    elif device is None and isinstance(model, torch.nn.Module):
+        device = next(iter(model.parameters())).device
+    device = resolve_device(device or "auto") if isinstance(device, str) or device is None else device
+    loaded = load_model(model, device, **({"stride": params.stride} if model == "pixels" else {}))
+    return loaded, loaded.name, device
 
 
 def evaluate_davis(model, davis_root, out_dir, set_name: str = "val", sequences=None,
-                   params: PropagationParams | None = None, device="cpu", progress: bool = True,
+                   params: PropagationParams | None = None, device=None, progress: bool = True,
                    exclude_void: bool = False) -> dict:
     """Propagate the first masks of a DAVIS set, write and score the predictions.
 
@@ -482,26 +509,44 @@ def evaluate_davis(model, davis_root, out_dir, set_name: str = "val", sequences=
         and ``eval.json`` (the protocol actually used, per-sequence timings) are written
     set_name, sequences : which sequences (see ``fmapicon.davis.sequence_names``)
     params : the protocol; ``copy`` as model implies ``protocol="copy"``
-    device : where features and affinities are computed
+    device : where features and affinities are computed (default: a model object's own
+        device, else ``auto``)
 
     Returns
     -------
     the score of ``fmapicon.metrics.score_davis`` plus ``"timings"`` and ``"eval_json"``.
     """
-    from fmapicon import __version__
-    from fmapicon.davis import annotation_paths, frame_paths, layout, read_annotation, read_frames, sequence_names, write_indexed_png
+    from fmapicon.davis import layout, sequence_names
     from fmapicon.metrics import format_results, score_davis, write_results
-    from fmapicon.runtime import atomic_write, resolve_device
 
     params = (params or PropagationParams()).checked()
     if isinstance(model, str) and model == "copy":
         params = dataclasses.replace(params, protocol="copy")
-    device = resolve_device(device) if isinstance(device, str) else device
-    images_dir, annotations_dir = layout(davis_root)
+    layout(davis_root)
     names = sequence_names(davis_root, set_name, sequences)
-    feature_model, model_name = _resolve_model(model, params, device)
-    input_scale = None if feature_model is None else (params.input_scale or feature_model.default_input_scale)
-    out_dir = Path(out_dir)
+    feature_model, model_name, device = _resolve_model(model, params, device)
+    timings = _propagate_set(feature_model, davis_root, names, Path(out_dir), params, progress)
+    results = score_davis(davis_root, out_dir, set_name, names, exclude_void=exclude_void, progress=progress)
+    write_results(results, out_dir, set_name)
+    input_scale = None
+    if feature_model is not None:
+        input_scale = 0.25 if params.protocol == "original" else params.input_scale or feature_model.default_input_scale
+    record = {
+        "model": model_name, "protocol": params.protocol, "params": dataclasses.asdict(params),
+        "input_scale": input_scale, "device": str(device), "davis": str(davis_root), "set": set_name,
+        "sequences": names, "exclude_void": exclude_void, "timings": timings, "totals": _totals(timings),
+        "global": results["global"], "objects": results["objects"], "jf_mean": results["jf_mean"],
+    }
+    eval_json = _write_record(record, Path(out_dir))
+    return {**results, "timings": timings, "totals": record["totals"], "eval_json": str(eval_json),
+            "table": format_results(results), "model": model_name, "input_scale": input_scale}
+
+
+def _propagate_set(feature_model, davis_root, names, out_dir: Path, params, progress) -> dict:
+    """Propagate and write every sequence's masks; return the timings per sequence."""
+    from fmapicon.davis import annotation_paths, frame_paths, layout, read_annotation, read_frames, write_indexed_png
+
+    images_dir, annotations_dir = layout(davis_root)
     timings = {}
     for name in names:
         paths = frame_paths(images_dir, name)
@@ -511,20 +556,19 @@ def evaluate_davis(model, davis_root, out_dir, set_name: str = "val", sequences=
         for path, frame_ids in zip(paths, ids):
             write_indexed_png(out_dir / name / f"{path.stem}.png", frame_ids)
         timings[name] = {"frames": len(frames), "height": frames.shape[1], "width": frames.shape[2], **timing}
-    results = score_davis(davis_root, out_dir, set_name, names, exclude_void=exclude_void, progress=progress)
-    write_results(results, out_dir, set_name)
-    record = {
-        "model": model_name, "protocol": params.protocol, "params": dataclasses.asdict(params),
-        "input_scale": input_scale, "device": str(device), "davis": str(davis_root), "set": set_name,
-        "sequences": names, "exclude_void": exclude_void, "timings": timings, "totals": _totals(timings),
-        "global": results["global"], "objects": results["objects"], "jf_mean": results["jf_mean"],
-        "fmapicon": __version__, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    eval_json = out_dir / "eval.json"
-    with atomic_write(eval_json, "w") as handle:
-        handle.write(json.dumps(record, indent=2, allow_nan=True) + "\n")
-    return {**results, "timings": timings, "totals": record["totals"], "eval_json": str(eval_json),
-            "table": format_results(results), "model": model_name, "input_scale": input_scale}
+    return timings
+
+
+def _write_record(record: dict, out_dir: Path) -> Path:
+    """``out_dir/eval.json``, atomically, stamped with the version and date."""
+    from fmapicon import __version__
+    from fmapicon.runtime import atomic_write
+
+    record = {**record, "fmapicon": __version__, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    path = out_dir / "eval.json"
+    with atomic_write(path, "w") as handle:
+        handle.write(json.dumps(record, indent=2) + "\n")
+    return path
 
 
 def _totals(timings: dict) -> dict:
