@@ -35,13 +35,44 @@ def test_lab_matches_reference_values():
 
 def test_pixels_are_unit_lab_patches_at_the_stride():
     model = load_model("pixels", stride=8)
-    assert (model.stride, model.default_input_scale) == (8, 1.0)
-    features = model(_images())
-    _check_unit(features, 27, 5, 7)
-    flat = model(torch.full((1, 3, 32, 32), 0.3))  # one colour: the same feature everywhere
+    assert (model.stride, model.default_input_scale, model.name) == (8, 1.0, "pixels(patch=3)")
+    _check_unit(model(_images()), 27, 5, 7)
+    fine = load_model("pixels", stride=4)  # the neighbourhood reaches >= 8 px: 5 x 5 cells
+    assert fine.name == "pixels(patch=5)"
+    _check_unit(fine(_images()), 75, 10, 14)
+    _check_unit(load_model("pixels", stride=4, patch=1)(_images()), 3, 10, 14)
+    with pytest.raises(UserError, match="odd patch"):
+        load_model("pixels", stride=4, patch=2)
+
+
+def test_pixels_are_scaled_lab_cells_with_their_neighbours():
+    images = _images(2, 8, 10, seed=3)
+    features = load_model("pixels", stride=2, patch=3)(images)
+    for b in range(2):
+        lab = rgb_to_lab(images[b : b + 1])[0].double()
+        centre, scale = torch.tensor([50.0, 0, 0]), torch.tensor([20.0, 10, 10])
+        z = (lab - centre.double()[:, None, None]) / scale.double()[:, None, None]
+        cells = z.reshape(3, 4, 2, 5, 2).mean(dim=(2, 4))  # 3 x 4 x 5 cell means
+        for i, j in [(0, 0), (1, 2), (3, 4), (2, 1)]:
+            rows = [min(max(i + di, 0), 3) for di in (-1, 0, 1)]  # edges replicated
+            cols = [min(max(j + dj, 0), 4) for dj in (-1, 0, 1)]
+            patch = cells[:, rows][:, :, cols].reshape(-1)  # channel-major, then row, column
+            torch.testing.assert_close(features[b, :, i, j].double(), patch / patch.norm(), atol=1e-5, rtol=0)
+
+
+def test_pixels_tell_colours_apart_and_match_a_shifted_texture():
+    model = load_model("pixels", stride=4)
+    flat = model(torch.full((1, 3, 32, 32), 0.3))  # one colour: one unit feature everywhere
     assert torch.allclose(flat, flat[:, :, :1, :1].expand_as(flat), atol=1e-6)
+    _check_unit(flat, 75, 8, 8)
     other = model(torch.full((1, 3, 32, 32), 0.7))
     assert (flat[0, :, 0, 0] @ other[0, :, 0, 0]) < 0.99
+    smooth = F.interpolate(_images(1, 16, 16, seed=5), size=(64, 64), mode="bilinear", align_corners=False)
+    fa, fb = model(smooth[..., 8:56, 8:56]), model(smooth[..., 16:64, 4:52])  # B = A moved by (-2, +1) cells
+    scores = torch.einsum("chw,cij->hwij", fa[0], fb[0]).reshape(12, 12, -1)
+    best = scores.argmax(dim=-1)
+    rows, cols = torch.meshgrid(torch.arange(4, 10), torch.arange(3, 9), indexing="ij")  # away from the edges
+    assert torch.equal(best[4:10, 3:9], (rows - 2) * 12 + cols + 1)
 
 
 def test_random_unet_is_fixed_by_its_seed_and_leaves_the_global_rng_alone():

@@ -6,10 +6,15 @@
 
 - a run folder or a checkpoint file: the trained network (``fmapicon.checkpoint.load``);
   its ``default_input_scale`` is the ``input_scale`` of its config (1.0 when absent);
-- ``pixels``: Lab colour patches. The image in CIE Lab (sRGB, D65) is averaged over cells
-  of ``stride`` x ``stride`` pixels and centred on mid-grey (L, a, b) = (50, 0, 0); each
-  cell's feature is its ``patch`` x ``patch`` neighbourhood of cells (3 x 3: 27 numbers,
-  edges replicated), L2-normalized;
+- ``pixels``: Lab colour patches at the feature stride. The image in CIE Lab (sRGB, D65)
+  is centred on mid-grey and scaled per channel, ``((L - 50) / 20, a / 10, b / 10)`` (about
+  unit spread each: the median per-image standard deviations of the 4 FlyingChairs and 13
+  DAVIS-2016 first frames are L 20.0, a 6.5, b 9.4), and averaged over cells of ``stride``
+  x ``stride`` pixels; each cell's feature is its ``patch`` x ``patch`` neighbourhood of
+  cells (edges replicated; ``3 patch^2`` numbers, channel-major), L2-normalized.
+  ``patch`` defaults to ``2 ceil(8 / stride) + 1`` cells, a neighbourhood reaching at
+  least 8 pixels beyond the cell on each side: 3 at stride 8 (27 numbers), 5 at stride 4
+  (75 numbers);
 - ``random``: the untrained ``short`` U-Net (``build_network`` with a fixed seed, without
   PixelCenter, whose untrained running mean is zero anyway), unit-normalized; batch norm
   in eval mode with its initial statistics;
@@ -126,29 +131,45 @@ def rgb_to_lab(images: torch.Tensor) -> torch.Tensor:
     return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=1)
 
 
+def default_patch(stride: int) -> int:
+    """The ``pixels`` neighbourhood side in cells, ``2 ceil(8 / stride) + 1``: it reaches at
+    least 8 pixels beyond the cell on each side (3 at stride 8, 5 at stride 4)."""
+    return 2 * math.ceil(8 / stride) + 1
+
+
 class LabPatches(nn.Module):
     """``pixels`` baseline: ``B x 3 x H x W`` -> ``B x 3 patch^2 x H/stride x W/stride``
-    (H, W multiples of ``stride``): cell-averaged Lab, centred on (50, 0, 0), each cell with
-    its patch x patch neighbours (edges replicated). Not normalized (FeatureModel does it)."""
+    (H, W multiples of ``stride``).
 
-    def __init__(self, stride: int = 8, patch: int = 3):
+    ``z = ((L - 50) / 20, a / 10, b / 10)`` averaged over stride x stride cells; each cell
+    with its patch x patch neighbours (edges replicated), channel-major. The scaling gives
+    L, a and b comparable spread: unscaled, L (spread ~20) outweighed a and b (~5-10) and
+    the patches' cosines were all close to 1, so matching was ambiguous. Not normalized
+    (FeatureModel does it).
+    """
+
+    centre, scale = (50.0, 0.0, 0.0), (20.0, 10.0, 10.0)
+
+    def __init__(self, stride: int = 8, patch: int | None = None):
         super().__init__()
-        if stride < 1 or patch < 1 or patch % 2 == 0:
+        patch = default_patch(stride) if patch is None and stride >= 1 else patch
+        if stride < 1 or patch is None or patch < 1 or patch % 2 == 0:
             raise UserError(f"pixels needs stride >= 1 and an odd patch >= 1, got stride={stride}, patch={patch}")
         self.stride, self.patch, self.channels = stride, patch, 3 * patch * patch
 
     def forward(self, images):
-        centre = torch.tensor([50.0, 0.0, 0.0], dtype=images.dtype, device=images.device)
-        cells = F.avg_pool2d(rgb_to_lab(images) - centre[:, None, None], self.stride)
+        centre, scale = (images.new_tensor(v)[:, None, None] for v in (self.centre, self.scale))
+        cells = F.avg_pool2d((rgb_to_lab(images) - centre) / scale, self.stride)
         half = self.patch // 2
         padded = F.pad(cells, (half, half, half, half), mode="replicate")
         batch, channels, height, width = cells.shape
         return F.unfold(padded, self.patch).view(batch, channels * self.patch**2, height, width)
 
 
-def pixels_model(stride: int = 8, patch: int = 3) -> FeatureModel:
-    """The ``pixels`` baseline (see the module docstring)."""
-    return FeatureModel(LabPatches(stride, patch), stride=stride, multiple=stride, name=f"pixels(patch={patch})")
+def pixels_model(stride: int = 8, patch: int | None = None) -> FeatureModel:
+    """The ``pixels`` baseline (see the module docstring); ``patch`` None: ``default_patch(stride)``."""
+    net = LabPatches(stride, patch)
+    return FeatureModel(net, stride=stride, multiple=stride, name=f"pixels(patch={net.patch})")
 
 
 # --------------------------------------------------------------------------- random
@@ -221,8 +242,8 @@ def trained_model(path, device="cpu") -> FeatureModel:
 
 
 def load_model(spec, device="cpu", **kwargs) -> FeatureModel:
-    """A ``FeatureModel`` from a spec: a run folder or checkpoint file, ``pixels``
-    (kwargs ``stride``, ``patch``), ``random`` (kwargs ``net``, ``seed``) or ``xfeat``.
+    """A ``FeatureModel`` from a spec: a run folder or checkpoint file, ``pixels`` (kwargs
+    ``stride``, ``patch``: see ``pixels_model``), ``random`` (kwargs ``net``, ``seed``) or ``xfeat``.
 
     A ``FeatureModel`` passes through; an ``nn.Module`` (e.g. a network being trained) is
     wrapped, with its ``stride`` attribute (1 when absent) and kwarg ``input_scale``.
@@ -237,7 +258,7 @@ def load_model(spec, device="cpu", **kwargs) -> FeatureModel:
                             default_input_scale=kwargs.get("input_scale") or 1.0)
     spec = str(spec)
     if spec == "pixels":
-        return pixels_model(kwargs.get("stride", 8), kwargs.get("patch", 3)).to(device)
+        return pixels_model(kwargs.get("stride", 8), kwargs.get("patch")).to(device)
     if spec == "random":
         return random_model(kwargs.get("net", "short"), kwargs.get("seed", 0), device)
     if spec == "xfeat":
