@@ -181,3 +181,22 @@ def test_pixels_beat_copy_on_a_real_sequence(davis2016_root, tmp_path):
     copy = evaluate_davis("copy", davis2016_root, tmp_path / "copy", "dev", ["dog-agility"], progress=False)
     pixels = evaluate_davis("pixels", davis2016_root, tmp_path / "pixels", "dev", ["dog-agility"], progress=False)
     assert pixels["jf_mean"] > copy["jf_mean"] + 0.2
+
+
+def test_topk_above_keeps_every_entry_that_can_enter_the_top_k():
+    from fmapicon.propagate import _topk_above
+
+    scores = torch.randn(3, 4, 50, generator=torch.Generator().manual_seed(1))
+    floor = torch.randn(3, 4, generator=torch.Generator().manual_seed(2)) + 1.8
+    values, index = _topk_above(scores, 5, floor)
+    counts = (scores > floor[..., None]).sum(-1)
+    assert (counts == 0).any() and ((counts > 0) & (counts <= 5)).any() and (counts > 5).any()
+    full_values, _ = scores.topk(5, dim=-1)
+    # the entries above the floor, or the row's top-k when there are more than k
+    kept = torch.where(values > floor[..., None], values, -math.inf).sort(-1, descending=True).values
+    expected = torch.where(full_values > floor[..., None], full_values, -math.inf)
+    assert torch.equal(kept, expected)
+    finite = torch.isfinite(values)
+    assert torch.equal(torch.gather(scores, -1, index)[finite], values[finite])
+    assert torch.equal(values.isfinite().sum(-1), counts.clamp(max=5))
+    assert torch.equal(_topk_above(scores, 5, None)[0], full_values)

@@ -29,6 +29,12 @@ is visited once, for all the query frames whose context holds it; beyond the seq
 feature maps the working memory is one band of tiles and a running top-k per pending
 frame (about 0.5 GB peak over the features on 1152 x 480 frames).
 
+Speed, never the result (ties aside): a query frame's unrestricted first-frame candidates
+are gathered when the frame is first met, so the k-th best affinity known for each query
+is a lower bound of its final k-th; of each short-term window only the affinities above it
+are kept (one or two per query on DAVIS), and a full top-k runs only on the windows where
+more than k pass. Masking adds a precomputed 0 / -inf bias in place.
+
 ``protocol="original"`` is the original FeatureMapICON code's evaluation: the centre square
 of each frame subsampled by 4 (``[::4]``), a hard nearest neighbour (argmax of the dot
 product, unit features here) in the first frame only, the first mask's label at the matched
@@ -193,7 +199,7 @@ class _Tiles:
     names a key cell.
     """
 
-    def __init__(self, grid, radius: float, tile: int, device):
+    def __init__(self, grid, radius: float, tile: int, device, dtype=torch.float32):
         self.h, self.w = grid
         self.tile, self.m = tile, _radius_offsets(radius, grid)
         self.rows, self.cols = -(-self.h // tile), -(-self.w // tile)
@@ -208,7 +214,10 @@ class _Tiles:
         xs = torch.arange(self.cols, device=device)[:, None] * tile + window - self.m  # cols x side
         on_y, on_x = (ys >= 0) & (ys < self.h), (xs >= 0) & (xs < self.w)
         inside = (on_y[:, None, :, None] & on_x[None, :, None, :]).reshape(self.rows, self.cols, -1)
-        self.invalid = ~(within[None, None] & inside[:, :, None, :])           # rows x cols x Q x R
+        invalid = ~(within[None, None] & inside[:, :, None, :])                # rows x cols x Q x R
+        # 0 for the kept key cells, -inf for the others: adding it in place is several
+        # times cheaper than masked_fill_ with a broadcast mask, and exact (x + 0 = x)
+        self.bias = torch.zeros(invalid.shape, device=device, dtype=dtype).masked_fill_(invalid, -math.inf)
         # padded position of window cell r of tile column j in tile row i:
         # (i tile + r // side) W' + j tile + r % side
         self.window_origin = torch.arange(self.cols, device=device) * tile     # + i tile W'
@@ -247,12 +256,47 @@ class _Tiles:
         store[t * self.plane:(t + 1) * self.plane] = padded.permute(1, 2, 0).reshape(self.plane, -1)
 
 
+def _topk_above(scores: torch.Tensor, k: int, floor):
+    """Per row of ``scores`` (``... x R``), at most k candidates, ``(values, positions)``
+    each ``... x k``, that hold every entry of the row's top-k above ``floor`` (``...``):
+    the row's top-k when more than k of its entries lie above the floor, else exactly the
+    entries above it, the free slots filled with ``-inf`` (position 0).
+
+    ``floor`` is the k-th best affinity already known for the row's query, a lower bound
+    of its final k-th, so an entry at or below it cannot enter the final top-k (ties
+    aside) and the result merges into the same top-k as ``scores.topk(k)``. Few entries
+    pass (one or two per row on DAVIS): a comparison and ``nonzero`` cost a fraction
+    of a top-k selection. Without a floor, or while one is -inf, this is ``topk``.
+    """
+    if floor is None or not bool(torch.isfinite(floor).all()):
+        return scores.topk(k, dim=-1)
+    size = scores.shape[-1]
+    rows = scores.reshape(-1, size)
+    above = (scores > floor[..., None]).view(-1).nonzero().squeeze(1)   # flat positions
+    row, position = above // size, above % size
+    counts = torch.bincount(row, minlength=rows.shape[0])
+    values = rows.new_full((rows.shape[0], k), -math.inf)
+    index = torch.zeros(rows.shape[0], k, dtype=torch.long, device=rows.device)
+    few = counts[row] <= k
+    slot = torch.arange(len(above), device=rows.device) - (torch.cumsum(counts, 0) - counts)[row]
+    values[row[few], slot[few]] = rows.reshape(-1)[above[few]]
+    index[row[few], slot[few]] = position[few]
+    many = (counts > k).nonzero().squeeze(1)
+    if many.numel():
+        v, r = rows.index_select(0, many).topk(k, dim=-1)
+        values.index_copy_(0, many, v)
+        index.index_copy_(0, many, r)
+    return values.view(*scores.shape[:-1], k), index.view(*scores.shape[:-1], k)
+
+
 @torch.no_grad()
-def _radius_topk(tiles: _Tiles, queries, keys, s: int, users: range, topk: int):
+def _radius_topk(tiles: _Tiles, queries, keys, s: int, users: range, topk: int, floor=None):
     """Top-k affinities of the query frames ``users`` (consecutive) over key frame s within
     the radius.
 
     queries : ``rows x cols x T x Q x C`` (``_Tiles.arrange``); keys : ``C x padded`` of frame s
+    floor : None, or ``U x rows x cols x Q``, the k-th best affinity known per query: then
+        only the candidates above it are kept (``_topk_above``; -inf fills the rest)
     Returns values and store indices, each ``U x Nq x k`` (k = min(topk, R)).
     """
     count, size = len(users), tiles.side**2
@@ -263,8 +307,8 @@ def _radius_topk(tiles: _Tiles, queries, keys, s: int, users: range, topk: int):
         cols, _, cells, channels = q.shape
         scores = torch.bmm(q.reshape(cols, count * cells, channels), tiles.windows(keys, row))
         scores = scores.view(cols, count, cells, size)
-        scores.masked_fill_(tiles.invalid[row][:, None], -math.inf)
-        v, r = scores.topk(k, dim=-1)                                 # cols x U x Q x k
+        scores.add_(tiles.bias[row][:, None])
+        v, r = _topk_above(scores, k, None if floor is None else floor[:, row].transpose(0, 1))
         origin = (tiles.window_origin + row * tiles.tile * tiles.padded[1])[:, None, None, None]
         values.append(v)
         index.append(origin + (r // tiles.side) * tiles.padded[1] + r % tiles.side)
@@ -298,13 +342,27 @@ def _reduce(candidates: list, topk: int):
     return values, torch.gather(index, -1, pick)
 
 
-def _meet_key_frame(pending: dict, tiles: _Tiles, queries, keys, s: int, params: PropagationParams) -> None:
+def _meet_key_frame(pending: dict, tiles: _Tiles, queries, keys, s: int, params: PropagationParams,
+                    first=None) -> None:
     """Add key frame s's radius-restricted candidates to every query frame whose context
-    holds it (``pending[t]``: a short list of candidate sets, reduced to one when it grows)."""
+    holds it (``pending[t]``: a short list of candidate sets, reduced to one when it grows).
+
+    ``first(t)``, when given, gives frame t's unrestricted first-frame candidates; they
+    seed ``pending[t]`` the first time t is met, so that the k-th best known affinity of
+    each query (a lower bound of its final k-th) lets ``_topk_above`` skip hopeless rows.
+    """
     users = _key_users(s, queries.shape[2], params)
     for start in range(0, len(users), params.context):
         batch = users[start:start + params.context]
-        values, index = _radius_topk(tiles, queries, keys[s], s, range(batch[0][0], batch[-1][0] + 1), params.topk)
+        floor = None
+        if first is not None:
+            for t, _ in batch:
+                if not pending[t]:
+                    pending[t] = [first(t)]
+            floor = torch.stack([_kth_best(pending, t, params.topk) for t, _ in batch])
+            floor = floor.view(len(batch), tiles.rows, tiles.cols, -1)
+        values, index = _radius_topk(tiles, queries, keys[s], s, range(batch[0][0], batch[-1][0] + 1), params.topk,
+                                     floor)
         for u, (t, copies) in enumerate(batch):
             # copies, not views: a view would keep the whole batch's tensor alive
             pending[t] += [(values[u].clone(), index[u].clone())] * min(copies, params.topk)
@@ -312,13 +370,22 @@ def _meet_key_frame(pending: dict, tiles: _Tiles, queries, keys, s: int, params:
                 pending[t] = [_reduce(pending[t], params.topk)]
 
 
+def _kth_best(pending: dict, t: int, topk: int) -> torch.Tensor:
+    """The k-th best affinity among frame t's known candidates, per query (``Nq``);
+    -inf while fewer than k are known. Reduces ``pending[t]`` to one set."""
+    pending[t] = [_reduce(pending[t], topk)]
+    values = pending[t][0][0]
+    if values.shape[-1] < topk:
+        return values.new_full(values.shape[:1], -math.inf)
+    return values.amin(dim=-1)
+
+
 @torch.no_grad()
-def _finish_frame(candidates: list, tiles: _Tiles, frame_queries, first_keys, store, params: PropagationParams):
-    """Soft labels ``(K+1) x h x w`` of a frame from its candidate sets, with the first
-    frame's unrestricted candidates unless ``restrict_first``: softmax over the top-k of
-    affinity / temperature, weighting the candidates' labels."""
-    if not params.restrict_first:
-        candidates = candidates + [_first_frame_topk(tiles, frame_queries, first_keys, params.topk)]
+def _finish_frame(candidates: list, tiles: _Tiles, store, params: PropagationParams):
+    """Soft labels ``(K+1) x h x w`` of a frame from its candidate sets (the first
+    frame's unrestricted candidates among them unless ``restrict_first``: see
+    ``_meet_key_frame``): softmax over the top-k of affinity / temperature, weighting the
+    candidates' labels."""
     values, index = _reduce(candidates, params.topk)
     weights = torch.softmax(values / params.temperature, dim=-1)
     return tiles.to_grid((weights[..., None] * store[index]).sum(dim=1))
@@ -331,7 +398,7 @@ def propagate_labels(features: torch.Tensor, first_labels: torch.Tensor, params:
     The affinities do not depend on the labels, so each key frame s is met once, by all
     the query frames whose context holds it (a running top-k per query frame gathers the
     candidates); frame t is finished as soon as its last context frame, t - 1, was met.
-    The result equals the dense computation (top-k of the masked full affinities).
+    The result equals the dense computation (top-k of the masked full affinities), ties aside.
 
     Parameters
     ----------
@@ -346,18 +413,21 @@ def propagate_labels(features: torch.Tensor, first_labels: torch.Tensor, params:
     """
     params = params.checked()
     frames, channels = features.shape[:2]
-    tiles = _Tiles(features.shape[-2:], params.radius, params.tile, features.device)
+    tiles = _Tiles(features.shape[-2:], params.radius, params.tile, features.device, features.dtype)
     queries, keys = tiles.arrange(features), tiles.pad_keys(features)
     first_keys = features[0].reshape(channels, -1)
     store = features.new_zeros(frames * tiles.plane, first_labels.shape[0])  # labels of all frames
     tiles.store(store, 0, first_labels)
     pending = {t: [] for t in range(1, frames)}
+    first = None
+    if not params.restrict_first:
+        def first(t):
+            return _first_frame_topk(tiles, queries[:, :, t].reshape(-1, channels), first_keys, params.topk)
     yield first_labels
     for s in range(frames - 1):
-        _meet_key_frame(pending, tiles, queries, keys, s, params)
+        _meet_key_frame(pending, tiles, queries, keys, s, params, first)
         t = s + 1  # every context frame of t has been met
-        current = _finish_frame(pending.pop(t), tiles, queries[:, :, t].reshape(-1, channels), first_keys,
-                                store, params)
+        current = _finish_frame(pending.pop(t), tiles, store, params)
         tiles.store(store, t, current)
         if on_frame is not None:
             on_frame()
