@@ -91,7 +91,7 @@ def test_tables_have_the_exact_columns():
 
 @pytest.mark.slow
 def test_quick_ablation_shows_the_collapse_of_attempt_0(tmp_path):
-    """``fmapicon ablate --quick`` (24 x 24, 60 steps per attempt): attempt 0 has the highest held-out
+    """``fmapicon ablate --quick`` (24 x 24, 150 steps per attempt): attempt 0 has the highest held-out
     log_p and cannot tell true pairs from shuffled ones."""
     from fmapicon.cli import main
 

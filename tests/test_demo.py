@@ -172,3 +172,51 @@ def test_report_renders_in_a_real_browser(quick_demo, tmp_path):
     assert pixels.shape[:2] == (3000, 1280)
     # not a blank page: many distinct colours from the embedded pictures
     assert len(np.unique(pixels.reshape(-1, 3)[::7], axis=0)) > 1000
+
+
+@pytest.mark.slow
+def test_quick_demo_with_davis_and_pairs(tmp_path, synth_root, flyingchairs_dir):
+    """--davis (here: synthetic scenes in the DAVIS layout) and --pairs fill the DAVIS J&F and pair EPE."""
+    config = demo.DemoConfig(out=str(tmp_path / "out"), quick=True, davis=str(synth_root), pairs=str(flyingchairs_dir),
+                             device="cpu", progress=False)
+    results = demo.run_demo(config, say=lambda _: None)
+    for name in demo.MODELS:
+        assert 0.0 <= results["models"][name]["davis_jf_mean"] <= 1.0
+        assert results["models"][name]["pairs_epe_mean"] > 0.0
+    chairs = demo.chairs_pairs(flyingchairs_dir)
+    zero = np.mean([np.linalg.norm(p.flow, axis=-1).mean() for p in chairs])
+    assert results["models"]["copy"]["pairs_epe_mean"] == pytest.approx(zero, rel=1e-6)
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "J&amp;F DAVIS" in page and "EPE pairs (px)" in page
+    assert (tmp_path / "out" / "figures" / "masks_davis.png").is_file()
+
+
+def test_pixel_center_calibration_recovers_the_positional_component():
+    """A backbone = a fixed positional pattern P + a zero-mean image term: after calibration on frames
+    whose image terms cancel, the running mean is exactly P, and eval features are the image term alone."""
+    import torch
+    from torch import nn
+
+    from fmapicon.networks import FeatureNet, NormScale, PixelCenter
+
+    class Positional(nn.Module):
+        stride, channels = 1, 4
+
+        def __init__(self):
+            super().__init__()
+            self.pattern = nn.Parameter(torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(0)) * 10)
+
+        def forward(self, x):
+            pattern = torch.nn.functional.interpolate(self.pattern, size=x.shape[-2:]) if x.shape[-1] != 6 else self.pattern
+            return pattern + (x.mean(1, keepdim=True) - 0.5).expand(-1, 4, -1, -1)
+
+    net = FeatureNet(Positional(), PixelCenter(4, (6, 6)), NormScale(1.0), stride=1, channels=4)
+    frames = torch.rand(5, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    frames = torch.cat([frames, 1 - frames])  # image terms cancel over the set
+    assert demo.calibrate_pixel_center(net, frames, batch=3)
+    assert torch.allclose(net.pixel_center.running_mean, net.backbone.pattern, atol=1e-5)
+    assert net.training  # restored
+    no_centre = FeatureNet(Positional(), None, NormScale(1.0), stride=1, channels=4)
+    assert not demo.calibrate_pixel_center(no_centre, frames)
+    with pytest.raises(UserError, match="training size"):
+        demo.calibrate_pixel_center(net, torch.rand(2, 3, 8, 8))

@@ -190,13 +190,14 @@ def plot_log_p_comparison(runs: dict, path, title: str | None = None) -> Path:
         records = metrics if isinstance(metrics, list) else read_metrics(metrics)
         colour = _COLOURS[index % len(_COLOURS)]
         steps, log_p = _series(records, "log_p")
+        marker = "o" if steps.size < 30 else None  # a short run stays visible
         if steps.size:
             axis.plot(steps, _smooth(log_p, max(1, steps.size // 20)), color=colour, linewidth=1.8,
-                      label=f"{label}: log_p")
+                      marker=marker, markersize=3, label=f"{label}: log_p")
         steps, shuffled = _series(records, "log_p_shuffled")
         if steps.size:
-            axis.plot(steps, shuffled, color=colour, linewidth=1.2, linestyle="--",
-                      label=f"{label}: log_p_shuffled")
+            axis.plot(steps, shuffled, color=colour, linewidth=1.2, linestyle="--", marker=marker,
+                      markersize=3, label=f"{label}: log_p_shuffled")
     axis.axhline(0.0, color="grey", linestyle=":", linewidth=0.8)
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("log P[Phi_AB(Phi_BA(x)) = x]")

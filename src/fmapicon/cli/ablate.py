@@ -44,16 +44,16 @@ def register(subparsers) -> None:
     parser.add_argument("--data", metavar="PATH", nargs="+", type=_existing_path, default=[],
                         help="training videos / frame folders, as fmapicon train --data (default: synthetic scenes)")
     parser.add_argument("--minutes", type=_positive_float, default=None,
-                        help="wall-clock budget of EACH attempt (default: 10, or 3 with --quick)")
+                        help="wall-clock budget of EACH attempt (default: 10, or 20 with --quick, which stops at 150 steps first)")
     parser.add_argument("--steps", type=_positive_int, default=None,
                         help="step budget of each attempt, the same on any machine; training stops at whichever "
-                        "of --minutes and --steps comes first (default: no step limit; 60 with --quick)")
+                        "of --minutes and --steps comes first (default: no step limit; 150 with --quick)")
     parser.add_argument("--davis", metavar="ROOT", type=_existing_folder, default=None,
                         help="also score DAVIS J&F of every attempt on this folder (default: none)")
     parser.add_argument("--davis-set", metavar="SET", default=None,
                         help="the DAVIS sequence list (default: val, or the folder's only list)")
     parser.add_argument("--quick", action="store_true", default=False,
-                        help="24 x 24 training, 60 steps per attempt, tiny evaluation: a few minutes (default: off)")
+                        help="24 x 24 training, 150 steps per attempt, tiny evaluation: a few minutes (default: off)")
     parser.add_argument("--force", action="store_true", default=False,
                         help="replace the outputs of an earlier ablation in --out (default: refuse)")
     parser.add_argument("--device", type=_device, default="auto",
