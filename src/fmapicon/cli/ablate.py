@@ -44,10 +44,11 @@ def register(subparsers) -> None:
     parser.add_argument("--data", metavar="PATH", nargs="+", type=_existing_path, default=[],
                         help="training videos / frame folders, as fmapicon train --data (default: synthetic scenes)")
     parser.add_argument("--minutes", type=_positive_float, default=None,
-                        help="wall-clock budget of EACH attempt (default: 10, or 20 with --quick, which stops at 150 steps first)")
+                        help="wall-clock cap of EACH attempt; --steps usually ends it first "
+                        "(default: 10, or 20 with --quick)")
     parser.add_argument("--steps", type=_positive_int, default=None,
                         help="step budget of each attempt, the same on any machine; training stops at whichever "
-                        "of --minutes and --steps comes first (default: no step limit; 150 with --quick)")
+                        "of --minutes and --steps comes first (default: 300, as the demo; 150 with --quick)")
     parser.add_argument("--davis", metavar="ROOT", type=_existing_folder, default=None,
                         help="also score DAVIS J&F of every attempt on this folder (default: none)")
     parser.add_argument("--davis-set", metavar="SET", default=None,

@@ -69,10 +69,12 @@ def register(subparsers) -> None:
                         help="train on these videos / frame folders instead of synthetic scenes; evaluation "
                         "still uses held-out synthetic scenes (default: synthetic scenes)")
     parser.add_argument("--minutes", type=_positive_float, default=None,
-                        help="wall-clock budget of training; longer learns more (default: 10, or 1.5 with --quick, which stops at 30 steps first)")
+                        help="wall-clock cap of training; --steps usually ends it first "
+                        "(default: 10, or 1.5 with --quick)")
     parser.add_argument("--steps", type=_positive_int, default=None,
-                        help="also stop after this many optimizer steps, for a budget that does not depend on "
-                        "the machine's speed (default: no step limit, the minutes decide; 30 with --quick)")
+                        help="optimizer steps of training, whichever of --steps and --minutes ends first; on "
+                        "synthetic scenes held-out J&F peaks after a few hundred steps while EPE keeps "
+                        "improving (default: 300, about 5 minutes on 2 cores; 30 with --quick)")
     parser.add_argument("--davis", metavar="ROOT", type=_existing_folder, default=None,
                         help="also evaluate J&F on this DAVIS folder (JPEGImages/480p, Annotations/480p, "
                         "ImageSets); every model at its own input scale, as fmapicon eval (default: none)")
