@@ -656,7 +656,8 @@ def _reproduce_html(results: dict) -> str:
 
     config = results["config"]
     command = ["fmapicon demo", f"--out {config['out']}", f"--seed {config['seed']}"]
-    command += ["--quick"] if config["quick"] else [f"--minutes {results['recipe']['minutes']:g}"]
+    command += ["--quick"] if config["quick"] else [f"--steps {results['recipe']['steps']}",
+                                                     f"--minutes {results['recipe']['minutes']:g}"]
     command += [f"--davis {config['davis']}"] if config.get("davis") else []
     command += [f"--pairs {config['pairs']}"] if config.get("pairs") else []
     run = results["training"]["run"]
@@ -727,6 +728,8 @@ def feature_figure(models: dict, heldout: Path, davis_root, davis_set, stride: i
 
 def correspondence_figures(models: dict, pair: FlowPair, stride: int, figures: Path):
     """A flow picture (A, B, true flow, each model's Phi^AB) and IC-error heat maps (trained, random)."""
+    import numpy as np
+
     from fmapicon import report
     from fmapicon.flow import flow_to_color
 
@@ -737,7 +740,8 @@ def correspondence_figures(models: dict, pair: FlowPair, stride: int, figures: P
         row.append(flow_to_color(matches[name].flow_ab[0].permute(1, 2, 0).cpu().numpy(), top))
         labels.append(f"{name} Phi^AB")
     flows = report.picture_grid([row], figures / "flows.png", column_labels=labels, cell_inches=1.8)
-    vmax = max(float(m.ic_error.max()) for m in matches.values()) or 1.0
+    # one colour scale for both maps, at the 99th percentile so that a few outliers do not blacken them
+    vmax = max(float(np.percentile(m.ic_error.cpu().numpy(), 99)) for m in matches.values()) or 1.0
     for name in ("trained", "random"):
         heat = report.plot_heatmap(matches[name].ic_error[0].cpu().numpy(), figures / f"ic_error_{name}.png",
                                    f"{name}: inverse-consistency error", vmax=vmax)

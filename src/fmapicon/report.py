@@ -160,7 +160,7 @@ def plot_training_curves(metrics, path, title: str | None = None, smooth: int | 
             _faint_and_smooth(right, x, y, window if key == "log_p" else 1, colour, label)
     right.axhline(0.0, color="grey", linestyle="--", linewidth=0.8)
     right.set_title("log P[Phi_AB(Phi_BA(x)) = x]  (higher is better, 0 is perfect)")
-    right.legend(fontsize=8, loc="lower right")
+    right.legend(fontsize=8, loc="best")
     for axis in (left, right):
         axis.set_xlabel("optimizer step")
         axis.grid(alpha=0.3)
@@ -202,7 +202,7 @@ def plot_log_p_comparison(runs: dict, path, title: str | None = None) -> Path:
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("log P[Phi_AB(Phi_BA(x)) = x]")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=7, ncol=2, loc="lower right")
+    axis.legend(fontsize=7, ncol=2, loc="best")
     axis.set_title(title or "log_p (solid) vs log_p_shuffled (dashed): equal curves = positional code")
     figure.tight_layout()
     return _save_figure(figure, path)
