@@ -11,24 +11,27 @@ from __future__ import annotations
 
 import argparse
 
+from fmapicon.cli._types import at_least, non_negative_int, positive_int
+
 HELP = "pairs per second: videos vs frame folders vs synth, with and without DataLoader workers"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pairs", type=int, default=256, help="pairs to load per measurement (default 256)")
-    parser.add_argument("--batch", type=int, default=16, help="DataLoader batch size (default 16)")
-    parser.add_argument("--size", type=int, default=120, help="training size S (default 120)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2],
+    parser.add_argument("--pairs", type=positive_int, default=256, help="pairs to load per measurement (default 256)")
+    parser.add_argument("--batch", type=positive_int, default=16, help="DataLoader batch size (default 16)")
+    parser.add_argument("--size", type=at_least(8), default=120, help="training size S (default 120)")
+    parser.add_argument("--workers", type=non_negative_int, nargs="+", default=[0, 2],
                         help="DataLoader worker counts to compare (default 0 2)")
-    parser.add_argument("--sequences", type=int, default=4, help="synthetic sequences to write (default 4)")
-    parser.add_argument("--frames", type=int, default=60, help="frames per synthetic sequence (default 60)")
-    parser.add_argument("--scene-size", type=int, default=256, help="synthetic frame side in pixels (default 256)")
+    parser.add_argument("--sequences", type=positive_int, default=4, help="synthetic sequences to write (default 4)")
+    parser.add_argument("--frames", type=positive_int, default=60, help="frames per synthetic sequence (default 60)")
+    parser.add_argument("--scene-size", type=positive_int, default=256,
+                        help="synthetic frame side in pixels (default 256)")
     parser.add_argument("--davis", metavar="ROOT", default=None,
                         help="a DAVIS root to include (default: the shared davis2016-dev when present; "
                         "'' leaves it out)")
     parser.add_argument("--no-synth", dest="synth", action="store_false",
                         help="leave out the on-the-fly 'synth' source")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch threads in the main process, which collates the batches (DataLoader "
                         "workers use 1); on a busy machine torch's thread pool can make the collation "
                         "the bottleneck (default 1)")

@@ -19,8 +19,10 @@ exact objective through KeOps is timed too, up to ``--keops-max-n``.
 
 from __future__ import annotations
 
-import argparse
 import math
+
+from fmapicon.cli._types import (device_name, int_list, non_negative_float, non_negative_int, positive_float,
+                                  positive_int)
 import os
 import time
 
@@ -35,35 +37,35 @@ _AUTO_BATCH_LIMIT = 10_000  # from this many pixels on, the default batch is 1
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--n", type=_int_list, default=[1024, 4096, 14400], metavar="N[,N...]",
+    parser.add_argument("--n", type=int_list(), default=[1024, 4096, 14400], metavar="N[,N...]",
                         help="pixels per frame, comma-separated (default 1024,4096,14400; "
                         "14400 = 120 x 120, the original training size)")
-    parser.add_argument("--batch", type=_int_list, default=None, metavar="B[,B...]",
+    parser.add_argument("--batch", type=int_list(), default=None, metavar="B[,B...]",
                         help="batch size: one value for every N, or one per N "
                         f"(default: 2, and 1 from {_AUTO_BATCH_LIMIT:,} pixels on)")
-    parser.add_argument("--channels", type=_positive_int, default=64, help="feature channels C (default 64)")
-    parser.add_argument("--scale", type=_positive_float, default=12.0,
+    parser.add_argument("--channels", type=positive_int, default=64, help="feature channels C (default 64)")
+    parser.add_argument("--scale", type=positive_float, default=12.0,
                         help="norm of every feature vector, lambda (default 12, the initial "
                         "lambda of NormScale); logits reach scale^2")
-    parser.add_argument("--eps", type=_non_negative_float, default=0.0,
+    parser.add_argument("--eps", type=non_negative_float, default=0.0,
                         help="eps inside the log of both forms (default 0: the exact objective)")
-    parser.add_argument("--device", type=_device_name, default="auto",
+    parser.add_argument("--device", type=device_name, default="auto",
                         help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                         help="dtype of the feature maps (default float32)")
-    parser.add_argument("--repeat", type=_positive_int, default=3,
+    parser.add_argument("--repeat", type=positive_int, default=3,
                         help="timed runs of each form after one warm-up; the best counts (default 3)")
-    parser.add_argument("--dense-cap-gb", type=_non_negative_float, default=None,
+    parser.add_argument("--dense-cap-gb", type=non_negative_float, default=None,
                         help="skip the dense form where its estimated memory exceeds this "
                         f"(default: {_CPU_DENSE_CAP_GB:g} on CPU, 80%% of the free memory on CUDA)")
-    parser.add_argument("--block-rows", type=_positive_int, default=None,
+    parser.add_argument("--block-rows", type=positive_int, default=None,
                         help="tile rows of log_p (default: fmapicon.objective.default_blocks)")
-    parser.add_argument("--block-cols", type=_positive_int, default=None,
+    parser.add_argument("--block-cols", type=positive_int, default=None,
                         help="tile columns of log_p (default: fmapicon.objective.default_blocks)")
-    parser.add_argument("--threads", type=_positive_int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's own choice)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random features (default 0)")
-    parser.add_argument("--keops-max-n", type=_positive_int, default=2048,
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random features (default 0)")
+    parser.add_argument("--keops-max-n", type=positive_int, default=2048,
                         help="when pykeops is installed, time it too up to this N (default 2048; "
                         "its CPU backend is slow, and it compiles each formula on first use)")
     parser.add_argument("--omp-wait-policy", choices=["passive", "active", "inherit"], default="passive",
@@ -326,51 +328,3 @@ def _notes(args, device, cap_gb) -> list[str]:
          f"keops_ratio = keops_s / fast_s, up to N = {args.keops_max_n}"
          if _has_pykeops() else "pykeops: not installed (not a dependency), not measured"),
     ]
-
-
-# ---------------------------------------------------------------------------------------
-# option values
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _device_name(text: str) -> str:
-    index = text[len("cuda:"):] if text.startswith("cuda:") else "0"
-    if text not in ("auto", "cpu", "cuda") and not (text.startswith("cuda:") and index.isdigit()):
-        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
-    return text
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value

@@ -37,7 +37,7 @@ class Pair:
 
 
 def add_arguments(parser) -> None:
-    from fmapicon.cli.match import positive_float, positive_int
+    from fmapicon.cli._types import device_name, positive_float, positive_int
 
     parser.add_argument("--pairs", default=None, metavar="DIR",
                         help="folder of NNNNNNN-img0.ppm, -img1.ppm, -gt.flo triples "
@@ -65,7 +65,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--temperature", type=positive_float, default=None,
                         help="soft-argmax temperature (default: 1/lambda^2 of each model, else 1/144)")
     parser.add_argument("--limit", type=positive_int, default=None, help="use at most this many pairs per dataset")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
 
 
 def _baseline_list(text: str) -> list[str]:

@@ -24,17 +24,9 @@ from __future__ import annotations
 import argparse
 import time
 
+from fmapicon.cli._types import int_list, positive_int
+
 HELP = "training throughput (pairs/s) per preset and size, with the time split into data, network and loss"
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 8:
-        raise argparse.ArgumentTypeError(f"expected sizes >= 8, got {text!r}")
-    return values
 
 
 def _presets(text: str) -> list[str]:
@@ -47,24 +39,17 @@ def _presets(text: str) -> list[str]:
     return names
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def add_arguments(parser) -> None:
     parser.add_argument("--presets", type=_presets, default=["short", "tall", "taller"],
                         help="comma-separated U-Net presets (default: short,tall,taller)")
-    parser.add_argument("--sizes", type=_int_list, default=[64, 120],
+    parser.add_argument("--sizes", type=int_list(8), default=[64, 120],
                         help="comma-separated frame sizes S (default: 64,120; the loss costs O(S^4) per pair)")
-    parser.add_argument("--batch", type=_positive, default=2,
+    parser.add_argument("--batch", type=positive_int, default=2,
                         help="pairs per step (default: 2, small so a CPU finishes; training uses 64)")
-    parser.add_argument("--channels", type=_positive, default=64, help="feature channels C (default: 64)")
-    parser.add_argument("--repeat", type=_positive, default=1,
+    parser.add_argument("--channels", type=positive_int, default=64, help="feature channels C (default: 64)")
+    parser.add_argument("--repeat", type=positive_int, default=1,
                         help="timed runs per figure, the best kept, after one warm-up step (default: 1)")
-    parser.add_argument("--threads", type=_positive, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's choice; on a CPU shared with other jobs, 1 "
                         "avoids OpenMP threads waiting on each other)")
     parser.add_argument("--devices", default="auto", choices=["auto", "cpu", "cuda", "all"],

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from fmapicon.cli.demo import _device, _existing_folder, _existing_path, _non_negative_int, _positive_float, _positive_int
+from fmapicon.cli._types import (device_name, existing_folder, non_negative_int, positive_float, positive_int,
+                                  training_source)
 
 DESCRIPTION = """Reproduce the writeup's story: train attempt 0 (no augmentation), 1 (affine), 2 (affine +
 PixelCenter) and 3 (roll + affine + PixelCenter, the final recipe) with the same data, network, seed and
@@ -41,15 +42,15 @@ def register(subparsers) -> None:
     parser.add_argument("--extra", metavar="NAME:K=V,...", type=_extra, action="append", default=[],
                         help="add a configuration of your own, with keys of fmapicon train, e.g. "
                         "roll-only:aug=roll,center=false (repeatable; default: none)")
-    parser.add_argument("--data", metavar="PATH", nargs="+", type=_existing_path, default=[],
+    parser.add_argument("--data", metavar="PATH", nargs="+", type=training_source, default=[],
                         help="training videos / frame folders, as fmapicon train --data (default: synthetic scenes)")
-    parser.add_argument("--minutes", type=_positive_float, default=None,
+    parser.add_argument("--minutes", type=positive_float, default=None,
                         help="wall-clock cap of EACH attempt; --steps usually ends it first "
                         "(default: 10, or 20 with --quick)")
-    parser.add_argument("--steps", type=_positive_int, default=None,
+    parser.add_argument("--steps", type=positive_int, default=None,
                         help="step budget of each attempt, the same on any machine; training stops at whichever "
                         "of --minutes and --steps comes first (default: 300, as the demo; 150 with --quick)")
-    parser.add_argument("--davis", metavar="ROOT", type=_existing_folder, default=None,
+    parser.add_argument("--davis", metavar="ROOT", type=existing_folder, default=None,
                         help="also score DAVIS J&F of every attempt on this folder (default: none)")
     parser.add_argument("--davis-set", metavar="SET", default=None,
                         help="the DAVIS sequence list (default: val, or the folder's only list)")
@@ -57,9 +58,9 @@ def register(subparsers) -> None:
                         help="24 x 24 training, 150 steps per attempt, tiny evaluation: a few minutes (default: off)")
     parser.add_argument("--force", action="store_true", default=False,
                         help="replace the outputs of an earlier ablation in --out (default: refuse)")
-    parser.add_argument("--device", type=_device, default="auto",
+    parser.add_argument("--device", type=device_name, default="auto",
                         help="auto (CUDA when available), cpu, cuda or cuda:N (default: %(default)s)")
-    parser.add_argument("--seed", type=_non_negative_int, default=0,
+    parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="the seed shared by every attempt (weights, data order, scenes) (default: %(default)s)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=True,
                         help="no progress bars (default: show them on stderr)")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import os
+
+from fmapicon.cli._types import (device_name, existing_folder, non_negative_int, positive_float, positive_int,
+                                  training_source)
 
 DESCRIPTION = """Train FeatureMapICON features on synthetic scenes (or your --data) for a wall-clock budget,
 then evaluate them against the copy, pixels and random baselines with the same protocol: label
@@ -13,75 +15,28 @@ Writes DIR/run (the training run), DIR/results.json and DIR/report.html (one sel
 Needs matplotlib for the pictures (pip install 'fmapicon[plots]')."""
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = None
-    if value is None or not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number of minutes, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _existing_folder(text: str) -> str:
-    if not os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a folder")
-    return text
-
-
-def _existing_path(text: str) -> str:
-    if text != "synth" and not text.startswith("synth:") and not os.path.exists(text):
-        raise argparse.ArgumentTypeError(f"{text!r} does not exist (give video files, frame folders or 'synth')")
-    return text
-
-
-def _device(text: str) -> str:
-    import re
-
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
-        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
-    return text
-
-
 def register(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="the main job: train, evaluate against baselines, write a report",
                                    description=DESCRIPTION)
     parser.add_argument("--out", metavar="DIR", default="runs/demo",
                         help="output folder; an existing non-empty one needs --force (default: %(default)s)")
-    parser.add_argument("--data", metavar="PATH", nargs="+", type=_existing_path, default=[],
+    parser.add_argument("--data", metavar="PATH", nargs="+", type=training_source, default=[],
                         help="train on these videos / frame folders instead of synthetic scenes; evaluation "
                         "still uses held-out synthetic scenes (default: synthetic scenes)")
-    parser.add_argument("--minutes", type=_positive_float, default=None,
+    parser.add_argument("--minutes", type=positive_float, default=None,
                         help="wall-clock cap of training; --steps usually ends it first "
                         "(default: 10, or 1.5 with --quick)")
-    parser.add_argument("--steps", type=_positive_int, default=None,
+    parser.add_argument("--steps", type=positive_int, default=None,
                         help="optimizer steps of training, whichever of --steps and --minutes ends first; on "
                         "synthetic scenes held-out J&F peaks after a few hundred steps while EPE keeps "
                         "improving (default: 300, about 5 minutes on 2 cores; 30 with --quick)")
-    parser.add_argument("--davis", metavar="ROOT", type=_existing_folder, default=None,
+    parser.add_argument("--davis", metavar="ROOT", type=existing_folder, default=None,
                         help="also evaluate J&F on this DAVIS folder (JPEGImages/480p, Annotations/480p, "
                         "ImageSets); every model at its own input scale, as fmapicon eval (default: none)")
     parser.add_argument("--davis-set", metavar="SET", default=None,
                         help="the DAVIS sequence list (ImageSets/SET.txt or ImageSets/2017/SET.txt) "
                         "(default: val, or the folder's only list)")
-    parser.add_argument("--pairs", metavar="DIR", type=_existing_folder, default=None,
+    parser.add_argument("--pairs", metavar="DIR", type=existing_folder, default=None,
                         help="also measure EPE on FlyingChairs-style pairs NNNNN-img0.ppm, -img1.ppm, -gt.flo "
                         "(default: none)")
     parser.add_argument("--quick", action="store_true", default=False,
@@ -90,9 +45,9 @@ def register(subparsers) -> None:
     parser.add_argument("--force", action="store_true", default=False,
                         help="replace the outputs of an earlier demo in --out (other files are kept) "
                         "(default: refuse a non-empty folder)")
-    parser.add_argument("--device", type=_device, default="auto",
+    parser.add_argument("--device", type=device_name, default="auto",
                         help="auto (CUDA when available), cpu, cuda or cuda:N (default: %(default)s)")
-    parser.add_argument("--seed", type=_non_negative_int, default=0,
+    parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="seed of the weights, the data order and the scenes; held-out scenes never "
                         "coincide with training's (default: %(default)s)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=True,

@@ -14,26 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
+from fmapicon.cli._types import device_name, non_negative_int, positive_float, positive_int
 
 
 def register(subparsers) -> None:
@@ -65,7 +46,7 @@ def register(subparsers) -> None:
     parser.add_argument("--input-scale", type=positive_float, default=None,
                         help="resize the images by this factor for the network (default: the scale the "
                         "model was trained at, 1 for baselines)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     parser.set_defaults(run=run)
 
 

@@ -4,23 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-
-def _at_least(minimum: int):
-    """An argparse type: an integer >= ``minimum``."""
-
-    def check(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
-        return value
-
-    return check
-
-
-_positive = _at_least(1)
+from fmapicon.cli._types import at_least, positive_int
 
 
 def _set_name(text: str) -> str:
@@ -41,13 +25,13 @@ def register(subparsers) -> None:
     )
     parser.add_argument("out", metavar="OUT",
                         help="output folder (must be empty, or a previous synth output with --force)")
-    parser.add_argument("--sequences", type=_positive, default=4, help="number of sequences (default 4)")
-    parser.add_argument("--frames", type=_at_least(2), default=30, help="frames per sequence (default 30)")
-    parser.add_argument("--size", type=_at_least(16), nargs=2, default=[256, 256], metavar=("H", "W"),
+    parser.add_argument("--sequences", type=positive_int, default=4, help="number of sequences (default 4)")
+    parser.add_argument("--frames", type=at_least(2), default=30, help="frames per sequence (default 30)")
+    parser.add_argument("--size", type=at_least(16), nargs=2, default=[256, 256], metavar=("H", "W"),
                         help="frame height and width in pixels; even when writing video (default 256 256)")
-    parser.add_argument("--objects", type=_at_least(0), default=3,
+    parser.add_argument("--objects", type=at_least(0), default=3,
                         help="moving objects per sequence, ids 1..M (default 3)")
-    parser.add_argument("--seed", type=_at_least(0), default=0,
+    parser.add_argument("--seed", type=at_least(0), default=0,
                         help="seed of the set; training on 'synth' uses seed 1 by default, so 0 stays held out "
                         "(default 0)")
     parser.add_argument("--set", dest="set_name", type=_set_name, default="val",
