@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from fmapicon import demo
+from fmapicon.davis import resolve_set
 from fmapicon.errors import UserError
 
 pytest.importorskip("matplotlib")
@@ -145,11 +146,13 @@ def test_flyingchairs_pairs_are_read(flyingchairs_dir, tmp_path):
 def test_davis_set_resolution(tmp_path):
     (tmp_path / "ImageSets").mkdir()
     (tmp_path / "ImageSets" / "dev.txt").write_text("a\n")
-    assert demo.resolve_davis_set(tmp_path, None) == "dev"
-    assert demo.resolve_davis_set(tmp_path, "train") == "train"
+    assert resolve_set(tmp_path, None) == "dev"
+    assert resolve_set(tmp_path, "train") == "train"
     (tmp_path / "ImageSets" / "other.txt").write_text("b\n")
     with pytest.raises(UserError, match="--davis-set"):
-        demo.resolve_davis_set(tmp_path, None)
+        resolve_set(tmp_path, None, "--davis-set")
+    (tmp_path / "ImageSets" / "val.txt").write_text("c\n")
+    assert resolve_set(tmp_path, None) == "val"
 
 
 @pytest.mark.slow

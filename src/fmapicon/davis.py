@@ -173,8 +173,22 @@ def available_sets(root) -> list[str]:
     return sorted({p.stem for p in folder.glob("*.txt")} | {p.stem for p in folder.glob("2017/*.txt")})
 
 
-def sequence_names(root, set_name: str = "val", sequences=None) -> list[str]:
-    """The sequences to use: ``sequences`` (a list or "a,b,c") when given, else the set's list.
+def resolve_set(root, set_name: str | None, option: str = "--set") -> str:
+    """``set_name``, else ``val`` when the root has it (or has no lists), else its only list;
+    a root with several lists and no ``val`` needs a choice (``option`` names the flag)."""
+    if set_name:
+        return set_name
+    sets = available_sets(root)
+    if "val" in sets or not sets:
+        return "val"
+    if len(sets) == 1:
+        return sets[0]
+    raise UserError(f"{root} has several sequence lists ({', '.join(sets)}) and no val: pick one with {option}")
+
+
+def sequence_names(root, set_name: str | None = None, sequences=None) -> list[str]:
+    """The sequences to use: ``sequences`` (a list or "a,b,c") when given, else the list of
+    ``set_name`` (None: ``resolve_set``'s default).
 
     Every name must have a frame folder; raises UserError naming what is missing.
     """
@@ -183,6 +197,7 @@ def sequence_names(root, set_name: str = "val", sequences=None) -> list[str]:
         names = sequences.split(",") if isinstance(sequences, str) else list(sequences)
         names = [n.strip() for n in names if n.strip()]
     else:
+        set_name = resolve_set(root, set_name)
         path = image_set_path(root, set_name)
         if path is None:
             raise UserError(f"no sequence list for set {set_name!r} in {Path(root) / 'ImageSets'} "

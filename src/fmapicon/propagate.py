@@ -565,7 +565,7 @@ def _resolve_model(model, params: PropagationParams, device):
     return loaded, loaded.name, device
 
 
-def evaluate_davis(model, davis_root, out_dir, set_name: str = "val", sequences=None,
+def evaluate_davis(model, davis_root, out_dir, set_name: str | None = None, sequences=None,
                    params: PropagationParams | None = None, device=None, progress: bool = True,
                    exclude_void: bool = False) -> dict:
     """Propagate the first masks of a DAVIS set, write and score the predictions.
@@ -586,13 +586,14 @@ def evaluate_davis(model, davis_root, out_dir, set_name: str = "val", sequences=
     -------
     the score of ``fmapicon.metrics.score_davis`` plus ``"timings"`` and ``"eval_json"``.
     """
-    from fmapicon.davis import layout, sequence_names
+    from fmapicon.davis import layout, resolve_set, sequence_names
     from fmapicon.metrics import format_results, score_davis, write_results
 
     params = (params or PropagationParams()).checked()
     if isinstance(model, str) and model == "copy":
         params = dataclasses.replace(params, protocol="copy")
     layout(davis_root)
+    set_name = resolve_set(davis_root, set_name)
     names = sequence_names(davis_root, set_name, sequences)
     feature_model, model_name, device = _resolve_model(model, params, device)
     timings = _propagate_set(feature_model, davis_root, names, Path(out_dir), params, progress)

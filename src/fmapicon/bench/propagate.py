@@ -20,7 +20,7 @@ RANDOM_INPUT_SCALE = 0.25
 
 
 def add_arguments(parser) -> None:
-    from fmapicon.cli.eval import _positive
+    from fmapicon.cli._types import device_name, positive_float, positive_int
     from fmapicon.cli.score import sequence_list
 
     parser.add_argument("--davis", default=None, metavar="ROOT",
@@ -29,23 +29,23 @@ def add_arguments(parser) -> None:
                         help="sequence list (default: val, else the root's only list, e.g. dev)")
     parser.add_argument("--sequences", type=sequence_list, default=None, metavar="A,B",
                         help="sequences to time (default: the --count shortest of the set)")
-    parser.add_argument("--count", type=_positive(int), default=2,
+    parser.add_argument("--count", type=positive_int, default=2,
                         help="how many of the shortest sequences to time when --sequences is not given (default: 2)")
-    parser.add_argument("--frames", type=_positive(int), default=None,
+    parser.add_argument("--frames", type=positive_int, default=None,
                         help="time only the first N frames of each sequence (default: all)")
     parser.add_argument("--model", default="random",
                         help="run folder, checkpoint, pixels, random or xfeat (default: random, the short U-Net)")
-    parser.add_argument("--input-scale", type=_positive(float), default=None, metavar="S",
+    parser.add_argument("--input-scale", type=positive_float, default=None, metavar="S",
                         help=f"frame scale the network sees (default: the model's; {RANDOM_INPUT_SCALE} for random)")
     parser.add_argument("--protocol", choices=["crw", "original"], default="crw", help="(default: crw)")
-    parser.add_argument("--stride", type=_positive(int), default=8, help="feature cell in pixels (default: 8)")
-    parser.add_argument("--context", type=_positive(int), default=20, help="previous frames in context (default: 20)")
-    parser.add_argument("--radius", type=_positive(float), default=12.0, help="radius in cells (default: 12)")
-    parser.add_argument("--topk", type=_positive(int), default=10, help="top-k (default: 10)")
-    parser.add_argument("--tile", type=_positive(int), default=4, help="query tile side in cells (default: 4)")
-    parser.add_argument("--batch-size", type=_positive(int), default=4, help="frames per feature batch (default: 4)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    parser.add_argument("--threads", type=_positive(int), default=None,
+    parser.add_argument("--stride", type=positive_int, default=8, help="feature cell in pixels (default: 8)")
+    parser.add_argument("--context", type=positive_int, default=20, help="previous frames in context (default: 20)")
+    parser.add_argument("--radius", type=positive_float, default=12.0, help="radius in cells (default: 12)")
+    parser.add_argument("--topk", type=positive_int, default=10, help="top-k (default: 10)")
+    parser.add_argument("--tile", type=positive_int, default=4, help="query tile side in cells (default: 4)")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="frames per feature batch (default: 4)")
+    parser.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's choice)")
 
 
@@ -62,22 +62,13 @@ def _root(davis) -> Path:
     return shared / "davis2016-dev"
 
 
-def _set_name(root: Path, set_name) -> str:
-    from fmapicon.davis import available_sets
-
-    sets = available_sets(root)
-    if set_name or "val" in sets or len(sets) != 1:
-        return set_name or "val"
-    return sets[0]
-
-
 def main(args) -> int:
     import dataclasses
 
     import torch
 
     from fmapicon.bench import report
-    from fmapicon.davis import frame_paths, layout, sequence_names
+    from fmapicon.davis import frame_paths, layout, resolve_set, sequence_names
     from fmapicon.features import load_model
     from fmapicon.propagate import PropagationParams
     from fmapicon.runtime import resolve_device
@@ -85,7 +76,7 @@ def main(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     root = _root(args.davis)
-    set_name = _set_name(root, args.set_name)
+    set_name = resolve_set(root, args.set_name)
     images_dir, annotations_dir = layout(root)
     everything = {name: len(frame_paths(images_dir, name)) for name in sequence_names(root, set_name)}
     names = args.sequences or sorted(everything, key=everything.get)[: args.count]

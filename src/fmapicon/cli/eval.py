@@ -2,21 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
-
+from fmapicon.cli._types import device_name, positive_float, positive_int
 from fmapicon.cli.score import sequence_list
-
-
-def _positive(kind):
-    def check(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
-        return value
-    return check
 
 
 def register(subparsers) -> None:
@@ -30,8 +17,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--davis", required=True, metavar="ROOT",
                         help="DAVIS folder with JPEGImages/480p/, Annotations/480p/ and ImageSets/ (required)")
-    parser.add_argument("--set", dest="set_name", default="val", metavar="NAME",
-                        help="sequence list ImageSets/2017/NAME.txt or ImageSets/NAME.txt (default: val)")
+    parser.add_argument("--set", dest="set_name", default=None, metavar="NAME",
+                        help="sequence list ImageSets/2017/NAME.txt or ImageSets/NAME.txt (default: val, or "
+                        "the folder's only list)")
     parser.add_argument("--sequences", type=sequence_list, default=None, metavar="A,B,C",
                         help="these sequences instead of the set's list (default: the whole set)")
     parser.add_argument("--model", required=True, metavar="M",
@@ -43,29 +31,31 @@ def register(subparsers) -> None:
     parser.add_argument("--protocol", choices=["crw", "original"], default="crw",
                         help="crw: context of first + previous frames, local radius, top-k (default); "
                         "original: the original code's hard nearest neighbour in the first frame at 1/4 scale")
-    parser.add_argument("--input-scale", type=_positive(float), default=None, metavar="S",
+    parser.add_argument("--input-scale", type=positive_float, default=None, metavar="S",
                         help="scale of the frames the network sees (default: the checkpoint's training "
                         "scale from its config, 1 for baselines); smaller is faster and coarser")
-    parser.add_argument("--stride", type=_positive(int), default=8,
+    parser.add_argument("--stride", type=positive_int, default=8,
                         help="feature cell size in full-size pixels (default: 8, as CRW)")
-    parser.add_argument("--context", type=_positive(int), default=20,
+    parser.add_argument("--context", type=positive_int, default=20,
                         help="previous frames in the context besides the first (default: 20)")
-    parser.add_argument("--radius", type=_positive(float), default=12.0,
+    parser.add_argument("--radius", type=positive_float, default=12.0,
                         help="spatial radius of affinities to previous frames, in feature cells (default: 12)")
-    parser.add_argument("--topk", type=_positive(int), default=10,
+    parser.add_argument("--topk", type=positive_int, default=10,
                         help="affinities kept per query cell over all context keys (default: 10)")
-    parser.add_argument("--temperature", type=_positive(float), default=0.05,
+    parser.add_argument("--temperature", type=positive_float, default=0.05,
                         help="softmax temperature on cosine affinities (default: 0.05)")
     parser.add_argument("--restrict-first", action="store_true", default=False,
                         help="apply the radius to the first frame too (CRW leaves it global; default: off)")
-    parser.add_argument("--tile", type=_positive(int), default=4,
+    parser.add_argument("--tile", type=positive_int, default=4,
                         help="query tile side in cells: memory and speed only, never the result (default: 4)")
-    parser.add_argument("--batch-size", type=_positive(int), default=4,
+    parser.add_argument("--batch-size", type=positive_int, default=4,
                         help="frames per batch in feature extraction (default: 4)")
     parser.add_argument("--exclude-void", action="store_true", default=False,
                         help="exclude void (255) pixels from J and F (the toolkit, in effect, does not)")
-    parser.add_argument("--device", default="auto",
+    parser.add_argument("--device", type=device_name, default="auto",
                         help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=True,
+                        help="no progress bars (default: show them on stderr)")
     parser.set_defaults(run=run)
 
 
@@ -77,7 +67,7 @@ def run(args) -> int:
         radius=args.radius, topk=args.topk, temperature=args.temperature,
         restrict_first=args.restrict_first, tile=args.tile, batch_size=args.batch_size)
     result = evaluate_davis(args.model, args.davis, args.out, args.set_name, args.sequences, params,
-                            device=args.device, exclude_void=args.exclude_void)
+                            device=args.device, exclude_void=args.exclude_void, progress=args.progress)
     totals = result["totals"]
     print(result["table"])
     if totals["frames"]:
