@@ -204,9 +204,18 @@ class PixelCenter(nn.Module):
         buffer's size for that update; the output always uses m at x's own size. A batch
         of one sample is centred to all zeros (as in the original).
     eval
-        ``out = x - running_mean``, resampled bilinearly (align_corners=False) to x's
-        h x w when it differs (a different input resolution or backbone); never raises
-        for a size.
+        ``out = x - running_mean`` when x is at the buffer's h x w (the training size).
+        At any other size, ``out = x - mean_{h,w} running_mean``: only the
+        location-independent part of the mean is subtracted. Never raises for a size.
+
+        Why not resample the map: its location-dependent part is large (on the demo's
+        run, per-location norm 9.5 against 1.6 for its spatial average) and comes from
+        the frame's borders at the training size (zero padding within the receptive
+        field); stretched bilinearly to another frame size it no longer matches where
+        the borders are and writes a smooth positional code into every feature.
+        Measured on 3 DAVIS sequences (the demo's run, input scale 0.5, J&F): stretched
+        map 0.134 (= copy, 0.135), spatial average 0.297, no centering at all 0.291,
+        the map anchored to the nearest border 0.280.
 
     Parameters
     ----------
@@ -228,7 +237,10 @@ class PixelCenter(nn.Module):
                 f"got shape {tuple(x.shape)}"
             )
         if not self.training:
-            return x - _resize(self.running_mean, x.shape[-2:]).to(x.dtype)
+            mean = self.running_mean
+            if tuple(x.shape[-2:]) != tuple(mean.shape[-2:]):
+                mean = mean.mean(dim=(2, 3), keepdim=True)
+            return x - mean.to(x.dtype)
         mean = _global_batch_mean(x) if _distributed_world() > 1 else x.mean(dim=0, keepdim=True)
         self._update(mean.detach())
         return x - mean
