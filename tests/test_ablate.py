@@ -85,6 +85,7 @@ def test_tables_have_the_exact_columns():
     assert markdown[0] == "| attempt | aug | center | log_p | log_p_shuffled | jf_mean | epe_mean |"
     assert len(markdown) == 4
     assert ablate.collapse_verdict(rows).startswith("attempt 0 shows the collapse")
+    assert ablate.best_verdict(rows) == "Best J&F: attempt 3 (0.800); best EPE: attempt 3 (0.900 px)."
     rows[0]["log_p_shuffled"] = -1.0
     assert ablate.collapse_verdict(rows).startswith("attempt 0 does not show")
 

@@ -11,8 +11,10 @@ attempt      aug              center        what the writeup found
 3            roll+affine      true          rolling: the same distribution at every location
 ===========  ===============  ============  =====================================================
 
-Every attempt is trained with the same data, network, seed and budget (``--minutes`` per
-attempt, or ``--steps``), then evaluated the same way:
+Every attempt is trained with the same data, network, seed and budget (``--steps`` per
+attempt, capped by ``--minutes``; the demo's recipe: 32 x 32 synthetic scenes, lambda 4,
+300 steps), its PixelCenter running mean (attempts 2 and 3) recomputed at the final weights
+(``fmapicon.demo.calibrate_run``), then evaluated the same way:
 
 - ``log_p`` and ``log_p_shuffled``: the exact objective (eps = 0) on held-out pairs, the
   network in eval mode, under the attempt's *own* augmentation; shuffled pairs take B from
@@ -42,6 +44,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fmapicon.demo import Recipe
 from fmapicon.errors import UserError
 
 CSV_COLUMNS = ["attempt", "aug", "center", "log_p", "log_p_shuffled", "jf_mean", "epe_mean"]
@@ -71,38 +74,14 @@ ATTEMPTS = {
 
 
 @dataclass(frozen=True)
-class AblationRecipe:
-    """The shared budget and data of every attempt (defaults: under an hour on 2 CPU cores).
+class AblationRecipe(Recipe):
+    """The demo's recipe (``fmapicon.demo.Recipe``: data, network, budget, held-out evaluation),
+    shared by every attempt (defaults: under an hour on 2 CPU cores), plus
 
-    size, render, batch, channels, lr, max_gap, lambda_init, scenes, frames, objects : as ``fmapicon.demo.Recipe``
-    minutes, steps : the budget of each attempt (whichever ends first; the demo's 300 steps)
-    eval_sequences, eval_frames, epe_pairs, epe_gap : held-out synthetic evaluation
     logp_pairs : held-out pairs for the eval-mode log_p
     """
 
-    size: int = 32
-    render: int = 32
-    batch: int = 8
-    channels: int = 64
-    lr: float = 1e-3
-    max_gap: int = 4
-    lambda_init: float = 4.0
-    scenes: int = 64
-    frames: int = 40
-    objects: int = 3
-    minutes: float = 10.0
-    steps: int = 300
-    eval_sequences: int = 8
-    eval_frames: int = 30
-    epe_pairs: int = 5
-    epe_gap: int = 4
     logp_pairs: int = 32
-    workers: int = 1
-    log_every: int = 10
-
-    @property
-    def eval_stride(self) -> int:
-        return max(1, round(self.render / self.size))
 
 
 #: a few minutes for tests: 24 x 24 (the bar asks for 48 x 48 or smaller), 150 steps per attempt (attempt
@@ -347,6 +326,19 @@ def collapse_verdict(rows: list[dict]) -> str:
             f"{gap:.3f} ({'<' if gap < 0.2 else '>='} 0.2: {'a positional code' if gap < 0.2 else 'depends on the image pair'}).")
 
 
+def best_verdict(rows: list[dict]) -> str:
+    """A sentence on which attempt has the best J&F (highest) and the best EPE (lowest)."""
+    def best(key, pick):
+        scored = [r for r in rows if isinstance(r.get(key), float) and math.isfinite(r[key])]
+        return pick(scored, key=lambda r: r[key]) if scored else None
+
+    jf, epe = best("jf_mean", max), best("epe_mean", min)
+    if jf is None or epe is None:
+        return ""
+    return (f"Best J&F: attempt {jf['attempt']} ({jf['jf_mean']:.3f}); best EPE: attempt {epe['attempt']} "
+            f"({epe['epe_mean']:.3f} px).")
+
+
 # --------------------------------------------------------------------------- pictures
 
 
@@ -377,15 +369,15 @@ def feature_picture(runs: dict, heldout: Path, stride: int, path: Path, device, 
 
 def run_ablation(config: AblationConfig, say=print) -> list[dict]:
     """Train and evaluate every chosen attempt; write the tables and pictures; return the rows."""
-    from fmapicon import report
-    from fmapicon.demo import calibrate_run, prepare_output, resolve_davis_set, synthetic_pairs, write_heldout
+    from fmapicon.davis import resolve_set
+    from fmapicon.demo import calibrate_run, prepare_output, synthetic_pairs, write_heldout
     from fmapicon.runtime import resolve_device
     from fmapicon.train import train
 
     attempts = select_attempts(config.attempts, config.extra)
     recipe = config.recipe()
     device = resolve_device(config.device)
-    davis = (Path(config.davis), resolve_davis_set(config.davis, config.davis_set)) if config.davis else None
+    davis = (Path(config.davis), resolve_set(config.davis, config.davis_set, "--davis-set")) if config.davis else None
     out = Path(config.out)
     prepare_output(out, config.force, outputs=(*OUTPUTS, *(f"attempt{a.name}" for a in attempts)))
     started = time.monotonic()
@@ -410,29 +402,51 @@ def run_ablation(config: AblationConfig, say=print) -> list[dict]:
 
 def write_outputs(out: Path, rows, baseline, runs, recipe, config, heldout, device, davis, seconds) -> None:
     from fmapicon import report
+    from fmapicon.bench import machine_info
     from fmapicon.runtime import atomic_write
 
     columns = CSV_COLUMNS + (["davis_jf_mean"] if davis else [])
     with atomic_write(out / "ablation.csv", "w") as handle:
         handle.write(csv_text(rows, columns))
-    verdict = collapse_verdict(rows)
+    verdict = " ".join(filter(None, [collapse_verdict(rows), best_verdict(rows)]))
     markdown = (f"# Ablation: the writeup's attempts\n\n{markdown_table(rows + [baseline], columns)}\n\n"
-                f"log_p, log_p_shuffled: exact objective on {recipe.logp_pairs} held-out pairs, eval mode, each "
-                f"attempt's own augmentation. jf_mean: J&F on {recipe.eval_sequences} held-out synthetic "
-                f"sequences; epe_mean: pixels against the exact flow (copy: the zero flow).\n\n{verdict}\n")
+                f"{_measured(recipe)}\n\n{verdict}\n")
     with atomic_write(out / "ablation.md", "w") as handle:
         handle.write(markdown)
+    machine = machine_info()
     with atomic_write(out / "ablation.json", "w") as handle:
         handle.write(json.dumps({"rows": rows, "copy": baseline, "verdict": verdict, "seconds": seconds,
+                                 "machine": machine,
                                  "recipe": dataclasses.asdict(recipe), "config": dataclasses.asdict(config)},
                                 indent=2) + "\n")
     curves = report.plot_log_p_comparison({f"attempt {name}": run for name, run in runs.items()},
                                           out / "ablation_curves.png")
     features = feature_picture(runs, heldout, recipe.eval_stride, out / "ablation_features.png", device, davis)
-    table = report.html_table(rows + [baseline], columns, best={"jf_mean": "max", "epe_mean": "min"})
+    table = report.html_table(rows + [baseline], columns, best={"jf_mean": "max", "epe_mean": "min"},
+                              caption=_measured(recipe))
     report.write_html(out / "report.html", "FeatureMapICON ablation: attempts 0-3", [
-        report.Section("Results", text=verdict, html=table),
-        report.Section("log_p during training", images=[(curves, "solid: true pairs; dashed: shuffled pairs")]),
-        report.Section("Features", text="PCA colours of each attempt's features on the same frames.",
-                       images=[(features, "one row per attempt")]),
-    ])
+        report.Section("Results", text=f"{_ATTEMPTS_TEXT}\n\n{verdict}", html=table),
+        report.Section("log_p during training", text=_CURVES_TEXT,
+                       images=[(curves, "solid: true pairs; dashed: shuffled pairs")]),
+        report.Section("Features", text=_FEATURES_TEXT, images=[(features, "one row per attempt")]),
+    ], meta=report.machine_line(machine, seconds))
+
+
+_ATTEMPTS_TEXT = ("The writeup's attempts, trained with the same data, network, seed and step budget: 0, no "
+                  "augmentation; 1, small affine warps; 2, affine + PixelCenter; 3, roll + affine + PixelCenter "
+                  "(the final recipe).")
+_CURVES_TEXT = ("log_p on each step's true pairs (solid) and on shuffled pairs whose frame B comes from another "
+                "video (dashed). A positional code scores both alike; features that follow the images score "
+                "true pairs higher.")
+_FEATURES_TEXT = ("Each attempt's features on the same held-out frames, projected on the attempt's top three "
+                  "principal components as red, green and blue (one basis per attempt). A positional code shows "
+                  "the same picture on every frame whatever the frame holds; a code that mixes position and "
+                  "content shows patterns that stay in place (stripes, a regular texture) from frame to frame; "
+                  "features that follow content change with the frame and give one object one colour.")
+
+
+def _measured(recipe) -> str:
+    return (f"log_p, log_p_shuffled: the exact objective on {recipe.logp_pairs} held-out pairs, eval mode, each "
+            f"attempt's own augmentation. jf_mean: J&F of label propagation on {recipe.eval_sequences} held-out "
+            f"synthetic sequences (higher is better); epe_mean: mean end-point error in pixels against the "
+            f"exact flow at a gap of {recipe.epe_gap} frames (lower is better; copy: the zero flow).")

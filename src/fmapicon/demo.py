@@ -54,7 +54,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fmapicon import __version__
 from fmapicon.errors import UserError
 
 #: the four models of the results, in the order of the table
@@ -328,20 +327,6 @@ def propagation_scores(run: Path, root: Path, set_name: str, out: Path, params, 
     return scores
 
 
-def resolve_davis_set(root, set_name: str | None) -> str:
-    """``set_name``, else ``val`` when the root has it, else its only sequence list."""
-    from fmapicon.davis import available_sets
-
-    if set_name:
-        return set_name
-    sets = available_sets(root)
-    if "val" in sets or not sets:
-        return "val"
-    if len(sets) == 1:
-        return sets[0]
-    raise UserError(f"{root} has several sequence lists ({', '.join(sets)}): pick one with --davis-set")
-
-
 # --------------------------------------------------------------------------- correspondence
 
 
@@ -473,7 +458,9 @@ def run_demo(config: DemoConfig, say=print) -> dict:
     out = Path(config.out)
     device = resolve_device(config.device)
     if config.davis:
-        davis_set = resolve_davis_set(config.davis, config.davis_set)
+        from fmapicon.davis import resolve_set
+
+        davis_set = resolve_set(config.davis, config.davis_set, "--davis-set")
     prepare_output(out, config.force)
     _write_json(out / "demo.json", {"status": "running", "config": dataclasses.asdict(config),
                                     "recipe": dataclasses.asdict(recipe)})
@@ -589,10 +576,7 @@ def write_report(out: Path, results: dict, models: dict, pairs: list[FlowPair], 
     sections.append(report.Section("Correspondence", text=_FLOW_TEXT,
                                    images=[(flows, "flows of one held-out pair"), *errors]))
     sections.append(report.Section("Reproduce", html=_reproduce_html(results)))
-    machine = results["machine"]
-    meta = (f"fmapicon {__version__} · {machine.get('date')} · {machine.get('processor')} with "
-            f"{machine.get('cpu_count')} CPUs, {machine.get('torch_threads')} torch threads"
-            + (f", {machine['cuda']}" if machine.get("cuda") else ""))
+    meta = report.machine_line(results["machine"], sum(results["timings"].values()))  # every stage up to the report
     return report.write_html(out / "report.html", "FeatureMapICON demo", sections, meta=meta)
 
 
@@ -623,10 +607,15 @@ def _summary_text(results: dict) -> str:
         lines.append(f"On {results['synthetic']['sequences']} held-out synthetic sequences the trained features "
                      f"reach J&F {_fmt(trained['jf_mean'])}, {verdict} copy ({_fmt(copy['jf_mean'])}) and random "
                      f"({_fmt(random['jf_mean'])}).")
+    if trained["epe_mean"] is not None and random["epe_mean"] is not None:
+        pixels = results["models"]["pixels"]
+        lines.append(f"Their correspondence end-point error is {_fmt(trained['epe_mean'])} px, "
+                     f"{'below' if trained['epe_mean'] < random['epe_mean'] else 'not below'} random's "
+                     f"({_fmt(random['epe_mean'])} px); zero flow: {_fmt(copy['epe_mean'])} px, pixels: "
+                     f"{_fmt(pixels['epe_mean'])} px.")
     evaluation = sum(v for k, v in timings.items() if k.startswith(("propagation", "correspondence")))
     lines.append(f"J&F: higher is better (DAVIS J&F-Mean, the official toolkit's definition). EPE and "
-                 f"inverse-consistency error: pixels, lower is better. Time: training "
-                 f"{timings.get('train_s', 0) / 60:.1f} min, evaluation {evaluation / 60:.1f} min.")
+                 f"inverse-consistency error: pixels, lower is better. Evaluation took {evaluation / 60:.1f} min.")
     return "\n\n".join(lines)
 
 
@@ -711,19 +700,22 @@ def _feature_frames(heldout: Path, davis_root: Path | None, davis_set: str | Non
 
 
 def feature_figure(models: dict, heldout: Path, davis_root, davis_set, stride: int, path: Path) -> Path:
-    """Rows: the frames, then each model's PCA-colour features (the writeup's way of showing features)."""
+    """One row per frame: the frame, then each model's PCA-colour features (the writeup's way of
+    showing features), one PCA basis per model shared by its pictures."""
     from fmapicon import report
     from fmapicon.correspond import features_at_stride
 
     frames = _feature_frames(heldout, davis_root, davis_set)
-    rows = [[frame for frame, _ in frames]]
-    for name in ("trained", "random", "pixels"):
+    names = ("trained", "random", "pixels")
+    columns = {}
+    for name in names:
         model = models[name]
         maps = [features_at_stride(model, _image_tensor(frame, model.device), cell or stride)[0].cpu()
                 for frame, cell in frames]
-        pictures = report.pca_colors(maps)
-        rows.append([report.upscale(picture, *frame.shape[:2]) for picture, (frame, _) in zip(pictures, frames)])
-    return report.picture_grid(rows, path, row_labels=["frame", "trained", "random", "pixels"], cell_inches=2.4)
+        columns[name] = [report.upscale(picture, *frame.shape[:2])
+                         for picture, (frame, _) in zip(report.pca_colors(maps), frames)]
+    rows = [[frame, *(columns[name][index] for name in names)] for index, (frame, _) in enumerate(frames)]
+    return report.picture_grid(rows, path, column_labels=["frame", *names], cell_inches=2.4)
 
 
 def correspondence_figures(models: dict, pair: FlowPair, stride: int, figures: Path):

@@ -473,6 +473,17 @@ def _data_uri(path: Path) -> str:
     return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
+def machine_line(machine: dict, seconds: float | None = None) -> str:
+    """The page's meta line: version, date, machine (``fmapicon.bench.machine_info()``) and,
+    when given, how long the whole job took."""
+    from fmapicon import __version__
+
+    line = (f"fmapicon {__version__} · {machine.get('date')} · {machine.get('processor')} with "
+            f"{machine.get('cpu_count')} CPUs, {machine.get('torch_threads')} torch threads"
+            + (f", {machine['cuda']}" if machine.get("cuda") else ""))
+    return line + (f" · {seconds / 60:.1f} min in all" if seconds is not None else "")
+
+
 def write_html(path, title: str, sections: list[Section], meta: str = "") -> Path:
     """Write one self-contained HTML page: every picture is embedded as a base64 ``data:`` URI.
 
