@@ -49,12 +49,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fmapicon.errors import UserError
+from fmapicon.runtime import remove_entries
 
 #: the four models of the results, in the order of the table
 MODELS = ("trained", "copy", "pixels", "random")
@@ -161,12 +161,7 @@ def prepare_output(out: Path, force: bool, outputs=OUTPUTS) -> None:
         raise UserError(f"{out} already holds {len(entries)} entries ({', '.join(entries[:6])}); two runs' "
                         "results are never mixed: pass --force to replace the earlier outputs (other files "
                         "are kept), or choose a new folder with --out")
-    for name in outputs:
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
+    remove_entries(out, outputs)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -386,22 +381,11 @@ def scene_flow(model, t: int, gap: int):
 
 
 def chairs_pairs(folder) -> list[FlowPair]:
-    """FlyingChairs-style triples ``NNNNN-img0.ppm``, ``-img1.ppm``, ``-gt.flo`` in ``folder``."""
+    """FlyingChairs-style triples ``NNNNN-img0.ppm``, ``-img1.ppm``, ``-gt.flo`` in ``folder`` (``flow_triples``)."""
     from fmapicon.davis import read_frame
-    from fmapicon.flow import read_flo
+    from fmapicon.flow import flow_triples, read_flo
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"--pairs {folder} is not a folder of FlyingChairs-style pairs")
-    pairs = []
-    for first in sorted(folder.glob("*-img0.*")):
-        stem = first.name[: -len("-img0" + first.suffix)]
-        second, flow = first.with_name(f"{stem}-img1{first.suffix}"), folder / f"{stem}-gt.flo"
-        if second.is_file() and flow.is_file():
-            pairs.append(FlowPair(stem, read_frame(first), read_frame(second), read_flo(flow)))
-    if not pairs:
-        raise UserError(f"no pairs in {folder}: expected NNNNN-img0.ppm, NNNNN-img1.ppm and NNNNN-gt.flo")
-    return pairs
+    return [FlowPair(stem, read_frame(a), read_frame(b), read_flo(flow)) for stem, a, b, flow in flow_triples(folder)]
 
 
 def load_feature_models(run: Path, stride: int, device) -> dict:

@@ -55,6 +55,25 @@ def read_flo(path) -> np.ndarray:
 
 
 # Middlebury marks pixels whose true flow is unknown with components of 1e9 or more.
+def flow_triples(folder) -> list[tuple[str, Path, Path, Path]]:
+    """FlyingChairs-style triples in ``folder``, sorted: ``(stem, NNNNN-img0.EXT,
+    NNNNN-img1.EXT, NNNNN-gt.flo)`` for each stem with all three files (any image EXT that
+    PIL reads; FlyingChairs uses .ppm). Raises UserError when the folder is missing or
+    holds no complete triple."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder of FlyingChairs-style pairs (NNNNN-img0.ppm, -img1.ppm, -gt.flo)")
+    triples = []
+    for first in sorted(folder.glob("*-img0.*")):
+        stem = first.name[: -len("-img0" + first.suffix)]
+        second, flow = first.with_name(f"{stem}-img1{first.suffix}"), folder / f"{stem}-gt.flo"
+        if second.is_file() and flow.is_file():
+            triples.append((stem, first, second, flow))
+    if not triples:
+        raise UserError(f"no pairs in {folder}: expected NNNNN-img0.ppm, NNNNN-img1.ppm and NNNNN-gt.flo")
+    return triples
+
+
 UNKNOWN_FLOW = 1e9
 
 

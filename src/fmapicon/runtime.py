@@ -1,5 +1,6 @@
 """The few things every command needs from its environment: a device, seeds, atomic
-file writes, optional packages with an actionable error, and where the shared data is.
+file writes, removing a job's own earlier outputs, optional packages with an actionable
+error, and where the shared data is.
 """
 
 from __future__ import annotations
@@ -96,3 +97,16 @@ def shared_data_dir() -> Path | None:
         if candidate.is_dir():
             return candidate
     return None
+
+
+def remove_entries(folder, names) -> None:
+    """Remove ``folder/name`` for each of ``names`` (a file, or a folder with its contents)
+    that exists; anything else in ``folder`` is left alone."""
+    import shutil
+
+    for name in names:
+        path = Path(folder) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()

@@ -119,6 +119,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fmapicon.errors import UserError
+from fmapicon.runtime import remove_entries
 
 NETS = ("short", "tall", "taller")
 AUGMENTATIONS = ("none", "affine", "roll", "roll+affine")
@@ -386,19 +387,11 @@ def prepare_run_folder(run: Path, *, resume: bool, force: bool) -> None:
         if not force:
             raise UserError(f"--out {run} exists and is not empty; choose a new folder, continue it with "
                             f"--resume {run}, or replace its run with --force")
-        _remove_run_files(run)
+        remove_entries(run, _RUN_ENTRIES)  # what a run writes, nothing else the user keeps there
     check_writable(run)
     check_free_space(run, MIN_FREE_BYTES)
 
 
-def _remove_run_files(run: Path) -> None:
-    """Remove what a run writes (and nothing else the user keeps there)."""
-    for name in _RUN_ENTRIES:
-        path = run / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
 
 
 def check_writable(folder: Path) -> None:

@@ -64,8 +64,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--soft", action="store_true", default=False, help="soft-argmax instead of argmax")
     parser.add_argument("--temperature", type=positive_float, default=None,
                         help="soft-argmax temperature (default: 1/lambda^2 of each model, else 1/144)")
+    parser.add_argument("--input-scale", type=positive_float, default=None,
+                        help="resize the images by this factor for each model's network (default: the scale "
+                        "the model was trained at, 1 for baselines)")
     parser.add_argument("--limit", type=positive_int, default=None, help="use at most this many pairs per dataset")
-    parser.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--device", type=device_name, default="auto",
+                        help="auto, cpu, cuda or cuda:N (default: %(default)s)")
 
 
 def _baseline_list(text: str) -> list[str]:
@@ -151,21 +155,10 @@ def _pairs_folder(args) -> Path | None:
 
 
 def chairs_pairs(folder) -> list[Pair]:
-    """The ``NNNNNNN-img0.ppm``, ``-img1.ppm``, ``-gt.flo`` triples of a folder, sorted."""
-    from fmapicon.errors import UserError
+    """The ``NNNNNNN-img0.ppm``, ``-img1.ppm``, ``-gt.flo`` triples of a folder, sorted (``flow_triples``)."""
+    from fmapicon.flow import flow_triples
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"--pairs {folder} is not a folder")
-    pairs = []
-    for flow in sorted(folder.glob("*-gt.flo")):
-        stem = flow.name[: -len("-gt.flo")]
-        image_a, image_b = folder / f"{stem}-img0.ppm", folder / f"{stem}-img1.ppm"
-        if image_a.is_file() and image_b.is_file():
-            pairs.append(Pair("flyingchairs", stem, image_a, image_b, flow))
-    if not pairs:
-        raise UserError(f"no NNNNNNN-img0.ppm, -img1.ppm, -gt.flo triples in {folder}")
-    return pairs
+    return [Pair("flyingchairs", stem, a, b, flow) for stem, a, b, flow in flow_triples(folder)]
 
 
 def synth_pairs(root: Path, sequences: int, frames: int, size: int) -> list[Pair]:
@@ -235,7 +228,8 @@ def _match_pair(model, pair: Pair, radii, args, device) -> dict:
 
     image_a, image_b = read_image(pair.image_a).to(device), read_image(pair.image_b).to(device)
     start = time.perf_counter()
-    fa, fb = features_at_stride(model, image_a, args.stride), features_at_stride(model, image_b, args.stride)
+    fa = features_at_stride(model, image_a, args.stride, args.input_scale)
+    fb = features_at_stride(model, image_b, args.stride, args.input_scale)
     feature_seconds = time.perf_counter() - start
     temperature = args.temperature if args.temperature is not None else default_temperature(model)
     results = {}

@@ -46,7 +46,8 @@ def register(subparsers) -> None:
     parser.add_argument("--input-scale", type=positive_float, default=None,
                         help="resize the images by this factor for the network (default: the scale the "
                         "model was trained at, 1 for baselines)")
-    parser.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--device", type=device_name, default="auto",
+                        help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     parser.set_defaults(run=run)
 
 
