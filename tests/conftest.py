@@ -6,11 +6,16 @@ need it skip with a message when it is absent, as on a user's fresh clone.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
+# as the fmapicon command does (cli.main): OpenMP's default spin-waiting made the tests' training
+# runs many times slower on a machine busy with other jobs; it must be set before torch loads
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from fmapicon.runtime import shared_data_dir
+import pytest  # noqa: E402
+
+from fmapicon.runtime import shared_data_dir  # noqa: E402
 
 _DATA = shared_data_dir()
 
