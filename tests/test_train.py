@@ -111,6 +111,23 @@ def test_flags_override_the_config_file_which_overrides_defaults(tmp_path, suffi
     assert config.size == 120 and out == "x" and not resume
 
 
+def test_crop_range_reaches_the_dataset_and_is_checked():
+    from fmapicon.train import _make_dataset
+
+    args = build_parser().parse_args(["train", "--data", "synth:scenes=1,frames=4,size=64", "--crop", "random",
+                                      "--crop-min", "0.2", "--crop-max", "0.3", "--size", "16"])
+    config, _, _ = config_from_args(args)
+    dataset = _make_dataset(config)
+    assert dataset.crop_scale == (0.2, 0.3)
+    import numpy as np
+
+    x0, y0, x1, y1 = dataset._crop_box(np.random.default_rng(0), 100, 50)
+    assert 0.2 * 50 - 1e-9 <= (x1 - x0) * 100 <= 0.3 * 50 + 1e-9  # the side is 20-30 % of the short side
+    for bad in (dict(crop_min=0.5, crop_max=0.4), dict(crop_max=1.5), dict(crop_min=0.0)):
+        with pytest.raises(UserError, match="crop"):
+            TrainConfig.from_mapping(bad)
+
+
 def test_config_file_with_an_unknown_key_is_refused(tmp_path):
     file = tmp_path / "run.json"
     file.write_text(json.dumps({"batch": 8, "learning_rate": 0.1}))

@@ -175,8 +175,12 @@ class TrainConfig:
     max_gap: int = _knob(30, "B is 1..max_gap frames after A: larger gaps teach larger motions, but pairs "
                          "lose correspondence", minimum=1)
     crop: str = _knob("center", "center: the largest centred square of each frame, as the original (evaluation "
-                      "runs at the recorded scale); random: a random square of half to all of the short side, "
-                      "shared by A and B (more scales, but no single training scale)", choices=CROPS)
+                      "runs at the recorded scale); random: a random square of --crop-min to --crop-max of the short "
+                      "side, shared by A and B (more scales, but no single training scale)", choices=CROPS)
+    crop_min: float = _knob(0.5, "with --crop random: the smallest crop side as a fraction of the frame's short "
+                            "side (0.1 of 480p frames at --size 48 trains near their own resolution)", above=0.0)
+    crop_max: float = _knob(1.0, "with --crop random: the largest crop side as a fraction of the short side",
+                            above=0.0)
     aug: str = _knob("roll+affine", "equivariant augmentation: none (attempt 0: the net collapses to a "
                      "positional code), affine (attempt 1), roll, roll+affine (the final recipe)",
                      choices=AUGMENTATIONS)
@@ -219,6 +223,9 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Raise ``UserError`` listing every bad value; return self."""
         problems = [p for f in dataclasses.fields(self) if (p := check_value(f.name, getattr(self, f.name)))]
+        if not self.crop_min <= self.crop_max <= 1.0:
+            problems.append(f"crop_min <= crop_max <= 1 is needed, got crop_min={self.crop_min}, "
+                            f"crop_max={self.crop_max}")
         if self.eval_every and not self.davis:
             problems.append("eval_every > 0 needs davis (a DAVIS root to evaluate on)")
         if problems:
@@ -646,7 +653,8 @@ def _ignore_stop_signals(worker_id: int) -> None:
 def _make_dataset(config: TrainConfig):
     from fmapicon.data import FramePairs
 
-    return FramePairs(config.data, size=config.size, max_gap=config.max_gap, crop=config.crop, seed=config.seed)
+    return FramePairs(config.data, size=config.size, max_gap=config.max_gap, crop=config.crop, seed=config.seed,
+                      crop_scale=(config.crop_min, config.crop_max))
 
 
 def _dataset_length(dataset) -> int:
