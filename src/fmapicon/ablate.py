@@ -44,7 +44,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fmapicon.demo import Recipe
+from fmapicon import demo
+from fmapicon.demo import Recipe, with_budget
 from fmapicon.errors import UserError
 
 CSV_COLUMNS = ["attempt", "aug", "center", "log_p", "log_p_shuffled", "jf_mean", "epe_mean"]
@@ -109,12 +110,7 @@ class AblationConfig:
     progress: bool = True
 
     def recipe(self) -> AblationRecipe:
-        recipe = QUICK if self.quick else AblationRecipe()
-        if self.minutes is not None:
-            recipe = dataclasses.replace(recipe, minutes=float(self.minutes))
-        if self.steps is not None:
-            recipe = dataclasses.replace(recipe, steps=int(self.steps))
-        return recipe
+        return with_budget(QUICK if self.quick else AblationRecipe(), self.minutes, self.steps)
 
 
 # --------------------------------------------------------------------------- attempts
@@ -174,18 +170,12 @@ def select_attempts(names: list, extras: list) -> list[Attempt]:
 
 
 def train_config(config: AblationConfig, recipe: AblationRecipe, attempt: Attempt):
-    """The attempt's TrainConfig: the shared data, network, seed and budget, its aug / center."""
-    from fmapicon.demo import data_seeds
+    """The attempt's TrainConfig: the demo's run (``fmapicon.demo.train_config``: the shared data,
+    network, seed and budget) with the attempt's aug / center and options."""
     from fmapicon.train import TrainConfig
 
-    data = list(config.data) or [f"synth:scenes={recipe.scenes},frames={recipe.frames},size={recipe.render},"
-                                 f"objects={recipe.objects},seed={data_seeds(config.seed)[0]}"]
-    base = TrainConfig(data=data, net="short", channels=recipe.channels, size=recipe.size, batch=recipe.batch,
-                       max_gap=recipe.max_gap, lr=recipe.lr, lambda_init=recipe.lambda_init, steps=recipe.steps,
-                       minutes=recipe.minutes,
-                       workers=recipe.workers, seed=config.seed, device=config.device,
-                       log_every=recipe.log_every, save_every=max(recipe.steps, 1))
-    return TrainConfig.from_mapping({"aug": attempt.aug, "center": attempt.center, **attempt.options}, base)
+    return TrainConfig.from_mapping({"aug": attempt.aug, "center": attempt.center, **attempt.options},
+                                    demo.train_config(config, recipe))
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -140,12 +140,13 @@ class DemoConfig:
 
     def recipe(self) -> Recipe:
         """The recipe with this run's budget applied."""
-        recipe = QUICK if self.quick else Recipe()
-        if self.minutes is not None:
-            recipe = dataclasses.replace(recipe, minutes=float(self.minutes))
-        if self.steps is not None:
-            recipe = dataclasses.replace(recipe, steps=int(self.steps))
-        return recipe
+        return with_budget(QUICK if self.quick else Recipe(), self.minutes, self.steps)
+
+
+def with_budget(recipe, minutes: float | None, steps: int | None):
+    """``recipe`` (a ``Recipe`` or a subclass) with the given ``minutes`` / ``steps``, where not None."""
+    budget = {"minutes": None if minutes is None else float(minutes), "steps": None if steps is None else int(steps)}
+    return dataclasses.replace(recipe, **{key: value for key, value in budget.items() if value is not None})
 
 
 # --------------------------------------------------------------------------- the output folder
@@ -219,12 +220,6 @@ def train_config(config: DemoConfig, recipe: Recipe):
                        steps=recipe.steps, minutes=recipe.minutes, workers=recipe.workers, seed=config.seed,
                        device=config.device, log_every=recipe.log_every,
                        save_every=max(recipe.steps, 1)).validate()
-
-
-def train_model(config: DemoConfig, recipe: Recipe, run: Path) -> Path:
-    from fmapicon.train import train
-
-    return train(train_config(config, recipe), run, progress=config.progress)
 
 
 def calibrate_pixel_center(net, frames, batch: int = 16) -> bool:
@@ -437,6 +432,7 @@ def correspondence_scores(models: dict, pairs: list[FlowPair], stride: int) -> d
 def run_demo(config: DemoConfig, say=print) -> dict:
     """Run the demo pipeline; return the results written to ``DIR/results.json``."""
     from fmapicon.runtime import resolve_device
+    from fmapicon.train import train
 
     recipe = config.recipe()
     out = Path(config.out)
@@ -460,8 +456,9 @@ def run_demo(config: DemoConfig, say=print) -> dict:
     stage("heldout_scenes_s")
     say(f"[2/5] training a short U-Net at {recipe.size} x {recipe.size}, batch {recipe.batch}, for up to "
         f"{recipe.minutes:g} min / {recipe.steps} steps into {out / 'run'}")
-    run = train_model(config, recipe, out / "run")
-    calibration = calibrate_run(run, train_config(config, recipe), seed=config.seed)
+    training = train_config(config, recipe)
+    run = train(training, out / "run", progress=config.progress)
+    calibration = calibrate_run(run, training, seed=config.seed)
     stage("train_s")
     say("[3/5] label propagation (J&F) on the held-out scenes: trained, copy, pixels, random")
     synth = propagation_scores(run, out / "heldout", "val", out / "eval" / "synth",
