@@ -172,8 +172,14 @@ def test_real_davis_frames(davis2016_root, cache):
     on_disk = len(list((davis2016_root / "JPEGImages" / "480p").glob("*/*.jpg")))
     assert pairs.summary["frames"] == on_disk
     assert pairs.scale == pytest.approx(0.25), "854 x 480 -> 120: the 480 side shrinks 4 times"
+    assert pairs.input_scale == pairs.scale, "centre crops: evaluation at the crop's own scale"
     a, b = pairs[7]
     assert a.shape == (3, 120, 120) and float(a.std()) > 0.05
+    # random crops of 0.07 to 0.1 of the 480 side shown at 32 pixels: 32 / (480 * 0.0837) = 0.80,
+    # where the centre crop's 32 / 480 = 0.067 would run the model twelve times too small
+    native = FramePairs(davis2016_root, size=32, crop="random", crop_scale=(0.07, 0.1), cache_dir=cache)
+    assert native.input_scale == pytest.approx(32 / (480 * (0.07 * 0.1) ** 0.5))
+    assert native.summary["scale"]["input_scale"] == native.input_scale
 
 
 # ---------------------------------------------------------------------------------------

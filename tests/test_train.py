@@ -45,6 +45,13 @@ def tiny(**changes) -> TrainConfig:
     return TrainConfig(**{**TINY, **changes})
 
 
+def read_metadata(file: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as handle:
+        return handle.metadata()
+
+
 def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -202,7 +209,7 @@ def test_tiny_run_writes_the_run_folder(four_steps):
     assert all(KEYS <= set(line) for line in lines)
     assert all(line["lr"] == 1e-3 and line["pairs_per_s"] > 0 and line["bad_steps"] == 0 for line in lines)
     config = json.loads((four_steps / "config.json").read_text())
-    assert config["input_scale"] == FramePairs(["synth"], size=16).scale
+    assert config["input_scale"] == FramePairs(["synth"], size=16).input_scale
     assert config["network"] == {"net": "short", "channels": 16, "lambda_init": 12.0, "center": True,
                                  "size": [16, 16]}
     assert config["fmapicon_version"] == fmapicon.__version__ and config["world_size"] == 1
@@ -214,11 +221,26 @@ def test_tiny_run_writes_the_run_folder(four_steps):
 
 
 def test_saved_weights_load_exactly(four_steps):
+    """The weights file holds the training weights exactly, and PixelCenter's mean recomputed at
+    them on the run's 128 calibration frames; state.pt keeps the live (trailing) training buffer."""
+    from fmapicon.networks import calibrate_pixel_center
+
     state = torch.load(four_steps / "checkpoints" / "state.pt", weights_only=True)["model"]
     model = fmapicon.load(four_steps)
     loaded = model.net.state_dict()
     assert state.keys() == loaded.keys()
-    assert all(torch.equal(state[name], loaded[name]) for name in state)
+    centre = "pixel_center.running_mean"
+    assert all(torch.equal(state[name], loaded[name]) for name in state if name != centre)
+    assert not torch.allclose(state[centre], loaded[centre], atol=1e-3), "the trailing mean was replaced"
+    config = tiny(steps=4)
+    pairs = FramePairs(config.data, size=config.size, max_gap=config.max_gap, crop=config.crop, seed=config.seed,
+                       crop_scale=(config.crop_min, config.crop_max))
+    net = model.net
+    net.pixel_center.running_mean.zero_()
+    assert calibrate_pixel_center(net, pairs.first_frames(128))
+    torch.testing.assert_close(net.pixel_center.running_mean, loaded[centre], rtol=1e-5, atol=1e-5)
+    calibration = json.loads(read_metadata(four_steps / "checkpoints" / "last.safetensors")["pixel_center_calibration"])
+    assert calibration == {"frames": 128, "step": 4}
     assert model.config["input_scale"] > 0 and not model.training
 
 
@@ -381,7 +403,8 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
     state = torch.load(run / "checkpoints" / "state.pt", weights_only=True)
     assert state["step"] >= 1 and metrics(run)[-1]["step"] == state["step"]
     loaded = fmapicon.load(run).net.state_dict()
-    assert all(torch.equal(state["model"][name], loaded[name]) for name in loaded)
+    assert all(torch.equal(state["model"][name], loaded[name]) for name in loaded
+               if name != "pixel_center.running_mean")  # calibrated in the weights file
 
 
 def test_torchrun_two_processes_write_one_run_folder(tmp_path):

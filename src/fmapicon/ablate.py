@@ -14,7 +14,7 @@ attempt      aug              center        what the writeup found
 Every attempt is trained with the same data, network, seed and budget (``--steps`` per
 attempt, capped by ``--minutes``; the demo's recipe: 32 x 32 synthetic scenes, lambda 4,
 300 steps), its PixelCenter running mean (attempts 2 and 3) recomputed at the final weights
-(``fmapicon.demo.calibrate_run``), then evaluated the same way:
+(as training writes every weights file), then evaluated the same way:
 
 - ``log_p`` and ``log_p_shuffled``: the exact objective (eps = 0) on held-out pairs, the
   network in eval mode, under the attempt's *own* augmentation; shuffled pairs take B from
@@ -360,7 +360,7 @@ def feature_picture(runs: dict, heldout: Path, stride: int, path: Path, device, 
 def run_ablation(config: AblationConfig, say=print) -> list[dict]:
     """Train and evaluate every chosen attempt; write the tables and pictures; return the rows."""
     from fmapicon.davis import resolve_set
-    from fmapicon.demo import calibrate_run, prepare_output, synthetic_pairs, write_heldout
+    from fmapicon.demo import prepare_output, synthetic_pairs, write_heldout
     from fmapicon.runtime import resolve_device
     from fmapicon.train import train
 
@@ -380,7 +380,6 @@ def run_ablation(config: AblationConfig, say=print) -> list[dict]:
         say(f"attempt {attempt.name}: aug {attempt.aug}, center {str(attempt.center).lower()} ({attempt.note})")
         attempt_config = train_config(config, recipe, attempt)
         runs[attempt.name] = train(attempt_config, out / f"attempt{attempt.name}", progress=config.progress)
-        calibrate_run(runs[attempt.name], attempt_config, seed=config.seed)  # PixelCenter at the final weights
         rows.append(evaluate_attempt(runs[attempt.name], attempt, recipe, heldout, pairs, flow_pairs,
                                      out / "eval" / f"attempt{attempt.name}", device, config.progress, davis))
         say("  " + ", ".join(f"{k} {_csv_cell(v)}" for k, v in rows[-1].items() if k not in ("attempt",)))

@@ -135,6 +135,11 @@ class FramePairs(torch.utils.data.Dataset):
     scale : training pixels per source pixel of the centre crop, S / short side (DAVIS
         480p at S=120: 0.25); the median when clips differ. A random crop covering a
         fraction f of the short side has scale ``scale / f``.
+    input_scale : the scale at which evaluation should show frames to a model trained on
+        these pairs (recorded as the run's ``input_scale``): ``scale`` for centre crops;
+        for random crops ``scale / sqrt(low * high)`` of ``crop_scale = (low, high)``, the
+        geometric middle of the scales seen in training (0.07-0.1 of 480p at S=32: 0.80,
+        where ``scale`` alone would say 0.067, twelve times too small).
     summary : dict of clips, frames, clips by kind, skipped files by reason, decode
         failures and end-of-video fallbacks (in this process).
     """
@@ -157,6 +162,8 @@ class FramePairs(torch.utils.data.Dataset):
         self._cumulative = np.cumsum(weights) / weights.sum()
         self.length = int(length) if length is not None else int(sum(c.frames - 1 for c in self.clips))
         self.scale = float(np.median([self.size / min(c.width, c.height) for c in self.clips]))
+        low, high = self.crop_scale
+        self.input_scale = self.scale / math.sqrt(low * high) if crop == "random" else self.scale
         self._counters = Counter()
         self._warned: set[str] = set()
         self._models: dict = {}  # synth scene models, built lazily in each process
@@ -205,6 +212,18 @@ class FramePairs(torch.utils.data.Dataset):
         x0 = rng.uniform(0, width - side) if self.crop == "random" else (width - side) / 2
         y0 = rng.uniform(0, height - side) if self.crop == "random" else (height - side) / 2
         return x0 / width, y0 / height, (x0 + side) / width, (y0 + side) / height
+
+    def first_frames(self, count: int) -> torch.Tensor:
+        """Frame A of ``count`` pairs spread evenly over the dataset, drawn as in epoch 0:
+        ``count x 3 x S x S``, a fixed sample of what training sees (fewer when the dataset
+        is smaller). Used to calibrate PixelCenter (``networks.calibrate_pixel_center``)."""
+        epoch = self.epoch
+        self.set_epoch(0)
+        try:
+            step = max(1, len(self) // count)
+            return torch.stack([self[i][0] for i in range(0, len(self), step)][:count])
+        finally:
+            self.set_epoch(epoch)
 
     def pair_indices(self, index: int) -> tuple[str, int, int]:
         """(clip path, frame index of A, frame index of B) drawn for ``index``, before any
@@ -298,7 +317,7 @@ class FramePairs(torch.utils.data.Dataset):
             "skipped_files": list(self._report.skipped_files),
             "other_files": self._report.other_files,
             "index": {"hits": self._report.index_hits, "misses": self._report.index_misses},
-            "scale": {"median": self.scale, "min": min(scales), "max": max(scales)},
+            "scale": {"median": self.scale, "min": min(scales), "max": max(scales), "input_scale": self.input_scale},
             "decode_failures": self._counters["decode_failures"],
             "fallbacks": self._counters["fallbacks"],
         }

@@ -33,7 +33,8 @@ synthetic J&F of label propagation and EPE at gap 4, 32 x 32 scenes; random feat
   (steps 100 / 300 / 700: J&F 0.75 / 0.72 / 0.66, EPE 1.52 / 0.83 / 0.78); the shuffled-pair
   log_p rises above chance meanwhile (-6.69 / -5.93 / -5.80, chance -6.93), the positional
   code that the writeup's attempt 3 warns of (the net can detect the roll's seams).
-- PixelCenter's running mean is recomputed at the final weights (``calibrate_run``): the
+- PixelCenter's running mean in the weights file is the one recomputed at the final weights
+  (training does it for every weights file: ``networks.calibrate_pixel_center``): the
   component it removes is large and moves while training, and the momentum-0.1 running mean
   lags enough to leave a positional residual that swamps eval-mode features (J&F 0.51 -> 0.77).
 
@@ -222,73 +223,6 @@ def train_config(config: DemoConfig, recipe: Recipe):
                        save_every=max(recipe.steps, 1)).validate()
 
 
-def calibrate_pixel_center(net, frames, batch: int = 16) -> bool:
-    """Set PixelCenter's running mean to the mean backbone output over ``frames`` at the current weights.
-
-    Parameters
-    ----------
-    net : a ``FeatureNet``; nothing happens (False) without a PixelCenter
-    frames : ``M x 3 x S x S`` frames in [0, 1] at the training size, as evaluation sees them
-        (not augmented: the mean is the positional component of the backbone at eval, plus the
-        content mean, spread about evenly over the locations by the variety of scenes)
-
-    Why: in training PixelCenter subtracts each batch's own mean, and its running mean
-    (momentum 0.1) trails the weights by about ten steps. The component it removes is large
-    (in our 32 x 32 runs its norm was about 8-10 against about 1 for the image-dependent
-    part), so that small lag leaves a positional residual that dominates the eval-mode
-    features: held-out J&F went from 0.51 to 0.77 by recomputing the mean at the final
-    weights (step 100 of the demo's recipe). BatchNorm is in eval mode, as at evaluation.
-    """
-    import torch
-
-    if net.pixel_center is None:
-        return False
-    was_training = net.training
-    net.eval()
-    running = net.pixel_center.running_mean
-    with torch.no_grad():
-        total = sum(net.backbone(chunk.to(running.device)).float().sum(0, keepdim=True) for chunk in frames.split(batch))
-        mean = total / len(frames)
-    net.train(was_training)
-    if mean.shape != running.shape:
-        raise UserError(f"calibration frames give a {tuple(mean.shape[-2:])} feature map but PixelCenter was "
-                        f"trained at {tuple(running.shape[-2:])}: calibrate with frames of the training size")
-    running.copy_(mean.to(running.dtype))
-    return True
-
-
-def calibration_frames(config, count: int, seed: int):
-    """``count`` first frames of pairs of a run's training data (``TrainConfig``), evenly spread."""
-    import torch
-
-    from fmapicon.data import FramePairs
-
-    pairs = FramePairs(config.data, size=config.size, max_gap=config.max_gap, seed=seed, cache_dir=False)
-    step = max(1, len(pairs) // count)
-    return torch.stack([pairs[i][0] for i in range(0, len(pairs), step)][:count])
-
-
-def calibrate_run(run: Path, config, count: int = 128, seed: int = 0) -> dict | None:
-    """Recompute the PixelCenter running mean of ``run``'s last checkpoint at its final weights and
-    write it back (atomically), recording the calibration in the file's metadata; None without a
-    PixelCenter. See ``calibrate_pixel_center`` for why."""
-    from safetensors import safe_open
-
-    from fmapicon.checkpoint import feature_net, load, save_weights, weights_file
-
-    if not config.center:
-        return None
-    net = feature_net(load(run))
-    frames = calibration_frames(config, count, seed)
-    calibrate_pixel_center(net, frames)
-    file = weights_file(run)
-    with safe_open(str(file), framework="pt") as handle:
-        metadata = dict(handle.metadata() or {})
-    record = {"frames": len(frames), "seed": seed, "size": config.size}
-    save_weights(net, file, {**metadata, "pixel_center_calibration": json.dumps(record)})
-    return record
-
-
 def propagation_params(stride: int | None = None):
     """The CRW protocol's defaults, with feature cells of ``stride`` pixels when given."""
     from fmapicon.propagate import PropagationParams
@@ -458,7 +392,6 @@ def run_demo(config: DemoConfig, say=print) -> dict:
         f"{recipe.minutes:g} min / {recipe.steps} steps into {out / 'run'}")
     training = train_config(config, recipe)
     run = train(training, out / "run", progress=config.progress)
-    calibration = calibrate_run(run, training, seed=config.seed)
     stage("train_s")
     say("[3/5] label propagation (J&F) on the held-out scenes: trained, copy, pixels, random")
     synth = propagation_scores(run, out / "heldout", "val", out / "eval" / "synth",
@@ -478,7 +411,6 @@ def run_demo(config: DemoConfig, say=print) -> dict:
     flow_chairs = correspondence_scores(models, chairs, 4) if chairs else None
     stage("correspondence_s")
     results = assemble_results(config, recipe, run, synth, davis, flow_synth, flow_chairs, timings)
-    results["training"]["pixel_center_calibration"] = calibration
     say("[5/5] writing the report")
     write_report(out, results, models, synth_pairs, davis_set if config.davis else None)
     stage("report_s")

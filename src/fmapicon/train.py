@@ -14,8 +14,8 @@ optimizer update (unless skipped, see faults).
 The run folder
 --------------
 ``config.json``
-    the resolved ``TrainConfig`` plus ``input_scale`` (the data's scale, for evaluation
-    at the training scale), ``network`` (the ``NetworkConfig``), ``stride``,
+    the resolved ``TrainConfig`` plus ``input_scale`` (``FramePairs.input_scale``: the
+    scale at which evaluation shows frames to the model, that of the training crops), ``network`` (the ``NetworkConfig``), ``stride``,
     ``world_size``, ``fmapicon_version``, ``git_commit`` (when known), ``torch_version``.
 ``metrics.jsonl``
     one JSON object per logged step (every ``log_every`` steps, the last step always):
@@ -30,9 +30,12 @@ The run folder
 ``tensorboard/``
     the same scalars as TensorBoard events, when ``tensorboard`` is installed.
 ``checkpoints/last.safetensors``
-    the network's weights and buffers (PixelCenter's running mean included), with the
-    resolved config in the safetensors metadata, so the file alone loads
-    (``fmapicon.load``). ``checkpoints/best.safetensors``: the best ``jf_mean`` so far.
+    the network's weights and buffers, with the resolved config in the safetensors
+    metadata, so the file alone loads (``fmapicon.load``). PixelCenter's running mean in
+    it is recomputed at the saved weights on 128 fixed training frames (metadata
+    ``pixel_center_calibration``; see ``networks.calibrate_pixel_center``): the trailing
+    momentum mean left a positional residual that swamped eval-mode features.
+    ``checkpoints/best.safetensors``: the best ``jf_mean`` so far (evaluated calibrated).
 ``checkpoints/state.pt``
     everything ``--resume`` needs: weights, optimizer, gradient scaler, step, data
     position (epoch, batches consumed), counters, RNG states of torch / numpy / python.
@@ -105,6 +108,7 @@ without loading torch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -141,6 +145,7 @@ CHECKPOINT_DIR = "checkpoints"
 LAST_WEIGHTS = "last.safetensors"
 BEST_WEIGHTS = "best.safetensors"
 STATE_FILE = "state.pt"
+CALIBRATION_FRAMES = 128  # frames that PixelCenter's mean is recomputed on for each weights file
 _RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR, CHECKPOINT_DIR)
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -814,6 +819,7 @@ class Trainer:
         self._build_data()
         self.step, self.saved_step, self.bad_steps, self.bad_in_row, self.amp_skipped = 0, None, 0, 0, 0
         self.best_jf: float | None = None
+        self.calibration = None  # PixelCenter's calibration frames, drawn at the first save
         self.resolved = self._resolved_config()
 
     # ---------------------------------------------------------------- build
@@ -852,7 +858,7 @@ class Trainer:
 
         from fmapicon import __version__
 
-        return {**self.config.to_dict(), "input_scale": getattr(self.dataset, "scale", None),
+        return {**self.config.to_dict(), "input_scale": getattr(self.dataset, "input_scale", None),
                 "network": dc.asdict(network_config(self.config)), "stride": self.net.stride,
                 "world_size": self.processes.world, "fmapicon_version": __version__,
                 "git_commit": _git_commit(), "torch_version": torch.__version__,
@@ -952,7 +958,8 @@ class Trainer:
     # ---------------------------------------------------------------- save
 
     def save(self) -> None:
-        """Write state.pt, then last.safetensors (rank 0 only; each atomically)."""
+        """Write state.pt, then last.safetensors with a calibrated PixelCenter (rank 0 only;
+        each atomically)."""
         self.saved_step = self.step
         if not self.processes.main:
             return
@@ -964,10 +971,36 @@ class Trainer:
         folder = self.run / CHECKPOINT_DIR
         with atomic_write(folder / STATE_FILE) as handle:
             torch.save(self.state_dict(), handle)
-        save_weights(self.net, folder / LAST_WEIGHTS, self.weights_metadata())
+        with self.calibrated():
+            save_weights(self.net, folder / LAST_WEIGHTS, self.weights_metadata())
+
+    @contextlib.contextmanager
+    def calibrated(self):
+        """PixelCenter's running mean recomputed at the current weights on a fixed sample of
+        the training data (``CALIBRATION_FRAMES`` first frames, ``FramePairs.first_frames``)
+        for the duration: what weights files and evaluations get. The training buffer comes
+        back afterwards, so state.pt, and a resumed run, hold the same buffer as an
+        uninterrupted run. Why: see ``networks.calibrate_pixel_center``."""
+        from fmapicon.networks import calibrate_pixel_center
+
+        center = self.net.pixel_center
+        if center is None:
+            yield
+            return
+        if self.calibration is None:
+            self.calibration = self.dataset.first_frames(CALIBRATION_FRAMES)
+        kept = center.running_mean.clone()
+        try:
+            calibrate_pixel_center(self.net, self.calibration)
+            yield
+        finally:
+            center.running_mean.copy_(kept)
 
     def weights_metadata(self) -> dict:
-        return {"fmapicon_config": json.dumps(self.resolved), "step": str(self.step)}
+        metadata = {"fmapicon_config": json.dumps(self.resolved), "step": str(self.step)}
+        if self.net.pixel_center is not None:
+            metadata["pixel_center_calibration"] = json.dumps({"frames": len(self.calibration), "step": self.step})
+        return metadata
 
     def state_dict(self) -> dict:
         return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -1003,12 +1036,13 @@ class Trainer:
         """Label propagation on ``config.davis`` (rank 0); keeps best.safetensors."""
         from fmapicon.checkpoint import save_weights
 
-        score = _evaluate_davis(self.net, self.config.davis, self.run / "eval" / f"step{self.step:07d}",
-                                self.resolved.get("input_scale"))
-        if self.best_jf is None or score > self.best_jf:
-            self.best_jf = score
-            save_weights(self.net, self.run / CHECKPOINT_DIR / BEST_WEIGHTS,
-                         {**self.weights_metadata(), "jf_mean": str(score)})
+        with self.calibrated():
+            score = _evaluate_davis(self.net, self.config.davis, self.run / "eval" / f"step{self.step:07d}",
+                                    self.resolved.get("input_scale"))
+            if self.best_jf is None or score > self.best_jf:
+                self.best_jf = score
+                save_weights(self.net, self.run / CHECKPOINT_DIR / BEST_WEIGHTS,
+                             {**self.weights_metadata(), "jf_mean": str(score)})
         return {"jf_mean": score, "best_jf_mean": self.best_jf}
 
     # ---------------------------------------------------------------- run
