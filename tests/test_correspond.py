@@ -104,6 +104,64 @@ def test_grids_of_different_sizes():
     torch.testing.assert_close(correspondence(fa, fb, radius=1), phi, rtol=0, atol=0)
 
 
+def smooth_features(height, width, channels=16, sigma=3.0, margin=12, seed=0):
+    """Unit features with spatial extent (Gaussian-blurred noise), as networks give, on a grid
+    ``margin`` cells larger on every side, so that shifted crops of it are exact shifts."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(channels, 1, height + 2 * margin + 16, width + 2 * margin + 16, generator=generator)
+    kernel = torch.exp(-torch.arange(-8, 9.0) ** 2 / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    blurred = F.conv2d(F.conv2d(noise, kernel.view(1, 1, -1, 1)), kernel.view(1, 1, 1, -1))
+    return F.normalize(blurred.reshape(1, channels, *blurred.shape[-2:]), dim=1)
+
+
+def test_coarse_to_fine_finds_a_shift_beyond_any_radius():
+    big = smooth_features(48, 64, margin=24)
+    dy, dx = 17, -21  # B(y + 17, x - 21) = A(y, x): far outside a radius-2 window at every level
+    fa = big[:, :, 24:72, 24:88]
+    fb = big[:, :, 24 - dy:72 - dy, 24 - dx:88 - dx]
+    truth = torch.tensor([float(dx), float(dy)]).view(1, 2, 1, 1)
+    seen = (slice(None), slice(None), slice(None, 48 - dy), slice(-dx, None))  # A cells whose match is in B
+    for levels in (1, 2, 3):
+        phi = correspondence(fa, fb, levels=levels, radius=2)
+        # a coarse cell that straddles the edge of what B sees is matched by its visible part or
+        # not at all: exact everywhere 2^levels cells inside that edge
+        inner = (slice(None), slice(None), slice(None, 48 - dy - 2**levels), slice(-dx + 2**levels, None))
+        assert torch.equal(phi[inner], truth.expand_as(phi)[inner]), levels
+        assert (phi[seen] == truth.expand_as(phi)[seen]).all(1).float().mean() > 0.9
+    assert not torch.equal(correspondence(fa, fb, radius=2)[seen], truth.expand_as(fa[:, :2])[seen])
+    # soft at the finest level: the mean of a window around the right place (smooth features
+    # score the neighbours nearly as high, so sub-cell pulls but no jumps)
+    soft = correspondence(fa, fb, levels=2, radius=2, soft=True, temperature=0.01)
+    inner = (slice(None), slice(None), slice(None, 48 - dy - 4), slice(-dx + 4, None))
+    assert (soft[inner] - truth).abs().max() < 1
+
+
+@pytest.mark.parametrize("sizes", [((12, 14), (12, 14)), ((11, 13), (9, 16))])
+@pytest.mark.parametrize("soft", [False, True])
+def test_coarse_to_fine_with_covering_windows_is_the_flat_search(sizes, soft):
+    """Refinement windows that cover all of B at every level make each level a full search:
+    the result must then be the flat search's, which checks the windows' bookkeeping (centres,
+    offsets, borders, grids of different sizes, chunking) against the tested flat code."""
+    fa = unit_features(batch=2, height=sizes[0][0], width=sizes[0][1], seed=13)
+    fb = unit_features(batch=2, height=sizes[1][0], width=sizes[1][1], seed=14)
+    options = dict(soft=soft, temperature=0.05)
+    flat = correspondence(fa, fb, **options)
+    for levels, block in ((1, None), (2, 7), (5, None)):
+        torch.testing.assert_close(correspondence(fa, fb, levels=levels, radius=40, block=block, **options), flat,
+                                   rtol=0, atol=1e-4)
+
+
+def test_coarse_to_fine_checks_its_options():
+    from fmapicon.correspond import coarse_to_fine
+    from fmapicon.errors import UserError
+
+    fa = unit_features(batch=1)
+    with pytest.raises(UserError, match="--levels must be >= 0"):
+        coarse_to_fine(fa, fa, -1)
+    assert torch.equal(correspondence(fa, fa, levels=3), torch.zeros(1, 2, 20, 24))  # identity pair, default radius
+
+
 def test_inverse_consistency_error_of_an_identity_pair_is_zero():
     fa = unit_features()
     phi_ab, phi_ba = correspondence(fa, fa), correspondence(fa, fa)
@@ -247,6 +305,11 @@ def test_match_cli_end_to_end_on_a_flyingchairs_pair(flyingchairs_dir, tmp_path,
     with Image.open(out / "match.png") as picture:
         assert picture.width >= 3 * 512 and picture.height >= 2 * 384
     assert "epe_mean" in capsys.readouterr().out
+    assert metrics["levels"] == 0 and metrics["radius"] == 4
+    assert _run_cli([*argv, "--levels", "3", "--radius", "2", "--out", str(tmp_path / "c2f")]) == 0
+    coarse_to_fine = json.loads((tmp_path / "c2f" / "metrics.json").read_text())
+    assert (coarse_to_fine["levels"], coarse_to_fine["radius"]) == (3, 2)
+    assert coarse_to_fine["epe_mean"] == pytest.approx(epe_stats(read_flo(tmp_path / "c2f" / "flow_ab.flo"), gt)["epe_mean"])
 
 
 def test_match_cli_errors_are_clear(tmp_path, capsys):
@@ -292,6 +355,15 @@ def test_bench_match_on_synthetic_pairs(tmp_path, capsys):
     lengths = [np.hypot(*flow.transpose(2, 0, 1)).mean() for flow in flows]
     assert rows[0]["epe_mean"] == pytest.approx(np.mean(lengths), rel=1e-5)
     assert rows[2]["s_per_pair"] > 0 and "epe_mean" in capsys.readouterr().out
+    # coarse to fine: a levels column; 'none' is not a refinement window and is skipped with a note
+    argv = [*argv[:-2], "--levels", "0,2", "--json", str(out)]
+    assert _run_cli(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["method"], row["levels"], row["radius"]) for row in rows] == [
+        ("zero", "-", "-"), ("pixels", 0, "none"), ("pixels", 0, 2), ("pixels", 2, 2)]
+    assert "radius 'none' is run with levels 0 only" in capsys.readouterr().out
+    assert _run_cli([*argv[:argv.index("--radius")], "--radius", "none", "--levels", "2", "--device", "cpu"]) == 2
+    assert "--levels > 0 needs a --radius" in capsys.readouterr().err
 
 
 def test_maps_follow_the_device(device):

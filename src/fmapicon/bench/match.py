@@ -6,8 +6,10 @@ consecutive frames of synthetic scenes with exact flow (``fmapicon.synth``).
 
 Methods: ``zero`` (the zero flow), the baselines ``pixels``, ``random``, ``xfeat`` (when
 the xfeat extra is installed), and each ``--model``. For every method and every search
-``--radius`` (``none`` = the whole image), Phi^AB is computed as ``fmapicon match`` does
-(features on cells of ``--stride`` pixels, argmax or ``--soft``, upsampled to pixels),
+``--radius`` (``none`` = the whole image) and every ``--levels`` (coarse to fine, where the
+radius is the refinement window and ``none`` is skipped), Phi^AB is computed as
+``fmapicon match`` does (features on cells of ``--stride`` pixels, argmax or ``--soft``,
+upsampled to pixels),
 and compared with the ground truth over all pixels. Columns: the per-pair mean EPE, median
 EPE, share of pixels off by more than 3 px and inverse-consistency error (pixels),
 each averaged over pairs; seconds per pair (features plus matching).
@@ -59,6 +61,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--radius", type=_radius_list, default="none,2,4,8",
                         help="comma-separated search radii in feature cells, 'none' = whole image "
                         "(default: %(default)s)")
+    parser.add_argument("--levels", type=_levels_list, default="0",
+                        help="comma-separated coarse-to-fine depths (fmapicon match --levels); 0 = one flat "
+                        "search; with a depth > 0 each radius is the refinement window (default: %(default)s)")
     parser.add_argument("--stride", type=positive_int, default=4,
                         help="feature cell size in pixels (default: %(default)s)")
     parser.add_argument("--soft", action="store_true", default=False, help="soft-argmax instead of argmax")
@@ -100,14 +105,39 @@ def _radius_list(text: str) -> list[int | None]:
     return radii
 
 
+def _levels_list(text: str) -> list[int]:
+    import argparse
+
+    if not isinstance(text, str):
+        return list(text)
+    items = [part.strip() for part in text.split(",") if part.strip()]
+    if not items or not all(item.isdigit() for item in items):
+        raise argparse.ArgumentTypeError(f"levels are whole numbers >= 0, comma-separated, got {text!r}")
+    return [int(item) for item in items]
+
+
+def _configs(radii, levels, notes: list[str]) -> list[tuple[int, int | None]]:
+    """The (levels, radius) pairs to run: every combination but coarse to fine without a radius."""
+    configs = [(depth, radius) for depth in levels for radius in radii if not (depth and radius is None)]
+    if any(levels) and None in radii:
+        notes.append("coarse to fine (levels > 0) searches the whole image at its coarsest level and needs a "
+                     "refinement radius: radius 'none' is run with levels 0 only")
+    if not configs:
+        from fmapicon.errors import UserError
+
+        raise UserError("--levels > 0 needs a --radius (the refinement window): e.g. --radius 2")
+    return configs
+
+
 def main(args) -> int:
     from fmapicon.bench import report
     from fmapicon.runtime import resolve_device
 
     device = resolve_device(args.device)
-    radii, baselines = _radius_list(args.radius), _baseline_list(args.baselines)
+    baselines = _baseline_list(args.baselines)
     notes = [f"stride {args.stride} px, {'soft-argmax' if args.soft else 'argmax'}; statistics are per pair, "
              "averaged over pairs; seconds include computing the features"]
+    configs = _configs(_radius_list(args.radius), _levels_list(args.levels), notes)
     rows = []
     with tempfile.TemporaryDirectory(prefix="fmapicon-bench-match-") as scratch:
         pairs = _collect_pairs(args, Path(scratch), notes)
@@ -115,7 +145,7 @@ def main(args) -> int:
         for dataset in dict.fromkeys(pair.dataset for pair in pairs):
             subset = [pair for pair in pairs if pair.dataset == dataset]
             for method in methods:
-                rows += _evaluate(method, subset, radii, args, device, notes)
+                rows += _evaluate(method, subset, configs, args, device, notes)
     report("match", rows, args.json, notes=notes)
     return 0
 
@@ -195,33 +225,33 @@ def _methods(baselines: list[str], models: list[str], notes: list[str]) -> list[
     return methods + list(models)
 
 
-def _evaluate(method: str, pairs: list[Pair], radii, args, device, notes) -> list[dict]:
-    """One row per radius (one row for ``zero``) of ``method`` over ``pairs``."""
+def _evaluate(method: str, pairs: list[Pair], configs, args, device, notes) -> list[dict]:
+    """One row per (levels, radius) config (one row for ``zero``) of ``method`` over ``pairs``."""
     import numpy as np
 
     from fmapicon.correspond import load_feature_model
     from fmapicon.flow import epe_stats, read_flo
 
     model = None if method == "zero" else load_feature_model(method, device, args.stride)
-    configs = [None] if method == "zero" else radii
-    stats = {radius: [] for radius in configs}
-    seconds = {radius: 0.0 for radius in configs}
+    configs = [None] if method == "zero" else configs
+    stats = {config: [] for config in configs}
+    seconds = {config: 0.0 for config in configs}
     for pair in pairs:
         gt = read_flo(pair.flow)
         if model is None:
             stats[None].append({**epe_stats(np.zeros_like(gt), gt), "ic_error_mean": 0.0})
             continue
-        for radius, (record, spent) in _match_pair(model, pair, configs, args, device).items():
+        for config, (record, spent) in _match_pair(model, pair, configs, args, device).items():
             _check_size(record["flow"], gt, pair)
-            stats[radius].append({**epe_stats(record["flow"], gt), "ic_error_mean": record["ic_error_mean"]})
-            seconds[radius] += spent
+            stats[config].append({**epe_stats(record["flow"], gt), "ic_error_mean": record["ic_error_mean"]})
+            seconds[config] += spent
     name = getattr(model, "name", method) if model is not None else "zero"
-    return [_row(pairs[0].dataset, method, name, radius, stats[radius], seconds[radius], args) for radius in configs]
+    return [_row(pairs[0].dataset, method, name, config, stats[config], seconds[config]) for config in configs]
 
 
-def _match_pair(model, pair: Pair, radii, args, device) -> dict:
-    """{radius: ({flow, ic_error_mean}, seconds)}; the features are computed once and their
-    time is added to every radius."""
+def _match_pair(model, pair: Pair, configs, args, device) -> dict:
+    """{(levels, radius): ({flow, ic_error_mean}, seconds)}; the features are computed once
+    and their time is added to every config."""
     import torch
 
     from fmapicon.correspond import default_temperature, features_at_stride, match_features, read_image
@@ -233,15 +263,16 @@ def _match_pair(model, pair: Pair, radii, args, device) -> dict:
     feature_seconds = time.perf_counter() - start
     temperature = args.temperature if args.temperature is not None else default_temperature(model)
     results = {}
-    for radius in radii:
+    for levels, radius in configs:
         start = time.perf_counter()
         match = match_features(fa, fb, tuple(image_a.shape[-2:]), tuple(image_b.shape[-2:]),
-                               soft=args.soft, temperature=temperature, radius=radius)
+                               soft=args.soft, temperature=temperature, radius=radius, levels=levels)
         ic_error = float(match.ic_error.mean())
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         spent = time.perf_counter() - start + feature_seconds
-        results[radius] = ({"flow": match.flow_ab[0].permute(1, 2, 0).cpu().numpy(), "ic_error_mean": ic_error}, spent)
+        results[levels, radius] = ({"flow": match.flow_ab[0].permute(1, 2, 0).cpu().numpy(),
+                                    "ic_error_mean": ic_error}, spent)
     return results
 
 
@@ -253,15 +284,17 @@ def _check_size(flow, gt, pair: Pair) -> None:
                         f"{flow.shape[1]} x {flow.shape[0]}: the flow must be at the first image's size")
 
 
-def _row(dataset, method, name, radius, stats, seconds, args) -> dict:
+def _row(dataset, method, name, config, stats, seconds) -> dict:
     import numpy as np
 
     def mean(key):
         return float(np.mean([record[key] for record in stats]))
 
+    levels, radius = (None, None) if config is None else config
     return {
         "dataset": dataset, "method": method, "model": name,
         "radius": "-" if method == "zero" else ("none" if radius is None else radius),
+        "levels": "-" if method == "zero" else levels,
         "pairs": len(stats),
         "epe_mean": mean("epe_mean"), "epe_median": mean("epe_median"),
         "outliers_3px": mean("outliers_3px"), "ic_error_mean": mean("ic_error_mean"),

@@ -42,7 +42,13 @@ def register(subparsers) -> None:
                         help="feature cells of this many pixels of the full-resolution images; smaller is "
                         "finer but costs (H W / stride^2)^2 dot products (default: %(default)s)")
     parser.add_argument("--radius", type=non_negative_int, default=None,
-                        help="search only within this many cells of the same place (default: the whole image)")
+                        help="search only within this many cells of the same place (default: the whole image); "
+                        "with --levels, the search radius around the coarser level's match (default: 2)")
+    parser.add_argument("--levels", type=non_negative_int, default=0,
+                        help="coarse to fine: halve both feature grids this many times, search the whole "
+                        "image at the coarsest level only, then within --radius of the match found one "
+                        "level up; large motions without far-away outliers (default: %(default)s, one flat "
+                        "search)")
     parser.add_argument("--input-scale", type=positive_float, default=None,
                         help="resize the images by this factor for the network (default: the scale the "
                         "model was trained at, 1 for baselines)")
@@ -65,7 +71,8 @@ def run(args) -> int:
     model = load_feature_model(args.model, device, args.stride)
     start = time.perf_counter()
     match = match_images(model, image_a, image_b, stride=args.stride, soft=args.soft,
-                         temperature=args.temperature, radius=args.radius, input_scale=args.input_scale)
+                         temperature=args.temperature, radius=args.radius, input_scale=args.input_scale,
+                         levels=args.levels)
     seconds = time.perf_counter() - start
     out = Path(args.out)
     flow_ab = match.flow_ab[0].permute(1, 2, 0).cpu().numpy()
@@ -121,7 +128,7 @@ def _metrics(args, model, match, flow_ab, gt_flow, seconds: float) -> dict:
         "image_a": str(args.image_a), "image_b": str(args.image_b),
         "gt_flow": str(args.gt_flow) if args.gt_flow else None,
         "size_a": list(match.flow_ab.shape[-2:]), "size_b": list(match.flow_ba.shape[-2:]),
-        "stride": args.stride, "radius": args.radius, "soft": args.soft,
+        "stride": args.stride, "radius": args.radius, "levels": args.levels, "soft": args.soft,
         "temperature": match.temperature,
         "input_scale": args.input_scale if args.input_scale is not None else getattr(model, "default_input_scale", 1.0),
         "seconds": seconds,
