@@ -160,8 +160,9 @@ def _child_centres(parent_positions, cells_a, cells_b):
 def _guided_match(fa, fb, centres, radius: int, temperature, block):
     """Matched positions (B's cells, ``B x 2 x h x w``) when each cell x of A searches the
     ``(2 radius + 1)^2`` cells of B around its own ``centres[x]`` (integer (x, y)); cells
-    outside B are not candidates. Rows of A in chunks whose gathered keys stay within
-    ``SCORE_BUDGET`` x channels entries (or ``block`` cells)."""
+    outside B are not candidates. Rows of A in chunks whose gathered keys (cells x
+    candidates x channels) stay within ``SCORE_BUDGET`` entries per batch element (or of
+    ``block`` cells), a whole row at least."""
     batch, channels, height, width = fa.shape
     rows_b, cols_b = fb.shape[-2:]
     steps = torch.arange(-radius, radius + 1, device=fa.device)
@@ -169,7 +170,7 @@ def _guided_match(fa, fb, centres, radius: int, temperature, block):
     distance = (step_y**2 + step_x**2).float()
     candidates = len(step_y)
     keys_b = fb.flatten(2)
-    rows = max(1, (block or SCORE_BUDGET // candidates) // width)
+    rows = max(1, (block or SCORE_BUDGET // (candidates * channels)) // width)
     positions = fa.new_empty(batch, 2, height, width)
     for y0 in range(0, height, rows):
         y1 = min(height, y0 + rows)
