@@ -135,6 +135,18 @@ def test_crop_range_reaches_the_dataset_and_is_checked():
             TrainConfig.from_mapping(bad)
 
 
+def test_random_crop_runs_record_the_scale_of_their_crops(tmp_path):
+    """Crops of 20-30% of a 64-pixel synthetic frame shown at 16 pixels: the network sees the
+    scene at 16 / (64 x sqrt(0.2 x 0.3)) = 1.02 of its size, not the centre crop's 0.25."""
+    run = train(tiny(steps=1, data=["synth:scenes=2,frames=4,size=64"], crop="random", crop_min=0.2, crop_max=0.3),
+                tmp_path / "run", progress=False)
+    recorded = json.loads((run / "config.json").read_text())["input_scale"]
+    assert recorded == pytest.approx(16 / (64 * (0.2 * 0.3) ** 0.5))
+    from fmapicon.features import load_model
+
+    assert load_model(str(run)).default_input_scale == pytest.approx(recorded)  # what eval and match use
+
+
 def test_config_file_with_an_unknown_key_is_refused(tmp_path):
     file = tmp_path / "run.json"
     file.write_text(json.dumps({"batch": 8, "learning_rate": 0.1}))
