@@ -297,6 +297,17 @@ def test_a_time_budget_ends_the_run_cleanly_and_resume_goes_on(tmp_path):
     assert [line["step"] for line in metrics(run)] == [1, 2]
 
 
+def test_the_command_says_how_many_steps_were_done_and_why(tmp_path, capsys):
+    from fmapicon.cli import main
+
+    argv = ["train", "--out", str(tmp_path / "run"), "--data", "synth:scenes=2,frames=4", "--size", "16",
+            "--channels", "16", "--batch", "4", "--workers", "0", "--device", "cpu", "--no-progress"]
+    assert main([*argv, "--steps", "50", "--minutes", "0.000001"]) == 0
+    assert "done, 1 of 50 steps (the --minutes 1e-06 budget ended it)" in capsys.readouterr().out
+    assert main(["train", "--resume", str(tmp_path / "run"), "--steps", "2", "--no-progress"]) == 0
+    assert "done, 2 of 2 steps; run folder" in capsys.readouterr().out
+
+
 def test_bf16_autocast_trains_and_fp16_needs_cuda(tmp_path):
     lines = metrics(train(tiny(steps=2, amp="bf16", save_every=100), tmp_path / "run", progress=False))
     assert all(line["loss"] > 0 and line["log_p"] < 0 for line in lines)

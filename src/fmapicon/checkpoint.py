@@ -122,6 +122,13 @@ def read_config(file: Path) -> dict:
                     "it or two levels up; keep it in its run folder (RUN/checkpoints/) to load it")
 
 
+def saved_step(path) -> int | None:
+    """The training step of the last weights file of a run folder (or of a file); None
+    when its metadata does not say."""
+    step = _metadata(weights_file(path)).get("step")
+    return int(step) if step is not None and step.isdigit() else None
+
+
 def _metadata(file: Path) -> dict:
     from safetensors import safe_open
 

@@ -135,5 +135,9 @@ def run(args) -> int:
             print(f"fmapicon train: {error}", file=sys.stderr)
         return 1
     if main_rank:
-        print(f"fmapicon train: done, {config.steps} steps; run folder {run_dir}")
+        from fmapicon.checkpoint import saved_step
+
+        step = saved_step(run_dir)
+        budget = f" (the --minutes {config.minutes:g} budget ended it)" if step is not None and step < config.steps else ""
+        print(f"fmapicon train: done, {step} of {config.steps} steps{budget}; run folder {run_dir}")
     return 0
