@@ -181,8 +181,7 @@ def _guided_match(fa, fb, centres, radius: int, temperature, block):
         keys = keys_b.gather(2, index[:, None].expand(-1, channels, -1)).view(batch, channels, y1 - y0, width, -1)
         scores = (fa[:, :, y0:y1, :, None] * keys).sum(1).masked_fill(~inside, float("-inf"))
         if temperature is None:
-            best = scores.max(dim=-1, keepdim=True).values
-            tied = scores >= best - TIE_TOLERANCE * best.abs().clamp_min(1.0)
+            tied = _tied_with_best(scores, scores.max(dim=-1).values)
             pick = distance.expand_as(scores).masked_fill(~tied, float("inf")).argmin(dim=-1, keepdim=True)
             match_x, match_y = key_x.gather(-1, pick)[..., 0].float(), key_y.gather(-1, pick)[..., 0].float()
         else:
@@ -473,8 +472,7 @@ def _argmax_nearest(scores, centre_y, centre_x, key_y, key_x):
     ``TIE_TOLERANCE`` (relative) of the best count as equal. Only rows with a tie pay.
     """
     best_score, best = scores.max(dim=-1)
-    tolerance = TIE_TOLERANCE * best_score.abs().clamp_min(1.0)
-    tied = scores >= (best_score - tolerance)[..., None]
+    tied = _tied_with_best(scores, best_score)
     rows = (tied.sum(dim=-1) > 1).nonzero(as_tuple=True)
     if len(rows[0]) == 0:
         return best
@@ -484,6 +482,11 @@ def _argmax_nearest(scores, centre_y, centre_x, key_y, key_x):
         + (key_x[None] - centre_x.repeat(len(centre_y))[queries, None]) ** 2
     best[rows] = distance.masked_fill(~tied[rows], float("inf")).argmin(dim=-1)
     return best
+
+
+def _tied_with_best(scores, best_score):
+    """Which scores (last dimension) are within ``TIE_TOLERANCE`` (relative) of their row's best."""
+    return scores >= (best_score - TIE_TOLERANCE * best_score.abs().clamp_min(1.0))[..., None]
 
 
 def _mask_window(scores, centre_y, centre_x, key_y, key_x, radius) -> None:

@@ -15,8 +15,9 @@ The run folder
 --------------
 ``config.json``
     the resolved ``TrainConfig`` plus ``input_scale`` (``FramePairs.input_scale``: the
-    scale at which evaluation shows frames to the model, that of the training crops), ``network`` (the ``NetworkConfig``), ``stride``,
-    ``world_size``, ``fmapicon_version``, ``git_commit`` (when known), ``torch_version``.
+    scale at which evaluation shows frames to the model, that of the training crops),
+    ``network`` (the ``NetworkConfig``), ``stride``, ``world_size``, ``fmapicon_version``,
+    ``git_commit`` (when known), ``torch_version``.
 ``metrics.jsonl``
     one JSON object per logged step (every ``log_every`` steps, the last step always):
     ``step`` (steps done, from 1), ``loss``, ``log_p`` (the exact objective, eps = 0, on
@@ -971,36 +972,34 @@ class Trainer:
         folder = self.run / CHECKPOINT_DIR
         with atomic_write(folder / STATE_FILE) as handle:
             torch.save(self.state_dict(), handle)
-        with self.calibrated():
-            save_weights(self.net, folder / LAST_WEIGHTS, self.weights_metadata())
+        with self.calibrated() as calibration:
+            save_weights(self.net, folder / LAST_WEIGHTS, {**self.weights_metadata(), **calibration})
 
     @contextlib.contextmanager
     def calibrated(self):
         """PixelCenter's running mean recomputed at the current weights on a fixed sample of
         the training data (``CALIBRATION_FRAMES`` first frames, ``FramePairs.first_frames``)
-        for the duration: what weights files and evaluations get. The training buffer comes
-        back afterwards, so state.pt, and a resumed run, hold the same buffer as an
-        uninterrupted run. Why: see ``networks.calibrate_pixel_center``."""
+        for the duration: what weights files and evaluations get. Yields the weights-file
+        metadata that records it (``pixel_center_calibration``; empty without a PixelCenter).
+        The training buffer comes back afterwards, so state.pt, and a resumed run, hold the
+        same buffer as an uninterrupted run. Why: see ``networks.calibrate_pixel_center``."""
         from fmapicon.networks import calibrate_pixel_center
 
         center = self.net.pixel_center
         if center is None:
-            yield
+            yield {}
             return
         if self.calibration is None:
             self.calibration = self.dataset.first_frames(CALIBRATION_FRAMES)
         kept = center.running_mean.clone()
         try:
             calibrate_pixel_center(self.net, self.calibration)
-            yield
+            yield {"pixel_center_calibration": json.dumps({"frames": len(self.calibration), "step": self.step})}
         finally:
             center.running_mean.copy_(kept)
 
     def weights_metadata(self) -> dict:
-        metadata = {"fmapicon_config": json.dumps(self.resolved), "step": str(self.step)}
-        if self.net.pixel_center is not None:
-            metadata["pixel_center_calibration"] = json.dumps({"frames": len(self.calibration), "step": self.step})
-        return metadata
+        return {"fmapicon_config": json.dumps(self.resolved), "step": str(self.step)}
 
     def state_dict(self) -> dict:
         return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -1036,13 +1035,13 @@ class Trainer:
         """Label propagation on ``config.davis`` (rank 0); keeps best.safetensors."""
         from fmapicon.checkpoint import save_weights
 
-        with self.calibrated():
+        with self.calibrated() as calibration:
             score = _evaluate_davis(self.net, self.config.davis, self.run / "eval" / f"step{self.step:07d}",
                                     self.resolved.get("input_scale"))
             if self.best_jf is None or score > self.best_jf:
                 self.best_jf = score
                 save_weights(self.net, self.run / CHECKPOINT_DIR / BEST_WEIGHTS,
-                             {**self.weights_metadata(), "jf_mean": str(score)})
+                             {**self.weights_metadata(), **calibration, "jf_mean": str(score)})
         return {"jf_mean": score, "best_jf_mean": self.best_jf}
 
     # ---------------------------------------------------------------- run

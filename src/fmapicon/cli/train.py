@@ -138,6 +138,7 @@ def run(args) -> int:
         from fmapicon.checkpoint import saved_step
 
         step = saved_step(run_dir)
-        budget = f" (the --minutes {config.minutes:g} budget ended it)" if step is not None and step < config.steps else ""
+        stopped_early = step is not None and step < config.steps
+        budget = f" (the --minutes {config.minutes:g} budget ended it)" if stopped_early else ""
         print(f"fmapicon train: done, {step} of {config.steps} steps{budget}; run folder {run_dir}")
     return 0
