@@ -7,6 +7,7 @@ shared 2-core machine a second OpenMP thread makes each step many times slower.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -26,7 +27,7 @@ from fmapicon.cli.train import config_from_args
 from fmapicon.data import FramePairs
 from fmapicon.errors import UserError
 from fmapicon.runtime import has_module
-from fmapicon.train import (GlobalBatches, Trainer, TrainConfig, TrainingDiverged, init_processes,
+from fmapicon.train import (RECIPE_VALUES, GlobalBatches, Trainer, TrainConfig, TrainingDiverged, init_processes,
                             prepare_run_folder, saved_config, train)
 
 TINY = dict(size=16, channels=16, batch=4, workers=0, device="cpu", log_every=1, save_every=2)
@@ -42,7 +43,7 @@ def one_thread():
 
 
 def tiny(**changes) -> TrainConfig:
-    return TrainConfig(**{**TINY, **changes})
+    return dataclasses.replace(TrainConfig.for_recipe("original"), **{**TINY, **changes})
 
 
 def read_metadata(file: Path) -> dict:
@@ -70,8 +71,16 @@ def four_steps(tmp_path_factory) -> Path:
 # --------------------------------------------------------------------------- config
 
 
-def test_defaults_are_the_original_recipe():
+def test_defaults_are_the_reference_recipe_and_original_is_one_option_away():
     config = TrainConfig()
+    assert config.recipe == "reference"
+    assert {key: getattr(config, key) for key in RECIPE_VALUES["reference"]} == RECIPE_VALUES["reference"]
+    assert TrainConfig.from_mapping({"recipe": "original", "batch": 8}).net == "short"
+    assert TrainConfig.from_mapping({"recipe": "original", "batch": 8}).batch == 8
+
+
+def test_original_recipe():
+    config = TrainConfig.for_recipe("original")
     assert (config.net, config.channels, config.size, config.batch, config.max_gap) == ("short", 64, 120, 64, 30)
     assert (config.aug, config.center, config.lambda_init, config.log_eps) == ("roll+affine", True, 12.0, 1e-4)
     assert (config.optim, config.lr, config.clip, config.amp) == ("rmsprop", 1e-3, 20.0, "off")

@@ -209,13 +209,13 @@ def write_heldout(root: Path, recipe: Recipe, seed: int) -> list[str]:
 
 
 def train_config(config: DemoConfig, recipe: Recipe):
-    """The ``TrainConfig`` of the demo's run: the final recipe at the demo's size and budget."""
+    """The ``TrainConfig`` of the demo's run: the original's final recipe at the demo's size and budget."""
     from fmapicon.train import TrainConfig
 
     training_seed = data_seeds(config.seed)[0]
     data = list(config.data) or [f"synth:scenes={recipe.scenes},frames={recipe.frames},size={recipe.render},"
                                  f"objects={recipe.objects},seed={training_seed}"]
-    return TrainConfig(data=data, net="short", channels=recipe.channels, size=recipe.size, batch=recipe.batch,
+    return dataclasses.replace(TrainConfig.for_recipe("original"), data=data, net="short", channels=recipe.channels, size=recipe.size, batch=recipe.batch,
                        max_gap=recipe.max_gap, aug="roll+affine", center=True, lr=recipe.lr,
                        lambda_init=recipe.lambda_init,
                        steps=recipe.steps, minutes=recipe.minutes, workers=recipe.workers, seed=config.seed,

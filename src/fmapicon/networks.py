@@ -32,6 +32,19 @@ PRESETS = {
     "tall": ([3, 64, 64, 128, 256, 512], [64, 64, 128, 256, 256]),
     "taller": ([3, 64, 64, 128, 256, 512, 512, 512], [64, 64, 128, 256, 256, 512, 512]),
 }
+# strided backbones (fmapicon.resnet): name -> output stride
+STRIDED = {"resnet-s4": 4, "resnet-s8": 8}
+NETS = (*PRESETS, *STRIDED)
+
+
+def net_stride(net: str) -> int:
+    """Input pixels per feature pixel of the backbone called ``net`` (1 for the U-Nets)."""
+    return STRIDED.get(net, 1)
+
+
+def feature_size(size: int, net: str) -> int:
+    """The feature-map side of a backbone ``net`` for an input side ``size``: ceil(size / stride)."""
+    return -(-int(size) // net_stride(net))
 
 
 # --------------------------------------------------------------------------- U-Net
@@ -375,11 +388,13 @@ def calibrate_pixel_center(net, frames: torch.Tensor, batch: int = 16) -> bool:
 class NetworkConfig:
     """What ``build_network`` builds.
 
-    net : a U-Net preset in ``PRESETS`` (short, tall, taller)
+    net : a U-Net preset in ``PRESETS`` (short, tall, taller) or a strided backbone in
+        ``STRIDED`` (resnet-s4, resnet-s8: ``fmapicon.resnet.StridedResNet``)
     channels : C, feature channels of the output
     lambda_init : NormScale's initial lambda
     center : whether to apply PixelCenter (attempt 2)
-    size : (h, w) of PixelCenter's running mean: the training feature-map size
+    size : (h, w) of PixelCenter's running mean: the training *feature-map* size
+        (``feature_size(S, net)`` for S x S training frames)
     """
 
     net: str = "short"
@@ -390,8 +405,8 @@ class NetworkConfig:
 
 
 def _checked(config: NetworkConfig) -> NetworkConfig:
-    if config.net not in PRESETS:
-        raise UserError(f"unknown network preset {config.net!r}: expected one of {', '.join(PRESETS)}")
+    if config.net not in NETS:
+        raise UserError(f"unknown network preset {config.net!r}: expected one of {', '.join(NETS)}")
     size = (config.size, config.size) if isinstance(config.size, int) else tuple(config.size)
     if len(size) != 2 or min(size) < 1 or int(config.channels) < 1:
         raise UserError(f"network channels must be >= 1 and size (h, w) positive, got "
@@ -410,7 +425,16 @@ def build_network(config: NetworkConfig | None = None, **overrides) -> FeatureNe
     if unknown:
         raise UserError(f"unknown network option(s) {unknown}: expected some of {sorted(fields)}")
     config = _checked(dataclasses.replace(config, **overrides))
-    down, up = PRESETS[config.net]
-    backbone = UNet(down, up, out_channels=config.channels)
+    backbone = _backbone(config.net, config.channels)
     center = PixelCenter(config.channels, config.size) if config.center else None
-    return FeatureNet(backbone, center, NormScale(config.lambda_init), stride=1, channels=config.channels)
+    return FeatureNet(backbone, center, NormScale(config.lambda_init), stride=backbone.stride,
+                      channels=config.channels)
+
+
+def _backbone(net: str, channels: int) -> nn.Module:
+    if net in STRIDED:
+        from fmapicon.resnet import StridedResNet
+
+        return StridedResNet(STRIDED[net], out_channels=channels)
+    down, up = PRESETS[net]
+    return UNet(down, up, out_channels=channels)

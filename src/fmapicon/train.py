@@ -126,7 +126,8 @@ from pathlib import Path
 from fmapicon.errors import UserError
 from fmapicon.runtime import remove_entries
 
-NETS = ("short", "tall", "taller")
+NETS = ("short", "tall", "taller", "resnet-s4", "resnet-s8")  # = networks.NETS (kept torch-free here)
+RECIPES = ("reference", "original")
 AUGMENTATIONS = ("none", "affine", "roll", "roll+affine")
 OPTIMIZERS = ("rmsprop", "adam", "adamw")
 AMP_MODES = ("off", "bf16", "fp16")
@@ -146,6 +147,7 @@ CHECKPOINT_DIR = "checkpoints"
 LAST_WEIGHTS = "last.safetensors"
 BEST_WEIGHTS = "best.safetensors"
 STATE_FILE = "state.pt"
+SNAPSHOT_WEIGHTS = "step-{step:06d}.safetensors"  # kept every --snapshot-every steps
 CALIBRATION_FRAMES = 128  # frames that PixelCenter's mean is recomputed on for each weights file
 _RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR, CHECKPOINT_DIR)
 
@@ -153,6 +155,17 @@ _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 # --------------------------------------------------------------------------- the config
+
+
+# The fields in which the two recipes differ; every other default is shared. The dataclass
+# defaults are the reference recipe's (fmapicon.load("reference") was trained with them).
+RECIPE_VALUES = {
+    "reference": dict(net="resnet-s4", size=128, batch=16, max_gap=10, crop="random", crop_min=0.4, crop_max=0.7,
+                      lambda_init=4.0, optim="adam", steps=4000),
+    "original": dict(net="short", size=120, batch=64, max_gap=30, crop="center", crop_min=0.5, crop_max=1.0,
+                     lambda_init=12.0, optim="rmsprop", steps=20000),
+}
+_REFERENCE = RECIPE_VALUES["reference"]
 
 
 def _knob(default, help: str, *, choices=None, minimum=None, above=None):
@@ -166,41 +179,48 @@ def _knob(default, help: str, *, choices=None, minimum=None, above=None):
 
 @dataclass
 class TrainConfig:
-    """Every knob of a training run. Defaults are the original's final recipe."""
+    """Every knob of a training run. Defaults are the reference recipe's (``recipe``); the
+    original code's final recipe is ``TrainConfig.for_recipe("original")``."""
 
+    recipe: str = _knob("reference", "the defaults the other options start from: reference (the shipped model's "
+                        "recipe: stride-4 ResNet, 128 x 128 random crops near half the frame's resolution, "
+                        "Adam, lambda 4; learns on one CPU) or original (the original code's: short U-Net, 120 x "
+                        "120 centre crops, batch 64, RMSprop, lambda 12, pairs up to 30 frames apart)",
+                        choices=RECIPES)
     data: list[str] = _knob(["synth"], "training sources: video files (mp4, avi, mkv, webm, mov), frame folders "
                        "(DAVIS JPEGImages layout or any folder of images), folders mixing them, or 'synth' "
                        "(synthetic scenes generated on the fly)")
-    net: str = _knob("short", "U-Net preset: short (4 levels, the original's final choice), tall (5), taller (7); "
-                     "deeper nets see more context and cost more per step", choices=NETS)
+    net: str = _knob(_REFERENCE["net"], "backbone: resnet-s4 / resnet-s8 (a ResNet-18-style "
+                     "encoder, features at stride 4 / 8: the loss sees 16 / 64 times fewer pixels per crop), or a "
+                     "U-Net at stride 1: short (4 levels, the original's final choice), tall (5), taller (7)", choices=NETS)
     channels: int = _knob(64, "feature channels C per pixel; the loss costs linearly more per channel", minimum=1)
-    size: int = _knob(120, "training frames are S x S pixels; the loss costs O(S^4) per pair, so halving S "
+    size: int = _knob(_REFERENCE["size"], "training frames are S x S pixels; the loss costs O(S^4) per pair, so halving S "
                       "makes it about 16x cheaper but sees less context", minimum=8)
-    batch: int = _knob(64, "global batch: pairs per step, split evenly over processes; PixelCenter's mean is "
+    batch: int = _knob(_REFERENCE["batch"], "global batch: pairs per step, split evenly over processes; PixelCenter's mean is "
                        "over this batch, so small batches make it noisy", minimum=1)
-    max_gap: int = _knob(30, "B is 1..max_gap frames after A: larger gaps teach larger motions, but pairs "
+    max_gap: int = _knob(_REFERENCE["max_gap"], "B is 1..max_gap frames after A: larger gaps teach larger motions, but pairs "
                          "lose correspondence", minimum=1)
-    crop: str = _knob("center", "center: the largest centred square of each frame, as the original (evaluation "
+    crop: str = _knob(_REFERENCE["crop"], "center: the largest centred square of each frame, as the original (evaluation "
                       "runs at the recorded scale); random: a random square of --crop-min to --crop-max of the short "
                       "side, shared by A and B (more scales, but no single training scale)", choices=CROPS)
-    crop_min: float = _knob(0.5, "with --crop random: the smallest crop side as a fraction of the frame's short "
+    crop_min: float = _knob(_REFERENCE["crop_min"], "with --crop random: the smallest crop side as a fraction of the frame's short "
                             "side (0.1 of 480p frames at --size 48 trains near their own resolution)", above=0.0)
-    crop_max: float = _knob(1.0, "with --crop random: the largest crop side as a fraction of the short side",
+    crop_max: float = _knob(_REFERENCE["crop_max"], "with --crop random: the largest crop side as a fraction of the short side",
                             above=0.0)
     aug: str = _knob("roll+affine", "equivariant augmentation: none (attempt 0: the net collapses to a "
                      "positional code), affine (attempt 1), roll, roll+affine (the final recipe)",
                      choices=AUGMENTATIONS)
     center: bool = _knob(True, "PixelCenter (attempt 2): subtract the per-location batch mean of the features")
-    lambda_init: float = _knob(12.0, "initial lambda of NormScale: features are unit vectors times lambda, "
+    lambda_init: float = _knob(_REFERENCE["lambda_init"], "initial lambda of NormScale: features are unit vectors times lambda, "
                                "logits reach lambda^2; larger values give sharper matches", above=0.0)
     log_eps: float = _knob(1e-4, "eps in log(sum + eps) of the loss: the original's 1e-4 floors an occluded "
                            "pixel's term at about -9.2 (robust); 0 trains the exact log_p", minimum=0.0)
-    optim: str = _knob("rmsprop", "optimizer: rmsprop (the original's: alpha 0.99, eps 1e-8), adam, adamw "
+    optim: str = _knob(_REFERENCE["optim"], "optimizer: rmsprop (the original's: alpha 0.99, eps 1e-8), adam, adamw "
                        "(weight decay 0.01)", choices=OPTIMIZERS)
     lr: float = _knob(1e-3, "learning rate (constant, no schedule, as the original)", above=0.0)
     clip: float = _knob(20.0, "clip the L2 norm of all gradients together to this; 0 turns clipping off",
                         minimum=0.0)
-    steps: int = _knob(20000, "total steps (with --resume: the new total); the original ran until stopped",
+    steps: int = _knob(_REFERENCE["steps"], "total steps (with --resume: the new total); the original ran until stopped",
                        minimum=1)
     amp: str = _knob("off", "mixed precision for the network: off (float32), bf16 (CPU or CUDA), fp16 (CUDA, "
                      "with a gradient scaler); the loss always reduces in float32", choices=AMP_MODES)
@@ -223,6 +243,8 @@ class TrainConfig:
     eval_every: int = _knob(0, "every N steps, run label propagation on --davis and log jf_mean (keeps "
                             "checkpoints/best.safetensors); 0 = never", minimum=0)
     davis: str | None = _knob(None, "DAVIS root for --eval-every (JPEGImages/480p, Annotations/480p, ImageSets)")
+    snapshot_every: int = _knob(0, "also keep the weights of every N-th step as checkpoints/step-NNNNNN."
+                                "safetensors (to evaluate along a run); 0 = never", minimum=0)
     minutes: float = _knob(0.0, "stop (with a checkpoint, like the end of the run) after this many minutes "
                            "of training; 0 = no limit, --steps decides", minimum=0.0)
 
@@ -239,12 +261,23 @@ class TrainConfig:
         return self
 
     @classmethod
+    def for_recipe(cls, name: str) -> TrainConfig:
+        """The defaults of recipe ``name`` (``RECIPES``): ``RECIPE_VALUES[name]`` over the shared ones."""
+        if name not in RECIPE_VALUES:
+            raise UserError(f"unknown recipe {name!r}: expected one of {', '.join(RECIPES)}")
+        return dataclasses.replace(cls(), recipe=name, **RECIPE_VALUES[name])
+
+    @classmethod
     def from_mapping(cls, mapping: dict, base: TrainConfig | None = None) -> TrainConfig:
-        """``base`` (default: the defaults) updated with ``mapping`` (keys with - or _).
+        """``base`` updated with ``mapping`` (keys with - or _). Without a base: the defaults
+        of the mapping's ``recipe`` (default reference), so ``{"recipe": "original"}`` alone
+        is the original's recipe.
 
         An unknown key is a ``UserError`` that lists the valid ones; values are checked.
         """
         values = {str(key).replace("-", "_"): value for key, value in mapping.items()}
+        if base is None:
+            base = cls.for_recipe(values.get("recipe", "reference"))
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(values) - set(names))
         if unknown:
@@ -706,10 +739,12 @@ class DataStream:
 
 
 def network_config(config: TrainConfig):
-    from fmapicon.networks import NetworkConfig
+    """The ``NetworkConfig`` of a run: PixelCenter's size is the feature map's (S / stride)."""
+    from fmapicon.networks import NetworkConfig, feature_size
 
+    side = feature_size(config.size, config.net)
     return NetworkConfig(net=config.net, channels=config.channels, lambda_init=config.lambda_init,
-                         center=config.center, size=(config.size, config.size))
+                         center=config.center, size=(side, side))
 
 
 def _four_draw_module(net, augmentation):
@@ -973,7 +1008,10 @@ class Trainer:
         with atomic_write(folder / STATE_FILE) as handle:
             torch.save(self.state_dict(), handle)
         with self.calibrated() as calibration:
-            save_weights(self.net, folder / LAST_WEIGHTS, {**self.weights_metadata(), **calibration})
+            metadata = {**self.weights_metadata(), **calibration}
+            save_weights(self.net, folder / LAST_WEIGHTS, metadata)
+            if self.config.snapshot_every > 0 and self.step > 0 and self.step % self.config.snapshot_every == 0:
+                save_weights(self.net, folder / SNAPSHOT_WEIGHTS.format(step=self.step), metadata)
 
     @contextlib.contextmanager
     def calibrated(self):
@@ -1080,7 +1118,8 @@ class Trainer:
         evaluate = self.config.eval_every > 0 and self.step % self.config.eval_every == 0
         if final or evaluate or self.step % self.config.log_every == 0:
             self._log(result, log, bar, evaluate)
-        if not final and self.step % self.config.save_every == 0:
+        snapshot = self.config.snapshot_every > 0 and self.step % self.config.snapshot_every == 0
+        if not final and (snapshot or self.step % self.config.save_every == 0):
             self.save()
 
     def _log(self, result: StepResult, log, bar, evaluate: bool) -> None:

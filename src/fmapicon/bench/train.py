@@ -92,17 +92,18 @@ class _Case:
 
         from fmapicon.augment import make_augmentation
         from fmapicon.data import FramePairs
-        from fmapicon.networks import NetworkConfig, build_network
+        from fmapicon.networks import NetworkConfig, build_network, feature_size
         from fmapicon.train import TrainConfig, make_optimizer
 
         torch.manual_seed(0)
         self.device = torch.device(device)
         self.dataset = FramePairs(args.data, size=size, seed=0)
         self.batch = args.batch
-        self.net = build_network(NetworkConfig(net=preset, channels=args.channels, size=(size, size)))
+        self.net = build_network(NetworkConfig(net=preset, channels=args.channels,
+                                                   size=(feature_size(size, preset),) * 2))
         self.net.to(self.device).train()
         self.augmentation = make_augmentation(args.aug, stride=self.net.stride)
-        self.optimizer = make_optimizer(TrainConfig(), self.net.parameters())
+        self.optimizer = make_optimizer(TrainConfig.for_recipe("original"), self.net.parameters())
         self.generator = torch.Generator().manual_seed(0)
         self.next_index = 0
         self.a, self.b = (t.to(self.device) for t in self.load())

@@ -1,6 +1,7 @@
 """``fmapicon train``: train a feature network; the work is ``fmapicon.train.train``.
 
-Values come from, lowest first: the defaults (the original's final recipe), the
+Values come from, lowest first: the defaults of ``--recipe`` (reference, or original: the
+original code's final recipe), the
 ``--config`` file (TOML or JSON, keys as the flags with - or _), then the flags given.
 ``--resume RUN`` takes the run's own config; only --steps, --device, --workers and
 --minutes may be given with it.
@@ -55,7 +56,12 @@ def _add_knob(parser, name: str, meta: dict) -> None:
     """One flag per TrainConfig field; SUPPRESS as the parser default marks the flags given."""
     flag = "--" + name.replace("_", "-")
     default = meta["default"]
+    from fmapicon.train import RECIPE_VALUES
+
     shown = " ".join(default) if isinstance(default, list) else {True: "on", False: "off"}.get(default, default)
+    original = RECIPE_VALUES["original"].get(name)
+    if original is not None and original != default:
+        shown = f"{shown}; with --recipe original: {original}"
     options = {"dest": name, "default": argparse.SUPPRESS, "help": f"{meta['help']} (default: {shown})".replace("%", "%%")}
     if meta["kind"] == "bool":
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
@@ -106,8 +112,8 @@ def config_from_args(args):
 
     given = given_options(args)
     if not args.resume:
-        base = TrainConfig.from_mapping(load_config_file(args.config)) if args.config else TrainConfig()
-        return TrainConfig.from_mapping(given, base=base), args.out or DEFAULT_OUT, False
+        values = {**(load_config_file(args.config) if args.config else {}), **given}  # flags win; --recipe picks the base
+        return TrainConfig.from_mapping(values), args.out or DEFAULT_OUT, False
     fixed = sorted(set(given) - set(RESUMABLE))
     if fixed or args.config or args.force:
         extra = ["--" + n.replace("_", "-") for n in fixed] + ["--config"] * bool(args.config) + \
