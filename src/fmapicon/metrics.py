@@ -105,7 +105,7 @@ def dilate(mask: np.ndarray, footprint: np.ndarray) -> np.ndarray:
 
     Equal to ``scipy.ndimage.binary_dilation(mask, structure=footprint)`` (and to the
     toolkit's ``cv2.dilate``) for any footprint whose rows are centred runs of ones, as a
-    disk's are, but 4x faster: row dy of the footprint, ``[-w, w]``, is a 1-D maximum filter
+    disk's are, and for any mask shape (also smaller than the footprint), but 4x faster: row dy of the footprint, ``[-w, w]``, is a 1-D maximum filter
     of width 2w + 1 along x, shifted by dy; the output is the union over the rows.
     """
     from scipy.ndimage import maximum_filter1d
@@ -116,6 +116,8 @@ def dilate(mask: np.ndarray, footprint: np.ndarray) -> np.ndarray:
     out = np.zeros(mask.shape, dtype=bool)
     widened = {}
     for dy, w in zip(range(-radius, radius + 1), half_widths):
+        if abs(dy) >= height:  # this row of the footprint reaches past the whole frame
+            continue
         if w not in widened:
             widened[w] = maximum_filter1d(mask.view(np.uint8), size=2 * w + 1, axis=1, mode="constant") > 0
         if dy >= 0:
