@@ -438,13 +438,12 @@ class FrameIndex:
     def save(self) -> None:
         if self.path is None or not self.changed:
             return
-        from fmapicon.runtime import atomic_write
+        from fmapicon.runtime import write_json
 
         try:
             merged = FrameIndex(self.path).entries  # keep what another process saved meanwhile
             merged.update(self.entries)
-            with atomic_write(self.path, "w") as handle:
-                json.dump({"version": INDEX_VERSION, "entries": merged}, handle)
+            write_json(self.path, {"version": INDEX_VERSION, "entries": merged}, indent=None)
             self.changed = False
         except OSError as error:
             warnings.warn(f"cannot save the frame index {self.path} ({error}); the next start will probe again")
@@ -454,8 +453,25 @@ class FrameIndex:
 # scanning
 
 
-def _natural_key(name: str):
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+def natural_key(name) -> tuple:
+    """The one frame-ordering rule of the project (training scans, evaluation, scoring):
+    natural order, the runs of digits in a name compared as numbers, the rest without case
+    (``2.jpg`` < ``10.jpg``, ``frame9`` < ``frame10``); the name itself breaks ties
+    (``01.jpg`` vs ``1.jpg``). Zero-padded names (DAVIS) keep their string order.
+
+    ``name``: a string or a path (its file name is used).
+    """
+    name = name.name if isinstance(name, os.PathLike) else str(name)
+    parts = re.split(r"(\d+)", name)
+    return tuple(int(part) if i % 2 else part.lower() for i, part in enumerate(parts)) + (name,)
+
+
+_natural_key = natural_key
+
+
+def natural_sorted(items) -> list:
+    """``items`` (names or paths) sorted by ``natural_key``."""
+    return sorted(items, key=natural_key)
 
 
 def _scan_path(path: Path, index: FrameIndex, report: ScanReport) -> list[Clip]:
@@ -481,7 +497,7 @@ def _scan_folder(folder: Path, index: FrameIndex, report: ScanReport, visited: s
         inner = davis / "480p" if (davis / "480p").is_dir() else davis
         return _scan_folder(inner, index, report, visited)
     try:
-        entries = sorted(os.scandir(folder), key=lambda e: _natural_key(e.name))
+        entries = sorted(os.scandir(folder), key=lambda e: natural_key(e.name))
     except OSError as error:
         report.skip(folder, "unreadable_folder", str(error))
         return []

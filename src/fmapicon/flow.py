@@ -23,14 +23,15 @@ FLO_MAGIC = 202021.25
 
 
 def write_flo(path, flow: np.ndarray) -> None:
-    """Write an ``H x W x 2`` flow as Middlebury .flo (float32 magic, int32 W, int32 H, data)."""
+    """Write an ``H x W x 2`` flow as Middlebury .flo (float32 magic, int32 W, int32 H, data),
+    atomically (``fmapicon.runtime.atomic_write``): a reader never sees half a file."""
     flow = np.asarray(flow, dtype=np.float32)
     if flow.ndim != 3 or flow.shape[2] != 2:
         raise ValueError(f"a flow must be H x W x 2, got shape {flow.shape}")
     height, width = flow.shape[:2]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as handle:
+    from fmapicon.runtime import atomic_write
+
+    with atomic_write(Path(path), "wb") as handle:
         np.array([FLO_MAGIC], dtype="<f4").tofile(handle)
         np.array([width, height], dtype="<i4").tofile(handle)
         flow.astype("<f4").tofile(handle)
