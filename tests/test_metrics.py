@@ -346,3 +346,24 @@ def test_flat_object_thinner_than_the_tolerance_at_480p():
     pixel[0, 853] = True                                # one pixel in a corner
     assert f_measure(pixel, pixel) == 1.0 and jaccard(pixel, pixel) == 1.0
     assert f_measure(np.zeros_like(pixel), pixel) == 0.0   # empty prediction: p = 1, r = 0 -> F = 0
+
+
+def test_wrong_size_ground_truth_is_named_as_ground_truth(tmp_path):
+    truth = _two_objects()
+    root = _write_root(tmp_path / "davis", {"seq": truth})
+    _write_predictions(tmp_path / "pred", "seq", truth)
+    write_indexed_png(root / "Annotations" / "480p" / "seq" / "00002.png", truth[2][:-1])
+    with pytest.raises(UserError, match=r"ground-truth mask .*seq/00002.png is 60 x 39"):
+        score_davis(root, tmp_path / "pred", progress=False)
+
+
+def test_cli_score_picks_the_only_list_as_eval(tmp_path, capsys):
+    from fmapicon.cli import main
+
+    truth = _two_objects()
+    root = _write_root(tmp_path / "davis", {"seq": truth}, set_name="dev")
+    (root / "ImageSets" / "2017" / "dev.txt").rename(root / "ImageSets" / "dev.txt")
+    _write_predictions(tmp_path / "pred", "seq", truth)
+    assert main(["score", "--davis", str(root), "--results", str(tmp_path / "pred")]) == 0
+    assert "Global results for dev" in capsys.readouterr().out
+    assert (tmp_path / "pred" / "global_results-dev.csv").is_file()
