@@ -103,6 +103,7 @@ class ScanReport:
     def skip(self, path, reason: str, detail: str = "") -> None:
         self.skipped[reason] += 1
         self.skipped_files.append({"path": str(path), "reason": reason, "detail": detail})
+        detail = " ".join(str(detail).split())  # one line, whatever the decoder said
         message = f"skipping {path}: {reason.replace('_', ' ')}" + (f" ({detail})" if detail else "")
         warnings.warn(message, SkippedFileWarning, stacklevel=4)
 
