@@ -362,11 +362,10 @@ def match_picture(image_a, image_b, match: Match, gt_flow=None):
     """
     import numpy as np
 
-    from fmapicon.flow import flow_to_color
+    from fmapicon.flow import flow_to_color, max_known_length
 
     flow_ab = match.flow_ab[0].permute(1, 2, 0).cpu().numpy()
-    radius = np.hypot(*(gt_flow if gt_flow is not None else flow_ab).transpose(2, 0, 1))
-    max_flow = max(float(radius.max(initial=0.0)), 1e-6)
+    max_flow = max(max_known_length(gt_flow if gt_flow is not None else flow_ab), 1e-6)
     warped = warp_image(image_a, match.flow_ba.to(image_a))
     error = match.ic_error[0].cpu().numpy()
     top = max(float(np.percentile(error, 99)), 1e-6)
