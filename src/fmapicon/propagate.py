@@ -118,36 +118,29 @@ def _to_images(frames: np.ndarray, device) -> torch.Tensor:
     return tensor.permute(0, 3, 1, 2).float() / 255.0
 
 
-def _resample(maps: torch.Tensor, size) -> torch.Tensor:
-    """Bilinear (align_corners=False) resampling of ``B x C x h x w`` to ``size``;
-    anti-aliased when shrinking, the identity when the size already matches."""
-    size = tuple(int(s) for s in size)
-    if tuple(maps.shape[-2:]) == size:
-        return maps
-    shrink = size[0] < maps.shape[-2] or size[1] < maps.shape[-1]
-    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False, antialias=shrink)
-
-
 def cell_grid(height: int, width: int, stride: int) -> tuple[int, int]:
-    """``(ceil(H / stride), ceil(W / stride))``: the feature cells over a frame."""
-    return math.ceil(height / stride), math.ceil(width / stride)
+    """The feature cells over a frame: ``fmapicon.features.stride_grid`` (round(H / stride),
+    round(W / stride), at least 1), the grid of ``sequence_features``."""
+    from fmapicon.features import stride_grid
+
+    return stride_grid(height, width, stride)
 
 
 def sequence_features(model, frames: np.ndarray, input_scale: float, stride: int, batch_size: int = 4,
                       on_batch=None) -> torch.Tensor:
     """Unit features of a sequence on the stride grid: ``T x C x h x w`` (model's device).
 
-    Each batch of frames (uint8 ``T x H x W x 3``) is resized by ``input_scale`` (bilinear,
-    anti-aliased when shrinking), passed through ``model`` (a FeatureModel), resampled to
-    ``cell_grid(H, W, stride)`` and L2-normalized. ``on_batch(n)`` is called after each batch.
+    Each batch of frames (uint8 ``T x H x W x 3``) goes through
+    ``fmapicon.features.extract(model, images, scale=input_scale, stride=stride)``:
+    resized by ``input_scale``, the model's map resampled onto ``cell_grid(H, W, stride)``,
+    L2-normalized. ``on_batch(n)`` is called after each batch.
     """
-    height, width = frames.shape[1:3]
-    scaled = (max(1, round(height * input_scale)), max(1, round(width * input_scale)))
-    grid = cell_grid(height, width, stride)
+    from fmapicon.features import extract
+
     out = []
     for start in range(0, len(frames), batch_size):
-        images = _resample(_to_images(frames[start:start + batch_size], model.device), scaled)
-        out.append(F.normalize(_resample(model(images), grid), dim=1))
+        images = _to_images(frames[start:start + batch_size], model.device)
+        out.append(extract(model, images, scale=input_scale, stride=stride))
         if on_batch is not None:
             on_batch(len(images))
     return torch.cat(out)
@@ -469,6 +462,8 @@ def _nearest_first_frame(query: torch.Tensor, keys: torch.Tensor, chunk: int = 2
 
 def _propagate_original(model, frames, first_ids, progress):
     """The original code's protocol (see the module docstring)."""
+    from fmapicon.features import resize_maps
+
     height, width = frames.shape[1:3]
     left, right = _centre_square(width, height)
     small = frames[:, ::4, left:right:4]
@@ -476,7 +471,7 @@ def _propagate_original(model, frames, first_ids, progress):
     features = []
     for i in range(0, len(small)):
         image = _to_images(small[i:i + 1], model.device)
-        features.append(F.normalize(_resample(model(image), image.shape[-2:]), dim=1)[0])
+        features.append(F.normalize(resize_maps(model(image), image.shape[-2:]), dim=1)[0])
         progress.update(1)
     feature_time = time.perf_counter() - start
     start = time.perf_counter()
