@@ -57,3 +57,57 @@ def test_bad_options_stop_at_parsing(argv, capsys, tmp_path, monkeypatch):
     assert stopped.value.code == 2
     assert "error: " in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # nothing was written
+
+
+def test_mistyped_option_suggests_the_closest(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--stesp", "3"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --stesp 3" in err and "did you mean --steps?" in err
+    assert "fmapicon train: error" in err
+
+
+def test_train_help_shows_true_defaults_and_no_rst(capsys):
+    from fmapicon.train import config_fields
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "``" not in text
+    fields = config_fields()
+    for name in ("crop_max", "seed"):
+        default = fields[name]["default"]
+        assert not isinstance(default, bool)
+        assert f"(default: {default})" in text, name
+
+
+def test_warnings_print_one_clean_line(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from fmapicon.davis import write_indexed_png
+
+    root = tmp_path / "davis"
+    for name, frames in (("long", 4), ("short", 1)):
+        for t in range(frames):
+            (root / "JPEGImages" / "480p" / name).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 6)).save(root / "JPEGImages" / "480p" / name / f"{t:05d}.jpg")
+            write_indexed_png(root / "Annotations" / "480p" / name / f"{t:05d}.png", np.ones((6, 8), np.uint8))
+            write_indexed_png(tmp_path / "pred" / name / f"{t:05d}.png", np.ones((6, 8), np.uint8))
+    (root / "ImageSets").mkdir()
+    (root / "ImageSets" / "val.txt").write_text("long\nshort\n")
+    assert main(["score", "--davis", str(root), "--results", str(tmp_path / "pred")]) == 0
+    captured = capsys.readouterr()
+    lines = [line.split("\r")[-1] for line in captured.err.splitlines() if "warning" in line]
+    assert lines == ["fmapicon: warning: sequence 'short' skipped: nothing to score (fewer than 3 annotated "
+                     "frame(s): the first and the last are not scored)"]
+    assert "1 sequence(s) skipped with nothing to score: short" in captured.out
+
+
+def test_skipped_file_message_is_one_line(tmp_path):
+    from fmapicon.data import ScanReport, SkippedFileWarning
+
+    with pytest.warns(SkippedFileWarning) as caught:
+        ScanReport().skip(tmp_path / "a.mp4", "not_a_video", "Invalid data\nfound when processing input")
+    assert str(caught[0].message) == f"skipping {tmp_path / 'a.mp4'}: not a video (Invalid data found when processing input)"

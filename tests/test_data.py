@@ -401,3 +401,61 @@ def test_bench_data_writes_a_table_and_json(tmp_path, capsys):
     assert [row["source"] for row in rows] == ["video (mp4)", "frames (jpg)", "synth (on the fly)"]
     assert all(row["pairs"] >= 8 and row["pairs_per_s"] > 0 for row in rows)
     assert "pairs_per_s" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- timing and display
+
+
+def _write_timed_video(path: Path, frames: np.ndarray, pts, rotation=None, sar=None) -> Path:
+    """frames with the given presentation timestamps (ms) in a Matroska file (VFR)."""
+    av = pytest.importorskip("av")
+    from fractions import Fraction
+
+    with av.open(str(path), mode="w", format="matroska") as container:
+        stream = container.add_stream("libx264", rate=30, options={"crf": "12", "g": "5", "threads": "1",
+                                                                   "bf": "0"})
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.time_base = Fraction(1, 1000)
+        if sar is not None:
+            stream.codec_context.sample_aspect_ratio = sar
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for frame, stamp in zip(frames, pts):
+            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            video_frame.pts, video_frame.time_base = stamp, Fraction(1, 1000)
+            for packet in stream.encode(video_frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def test_variable_frame_rate_indices_are_exact(tmp_path, cache):
+    frames = numbered_frames(16)
+    pts = [round(1000 * t / 30) for t in range(8)] + [233 + 250 * (t - 7) for t in range(8, 16)]
+    path = _write_timed_video(tmp_path / "vfr.mkv", frames, pts)
+    for a, b in [(0, 1), (3, 4), (7, 8), (8, 9), (9, 12), (12, 15), (1, 15)]:
+        image_a, image_b, b_read = read_video_pair(path, a, b)
+        assert (frame_number(image_a), frame_number(image_b), b_read) == (a, b, b)
+    pairs = FramePairs(path, size=16, cache_dir=cache)
+    assert pairs.clips[0].frames == 16
+    loaded = [pairs.load(index) for index in range(len(pairs))]
+    assert all(frame_number(p.a) == p.index_a and frame_number(p.b) == p.index_b for p in loaded)
+    assert pairs.summary["fallbacks"] == 0
+
+
+def test_rotation_and_sample_aspect_ratio_are_applied(tmp_path, cache):
+    from fractions import Fraction
+
+    frames = np.zeros((4, 16, 32, 3), np.uint8)
+    frames[:, :8, :8] = 255                             # a white block in the top-left corner
+    path = _write_timed_video(tmp_path / "rot.mkv", frames, [0, 33, 67, 100], rotation=90)
+    image, _, _ = read_video_pair(path, 0, 1)
+    assert image.size == (16, 32)                       # W x H: a quarter turn
+    grey = np.asarray(image.convert("L"), np.float32)
+    # 90 degrees counter-clockwise: the top-left corner goes to the bottom-left
+    assert grey[-8:, :8].mean() > 200 and grey[:8, :8].mean() < 50
+    assert FramePairs(path, size=8, cache_dir=cache).clips[0].width == 16
+    wide = _write_timed_video(tmp_path / "sar.mkv", frames, [0, 33, 67, 100], sar=Fraction(2, 1))
+    image, _, _ = read_video_pair(wide, 0, 1)
+    assert image.size == (64, 16)                       # square pixels: twice as wide

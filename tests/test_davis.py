@@ -107,3 +107,166 @@ def test_shared_davis2016_reads(davis2016_root):
     # bear/00077.png is stored grey + alpha: the alpha must not turn the frame into the object
     with_alpha = read_annotation(annotations / "bear" / "00077.png")
     assert 0 < with_alpha.mean() < 0.5
+
+
+# --------------------------------------------------------------------------- every mode
+
+
+def _object(shape=(12, 16)):
+    ids = np.zeros(shape, np.uint8)
+    ids[3:8, 4:11] = 1
+    return ids
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I", "F"])
+def test_every_pillow_mode_reads_the_object(tmp_path, mode):
+    from fmapicon.davis import read_annotation
+
+    ids = _object()
+    palette = davis_palette()
+    if mode == "1":
+        image = Image.fromarray(ids.astype(bool))
+    elif mode in ("L", "I;16", "I", "F"):
+        image = Image.fromarray((ids * 255).astype(np.uint8), "L").convert(mode if mode != "I;16" else "I")
+        if mode == "I;16":
+            image = Image.fromarray((ids.astype(np.uint16) * 65535))
+    elif mode == "LA":
+        image = Image.fromarray(np.stack([ids * 255, np.full_like(ids, 255)], -1).astype(np.uint8), "LA")
+    elif mode in ("P", "PA"):
+        image = Image.fromarray(ids, "P")
+        image.putpalette(palette.reshape(-1).tolist())
+        if mode == "PA":
+            image = image.convert("PA")
+    else:
+        rgb = palette[ids]
+        image = Image.fromarray(rgb) if mode == "RGB" else Image.fromarray(
+            np.concatenate([rgb, np.full(ids.shape + (1,), 255, np.uint8)], -1), "RGBA")
+    suffix = ".tif" if mode in ("F", "I") else ".png"
+    image.save(tmp_path / f"m{suffix}")
+    with Image.open(tmp_path / f"m{suffix}") as check:
+        assert check.mode.startswith(mode if mode != "I;16" else "I")
+    assert np.array_equal(read_annotation(tmp_path / f"m{suffix}"), ids)
+
+
+def test_palette_with_alpha_reads_ids_and_transparent_is_background(tmp_path, monkeypatch):
+    import fmapicon.davis as davis
+
+    ids = _object()
+    image = Image.fromarray(ids, "P")
+    image.putpalette(davis_palette().reshape(-1).tolist())
+    image = image.convert("PA")  # no file format writes PA: hand the reader the image itself
+    alpha = np.full(ids.shape, 255, np.uint8)
+    alpha[3, 4] = 0                                  # one transparent object pixel
+    image.putalpha(Image.fromarray(alpha, "L"))
+    (tmp_path / "m.png").write_bytes(b"")
+    monkeypatch.setattr(davis.Image, "open", lambda path: image)
+    expected = ids.copy()
+    expected[3, 4] = 0
+    assert np.array_equal(davis.read_annotation(tmp_path / "m.png"), expected)
+
+
+def test_cmyk_annotation_is_refused_naming_file_and_mode(tmp_path):
+    from fmapicon.davis import read_annotation
+
+    Image.fromarray(davis_palette()[_object()]).convert("CMYK").save(tmp_path / "m.jpg")
+    with pytest.raises(UserError, match=r"m\.jpg is a 'CMYK' image.*indexed PNG"):
+        read_annotation(tmp_path / "m.jpg")
+
+
+def test_rgba_transparent_background_is_background(tmp_path):
+    from fmapicon.davis import read_annotation
+
+    ids = _object()
+    rgba = np.zeros(ids.shape + (4,), np.uint8)
+    rgba[...] = (255, 255, 255, 0)                   # white, fully transparent
+    rgba[ids == 1] = (128, 0, 0, 255)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "m.png")
+    assert np.array_equal(read_annotation(tmp_path / "m.png"), ids)
+
+
+def _rgb_sequence(tmp_path, colours, stray=None, frames=3):
+    ids = np.zeros((10, 20), np.uint8)
+    ids[2:6, 2:7], ids[2:6, 10:16] = 1, 2
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for t in range(frames):
+        rgb = np.zeros(ids.shape + (3,), np.uint8)
+        for k, colour in colours.items():
+            rgb[ids == k] = colour
+        if stray is not None:
+            rgb[9, 19] = stray
+        paths.append(tmp_path / f"{t:05d}.png")
+        Image.fromarray(rgb).save(paths[-1])
+    return ids, paths
+
+
+def test_rgb_colours_are_never_merged(tmp_path):
+    from fmapicon.davis import read_annotations
+
+    # stray near-palette pixel: snapped to the nearest palette colour's id
+    ids, paths = _rgb_sequence(tmp_path / "stray", {1: (128, 0, 0), 2: (0, 128, 0)}, stray=(129, 1, 0))
+    with pytest.warns(UserWarning, match="nearest palette"):
+        read, _ = read_annotations(paths)
+    expected = ids.copy()
+    expected[9, 19] = 1
+    assert all(np.array_equal(r, expected) for r in read)
+    # colours outside the palette: one object per colour, in order of appearance, same in every frame
+    ids, paths = _rgb_sequence(tmp_path / "other", {1: (255, 0, 0), 2: (0, 255, 0)})
+    with pytest.warns(UserWarning, match="#ff0000->1, #00ff00->2"):
+        read, _ = read_annotations(paths)
+    assert all(np.array_equal(r, ids) for r in read)
+    # swapped first appearance order gives swapped ids, consistently
+    ids, paths = _rgb_sequence(tmp_path / "swap", {1: (0, 255, 0), 2: (255, 0, 0)})
+    with pytest.warns(UserWarning):
+        read, _ = read_annotations(paths)
+    assert np.array_equal(read[-1], ids)
+
+
+def test_grey_style_is_decided_once_per_sequence(tmp_path):
+    from fmapicon.davis import read_annotation, read_annotations
+
+    ids = _object((20, 20))
+    paths = []
+    for t in range(4):
+        grey = (ids * 255).astype(np.uint8)
+        if t == 2:  # an anti-aliased rim of 128 on one frame
+            rim = np.zeros_like(ids, bool)
+            rim[2, 4:11] = rim[8, 4:11] = True
+            grey[rim] = 128
+        paths.append(tmp_path / f"{t:05d}.png")
+        Image.fromarray(grey, "L").save(paths[-1])
+    read, style = read_annotations(paths)
+    assert style.grey == "binary"
+    assert set(np.unique(read[2]).tolist()) == {0, 1}        # never id 128, never void
+    rim_read = read[2][2, 4:11]
+    assert rim_read.tolist() == [1] * 7                        # 128 >= half of 255: object
+    assert np.array_equal(read[0], ids)
+    # an ids-style sequence keeps 255 as void even on a frame holding only 0 and 255
+    Image.fromarray(np.array([[0, 1, 1], [2, 2, 255]], np.uint8), "L").save(tmp_path / "a.png")
+    Image.fromarray(np.array([[0, 255, 0], [0, 0, 0]], np.uint8), "L").save(tmp_path / "b.png")
+    read, style = read_annotations([tmp_path / "a.png", tmp_path / "b.png"])
+    assert style.grey == "ids" and read[1].tolist() == [[0, 255, 0], [0, 0, 0]]
+    assert read_annotation(tmp_path / "b.png").tolist() == [[0, 1, 0], [0, 0, 0]]  # alone: 0/255
+
+
+def test_sixteen_bit_and_float_frames_are_scaled_not_clipped(tmp_path):
+    from fmapicon.davis import read_frame
+
+    ramp = np.linspace(0, 65535, 16).astype(np.uint16).reshape(4, 4)
+    Image.fromarray(ramp).save(tmp_path / "f16.png")
+    expected = np.round(ramp / 65535 * 255).astype(np.uint8)
+    assert np.array_equal(read_frame(tmp_path / "f16.png")[..., 0], expected)
+    unit = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)
+    Image.fromarray(unit, "F").save(tmp_path / "f.tif")
+    assert np.array_equal(read_frame(tmp_path / "f.tif")[..., 1], np.round(unit * 255).astype(np.uint8))
+
+
+def test_frames_and_annotations_in_natural_order(tmp_path):
+    for name in ("1", "2", "10", "11", "9"):
+        for kind in ("frames", "masks"):
+            (tmp_path / kind / "seq").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (2, 2)).save(tmp_path / "frames" / "seq" / f"{name}.jpg")
+        Image.new("P", (2, 2)).save(tmp_path / "masks" / "seq" / f"{name}.png")
+    expected = ["1", "2", "9", "10", "11"]
+    assert [p.stem for p in frame_paths(tmp_path / "frames", "seq")] == expected
+    assert [p.stem for p in annotation_paths(tmp_path / "masks", "seq")] == expected

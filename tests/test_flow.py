@@ -45,7 +45,8 @@ def test_epe_of_ground_truth_is_zero_and_of_an_offset_is_the_offset():
     rng = np.random.default_rng(0)
     gt = rng.standard_normal((9, 11, 2)).astype(np.float32) * 10
     assert np.all(end_point_error(gt, gt) == 0)
-    assert epe_stats(gt, gt) == {"epe_mean": 0.0, "epe_median": 0.0, "outliers_3px": 0.0}
+    assert epe_stats(gt, gt) == {"epe_mean": 0.0, "epe_median": 0.0, "outliers_3px": 0.0, "known_pixels": 99,
+                                 "unknown_gt_pixels": 0, "unknown_flow_pixels": 0}
     shifted = gt + np.array([3.0, 4.0], np.float32)  # a constant (3, 4) offset: 5 px everywhere
     np.testing.assert_allclose(end_point_error(shifted, gt), 5.0, rtol=1e-6)
     stats = epe_stats(shifted, gt)
@@ -178,3 +179,35 @@ def _visible(mask0, mask1, flow):
     for label in np.unique(mask0):
         interior |= binary_erosion(mask0 == label, iterations=2)
     return inside & same & interior
+
+
+def test_unknown_flow_is_unknown_everywhere(tmp_path):
+    from fmapicon.flow import known_flow, max_known_length, write_flo
+
+    rng = np.random.default_rng(6)
+    gt = rng.normal(size=(6, 7, 2)).astype(np.float32) * 3
+    flow = gt + rng.normal(size=gt.shape).astype(np.float32)
+    gt[0, 0, 0], gt[1, 2, 1], gt[3, 3] = 1e10, np.nan, 2e9       # three unknown truth pixels
+    flow[5, 6, 0] = np.inf                                        # one unknown estimate
+    write_flo(tmp_path / "gt.flo", gt)
+    gt = read_flo(tmp_path / "gt.flo")
+    known = np.ones((6, 7), bool)
+    known[0, 0] = known[1, 2] = known[3, 3] = known[5, 6] = False
+    assert np.array_equal(known_flow(gt) & known_flow(flow), known)
+    plain = np.sqrt(((flow.astype(np.float64) - gt) ** 2).sum(-1))[known]   # the definition, on known pixels
+    stats = epe_stats(flow, gt)
+    assert stats["epe_mean"] == pytest.approx(plain.mean()) and stats["epe_median"] == pytest.approx(np.median(plain))
+    assert stats["outliers_3px"] == pytest.approx((plain > 3).mean())
+    assert (stats["known_pixels"], stats["unknown_gt_pixels"], stats["unknown_flow_pixels"]) == (38, 3, 1)
+    assert np.isnan(end_point_error(flow, gt)[~known]).all()
+    tensor = end_point_error(torch.from_numpy(flow).permute(2, 0, 1)[None], torch.from_numpy(gt).permute(2, 0, 1)[None])
+    assert torch.isnan(tensor[0][torch.from_numpy(~known)]).all()
+    # the picture scales by the known pixels only: unknown is black, the longest known is full hue
+    longest = max_known_length(gt)
+    assert longest == pytest.approx(np.hypot(gt[..., 0], gt[..., 1])[known_flow(gt)].max())
+    np.testing.assert_array_equal(flow_to_color(gt), flow_to_color(gt, longest))
+    assert (flow_to_color(gt)[~known_flow(gt)] == 0).all()
+    # resampling keeps unknown unknown
+    assert not known_flow(resize_flow(gt, (12, 14)))[:2, :2].any()
+    with pytest.raises(UserError, match="no pixel"):
+        epe_stats(flow, np.full_like(gt, 1e10))

@@ -272,3 +272,98 @@ def test_davis2016_grayscale_scores_as_its_palette_conversion(davis2016_root, tm
     assert 0.3 < reference["global"]["J-Mean"] < 0.95
     for root, results in ((converted, tmp_path / "indexed"), (davis2016_root, tmp_path / "grey")):
         assert score_davis(root, results, sequences=[name], progress=False)["global"] == reference["global"]
+
+
+# --------------------------------------------------------------------------- any geometry
+
+
+def _plain_f(prediction, truth, radius):
+    """F by the plain definition: dilate the WHOLE frame with scipy, no bounding boxes."""
+    from scipy.ndimage import binary_dilation
+
+    bp, bg = boundary_map(prediction), boundary_map(truth)
+    n_p, n_g = bp.sum(), bg.sum()
+    if n_p == 0 or n_g == 0:
+        p, r = (1.0 if n_p == 0 else 0.0), (1.0 if n_g == 0 else 0.0)
+    else:
+        p = (bp & binary_dilation(bg, structure=disk(radius))).sum() / n_p
+        r = (bg & binary_dilation(bp, structure=disk(radius))).sum() / n_g
+    return 0.0 if p + r == 0 else 2 * p * r / (p + r)
+
+
+def _random_shape(rng, shape):
+    """A small random object: a pixel, a thin line, a box, or scattered pixels, anywhere
+    (also touching the borders), or nothing."""
+    mask = np.zeros(shape, bool)
+    kind = rng.integers(5)
+    h, w = shape
+    if kind == 0:
+        mask[rng.integers(h), rng.integers(w)] = True
+    elif kind == 1:
+        y, x = rng.integers(h), rng.integers(w)
+        mask[y:y + rng.integers(1, 4), x:x + rng.integers(1, w + 1)] = True
+    elif kind == 2:
+        y, x = rng.integers(h), rng.integers(w)
+        mask[y:y + rng.integers(1, h + 1), x:x + rng.integers(1, 4)] = True
+    elif kind == 3:
+        mask = rng.random(shape) > 0.9
+    return mask
+
+
+def test_dilate_equals_whole_frame_binary_dilation_on_small_shapes():
+    from scipy.ndimage import binary_dilation
+
+    rng = np.random.default_rng(15)
+    for _ in range(400):
+        shape = (int(rng.integers(1, 14)), int(rng.integers(1, 14)))
+        radius = int(rng.integers(1, 12))
+        mask = _random_shape(rng, shape)
+        expected = binary_dilation(mask, structure=disk(radius))
+        assert np.array_equal(dilate(mask, disk(radius)), expected), (shape, radius)
+
+
+def test_f_measure_equals_the_plain_definition_on_small_and_thin_objects():
+    rng = np.random.default_rng(16)
+    for _ in range(300):
+        shape = (int(rng.integers(2, 40)), int(rng.integers(2, 60)))
+        truth, prediction = _random_shape(rng, shape), _random_shape(rng, shape)
+        if rng.random() < 0.3:  # the truth shifted by up to 3 columns: a near match
+            prediction = np.roll(truth, int(rng.integers(-3, 4)), axis=1)
+        radius = boundary_tolerance((480, 854))  # 8 px: larger than most of these objects
+        assert f_measure(prediction, truth) == pytest.approx(
+            _plain_f(prediction, truth, boundary_tolerance(shape)), abs=1e-12)
+        assert f_measure(prediction, truth, bound_th=radius) == pytest.approx(
+            _plain_f(prediction, truth, radius), abs=1e-12)
+
+
+def test_flat_object_thinner_than_the_tolerance_at_480p():
+    truth = np.zeros((480, 854), bool)
+    truth[200:203, 100:400] = True                    # 3 rows tall, tolerance 8 px
+    prediction = np.roll(truth, 2, axis=1)
+    assert f_measure(prediction, truth) == 1.0          # every boundary pixel within 8 px
+    assert jaccard(prediction, truth) == pytest.approx(3 * 298 / (3 * 302))
+    pixel = np.zeros((480, 854), bool)
+    pixel[0, 853] = True                                # one pixel in a corner
+    assert f_measure(pixel, pixel) == 1.0 and jaccard(pixel, pixel) == 1.0
+    assert f_measure(np.zeros_like(pixel), pixel) == 0.0   # empty prediction: p = 1, r = 0 -> F = 0
+
+
+def test_wrong_size_ground_truth_is_named_as_ground_truth(tmp_path):
+    truth = _two_objects()
+    root = _write_root(tmp_path / "davis", {"seq": truth})
+    _write_predictions(tmp_path / "pred", "seq", truth)
+    write_indexed_png(root / "Annotations" / "480p" / "seq" / "00002.png", truth[2][:-1])
+    with pytest.raises(UserError, match=r"ground-truth mask .*seq/00002.png is 60 x 39"):
+        score_davis(root, tmp_path / "pred", progress=False)
+
+
+def test_cli_score_picks_the_only_list_as_eval(tmp_path, capsys):
+    from fmapicon.cli import main
+
+    truth = _two_objects()
+    root = _write_root(tmp_path / "davis", {"seq": truth}, set_name="dev")
+    (root / "ImageSets" / "2017" / "dev.txt").rename(root / "ImageSets" / "dev.txt")
+    _write_predictions(tmp_path / "pred", "seq", truth)
+    assert main(["score", "--davis", str(root), "--results", str(tmp_path / "pred")]) == 0
+    assert "Global results for dev" in capsys.readouterr().out
+    assert (tmp_path / "pred" / "global_results-dev.csv").is_file()

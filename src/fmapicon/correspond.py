@@ -255,34 +255,15 @@ def features_at_stride(model, images, stride: int = 4, input_scale: float | None
 
     Returns
     -------
-    ``B x C x h x w`` float32, L2-normalized per cell: the model's grid resampled
-    (bilinear, antialiased when it shrinks) so that the cells tile the image exactly.
+    ``fmapicon.features.extract(model, images, scale=input_scale, stride=stride)``:
+    ``B x C x h x w`` float32, L2-normalized per cell, cells that tile the image exactly.
     """
+    from fmapicon.features import extract
+
     if stride < 1:
         raise UserError(f"--stride must be a positive number of pixels, got {stride}")
     scale = float(getattr(model, "default_input_scale", 1.0) if input_scale is None else input_scale)
-    if not scale > 0:
-        raise UserError(f"the input scale must be positive, got {scale}")
-    height, width = images.shape[-2:]
-    input_size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    with torch.no_grad():
-        features = model(_resize(images, input_size)).float()
-    cells = (max(1, round(height / stride)), max(1, round(width / stride)))
-    return F.normalize(_onto_cells(features, input_size, cells, getattr(model, "stride", None)), dim=1)
-
-
-def _onto_cells(features, input_size, cells, model_stride):
-    """Resample the model's grid onto ``cells`` that tile the ``input_size`` image exactly.
-
-    The model's grid covers ``h_m x model_stride`` input pixels, which exceeds the image
-    when its size is not a multiple of the stride: resample that whole extent at the
-    size of our cells, then keep the cells over the image.
-    """
-    extent = []
-    for axis in range(2):
-        covered = features.shape[axis - 2] * (model_stride or input_size[axis] / features.shape[axis - 2])
-        extent.append(max(cells[axis], round(cells[axis] * covered / input_size[axis])))
-    return _resize(features, extent)[:, :, : cells[0], : cells[1]]
+    return extract(model, images, scale=scale, stride=stride)
 
 
 def default_temperature(model) -> float:
@@ -362,11 +343,10 @@ def match_picture(image_a, image_b, match: Match, gt_flow=None):
     """
     import numpy as np
 
-    from fmapicon.flow import flow_to_color
+    from fmapicon.flow import flow_to_color, max_known_length
 
     flow_ab = match.flow_ab[0].permute(1, 2, 0).cpu().numpy()
-    radius = np.hypot(*(gt_flow if gt_flow is not None else flow_ab).transpose(2, 0, 1))
-    max_flow = max(float(radius.max(initial=0.0)), 1e-6)
+    max_flow = max(max_known_length(gt_flow if gt_flow is not None else flow_ab), 1e-6)
     warped = warp_image(image_a, match.flow_ba.to(image_a))
     error = match.ic_error[0].cpu().numpy()
     top = max(float(np.percentile(error, 99)), 1e-6)
@@ -548,15 +528,6 @@ def _check_options(soft, temperature, radius, block):
     if not temperature > 0:
         raise UserError(f"--temperature must be positive, got {temperature}")
     return temperature
-
-
-def _resize(tensor, size):
-    """Bilinear resize of ``B x C x H x W`` to ``size`` (antialiased when shrinking); no-op if equal."""
-    size = (max(1, int(size[0])), max(1, int(size[1])))
-    if tuple(tensor.shape[-2:]) == size:
-        return tensor
-    shrinking = size[0] < tensor.shape[-2] or size[1] < tensor.shape[-1]
-    return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
 
 
 def _model_lambda(model, depth: int = 4) -> float | None:

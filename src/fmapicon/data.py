@@ -35,7 +35,6 @@ import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +102,7 @@ class ScanReport:
     def skip(self, path, reason: str, detail: str = "") -> None:
         self.skipped[reason] += 1
         self.skipped_files.append({"path": str(path), "reason": reason, "detail": detail})
+        detail = " ".join(str(detail).split())  # one line, whatever the decoder said
         message = f"skipping {path}: {reason.replace('_', ' ')}" + (f" ({detail})" if detail else "")
         warnings.warn(message, SkippedFileWarning, stacklevel=4)
 
@@ -438,13 +438,12 @@ class FrameIndex:
     def save(self) -> None:
         if self.path is None or not self.changed:
             return
-        from fmapicon.runtime import atomic_write
+        from fmapicon.runtime import write_json
 
         try:
             merged = FrameIndex(self.path).entries  # keep what another process saved meanwhile
             merged.update(self.entries)
-            with atomic_write(self.path, "w") as handle:
-                json.dump({"version": INDEX_VERSION, "entries": merged}, handle)
+            write_json(self.path, {"version": INDEX_VERSION, "entries": merged}, indent=None)
             self.changed = False
         except OSError as error:
             warnings.warn(f"cannot save the frame index {self.path} ({error}); the next start will probe again")
@@ -454,8 +453,25 @@ class FrameIndex:
 # scanning
 
 
-def _natural_key(name: str):
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+def natural_key(name) -> tuple:
+    """The one frame-ordering rule of the project (training scans, evaluation, scoring):
+    natural order, the runs of digits in a name compared as numbers, the rest without case
+    (``2.jpg`` < ``10.jpg``, ``frame9`` < ``frame10``); the name itself breaks ties
+    (``01.jpg`` vs ``1.jpg``). Zero-padded names (DAVIS) keep their string order.
+
+    ``name``: a string or a path (its file name is used).
+    """
+    name = name.name if isinstance(name, os.PathLike) else str(name)
+    parts = re.split(r"(\d+)", name)
+    return tuple(int(part) if i % 2 else part.lower() for i, part in enumerate(parts)) + (name,)
+
+
+_natural_key = natural_key
+
+
+def natural_sorted(items) -> list:
+    """``items`` (names or paths) sorted by ``natural_key``."""
+    return sorted(items, key=natural_key)
 
 
 def _scan_path(path: Path, index: FrameIndex, report: ScanReport) -> list[Clip]:
@@ -481,7 +497,7 @@ def _scan_folder(folder: Path, index: FrameIndex, report: ScanReport, visited: s
         inner = davis / "480p" if (davis / "480p").is_dir() else davis
         return _scan_folder(inner, index, report, visited)
     try:
-        entries = sorted(os.scandir(folder), key=lambda e: _natural_key(e.name))
+        entries = sorted(os.scandir(folder), key=lambda e: natural_key(e.name))
     except OSError as error:
         report.skip(folder, "unreadable_folder", str(error))
         return []
@@ -576,8 +592,9 @@ def _open_video(path):
 
 
 def _probe_video(path: Path, nbytes: int) -> dict:
-    """Frame count (container metadata, else duration x rate, else counting packets) and
-    frame size, after decoding the first frame to prove the file is a readable video."""
+    """Frame count (the container's when it states one, else the video packets counted) and
+    the frame size as a player shows it (rotation and sample aspect ratio applied), after
+    decoding the first frame to prove the file is a readable video."""
     if nbytes == 0:
         return {"kind": "video", "error": "zero_bytes", "detail": ""}
     try:
@@ -585,28 +602,16 @@ def _probe_video(path: Path, nbytes: int) -> dict:
             if not container.streams.video:
                 return {"kind": "video", "error": "no_video_stream", "detail": "the file has no video stream"}
             stream = container.streams.video[0]
-            count = _metadata_frame_count(container, stream)
+            count = int(stream.frames) if stream.frames and stream.frames > 0 else None
             first = next(iter(container.decode(stream)), None)
             if first is None:
                 return {"kind": "video", "error": "unreadable_video", "detail": "no frame decodes"}
-            width, height = first.width, first.height
+            width, height = displayed_image(first, stream).size
         if count is None:
             count = _count_packets(path)
     except Exception as error:  # noqa: BLE001 - PyAV raises many types for broken files
         return {"kind": "video", "error": "unreadable_video", "detail": f"{type(error).__name__}: {error}"}
     return {"kind": "video", "error": None, "frames": int(count), "width": width, "height": height}
-
-
-def _metadata_frame_count(container, stream) -> int | None:
-    """The frame count the container claims; it may be wrong (reading falls back)."""
-    if stream.frames and stream.frames > 0:
-        return int(stream.frames)
-    rate = stream.average_rate or stream.guessed_rate
-    if rate and stream.duration and stream.time_base:
-        return int(round(float(stream.duration * stream.time_base * rate)))
-    if rate and container.duration:
-        return int(round(container.duration / 1_000_000 * float(rate)))
-    return None
 
 
 def _count_packets(path: Path) -> int:
@@ -616,66 +621,98 @@ def _count_packets(path: Path) -> int:
         return sum(1 for packet in container.demux(stream) if packet.size)
 
 
-def read_video_pair(path, a: int, b: int):
-    """Frames ``a`` < ``b`` of a video as PIL RGB images, and the index of B actually read.
+def displayed_image(frame, stream=None) -> Image.Image:
+    """A decoded PyAV frame as a player shows it, as a PIL RGB image: the stream's sample
+    aspect ratio applied (the width resized by it, so pixels come out square) and the
+    display rotation of the container's display matrix applied (``frame.rotation`` degrees
+    counter-clockwise)."""
+    image = frame.to_image()
+    sar = getattr(stream, "sample_aspect_ratio", None) if stream is not None else None
+    if sar and float(sar) > 0 and sar != 1:
+        width = max(1, int(round(image.width * float(sar))))
+        image = image.resize((width, image.height), Image.BILINEAR)
+    rotation = int(round(float(getattr(frame, "rotation", 0) or 0))) % 360
+    turn = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
+    if rotation in turn:
+        image = image.transpose(turn[rotation])
+    elif rotation:
+        image = image.rotate(rotation, expand=True, resample=Image.BILINEAR)
+    return image
 
-    Seeks to the keyframe at or before ``a`` and decodes forward to ``b``: the cost is a
-    GOP plus the gap, whatever the video's length. Frame indices come from presentation
-    timestamps at the stream's average rate (exact for constant frame rate), or from the
-    decoding order when there are none. If the video ends (or breaks) before ``b`` although
-    its metadata promised more frames, B is the last frame decoded after ``a``; if no frame
-    after ``a`` decodes, PairReadError.
+
+_TIMESTAMPS: dict = {}
+
+
+def frame_timestamps(path) -> tuple | None:
+    """The presentation timestamps of the video's frames in presentation order (frame i has
+    the i-th smallest), from the packets (demuxed, not decoded), cached per file version;
+    None when some packet carries no timestamp (then frames are counted while decoding)."""
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _TIMESTAMPS:
+        stamps = [None]
+        try:
+            with _open_video(path) as container:
+                stream = container.streams.video[0]
+                stamps = [packet.pts for packet in container.demux(stream) if packet.size]
+        except Exception:  # noqa: BLE001 - a broken file: count frames while decoding instead
+            pass
+        table = None if any(p is None for p in stamps) or len(set(stamps)) != len(stamps) else tuple(sorted(stamps))
+        if len(_TIMESTAMPS) > 256:
+            _TIMESTAMPS.clear()
+        _TIMESTAMPS[key] = table
+    return _TIMESTAMPS[key]
+
+
+def read_video_pair(path, a: int, b: int):
+    """Frames ``a`` < ``b`` of a video as PIL RGB images (as a player shows them:
+    ``displayed_image``), and the index of B actually read.
+
+    Frame i is the i-th frame of the stream in presentation order, whatever the timing
+    (variable frame rate included): indices come from the table of the packets' timestamps
+    (``frame_timestamps``). Seeks to the keyframe at or before ``a`` and decodes forward to
+    ``b``: the cost is a GOP plus the gap. Without timestamps (or when a seek cannot be
+    trusted) it decodes from the start and counts frames. If the video ends (or breaks)
+    before ``b`` although its metadata promised more frames, B is the last frame decoded
+    after ``a``; if no frame after ``a`` decodes, PairReadError.
     """
-    span = _read_after_seek(path, a, b) if a > 0 else None
-    if span is None:  # not seekable, no timestamps, or the seek overshot: decode from the start
+    table = frame_timestamps(path)
+    read = _read_after_seek(path, a, b, table) if a > 0 and table is not None and a < len(table) else None
+    if read is None:  # not seekable, no timestamps, or the seek overshot: decode from the start
         with _open_video(path) as container:
             stream = container.streams.video[0]
-            span = _decode_span(container.decode(stream), a, b, _Timing(stream), after_seek=False)
-    (frame_a, _), (frame_b, b_read) = span
-    return frame_a.to_image(), frame_b.to_image(), b_read
+            (frame_a, _), (frame_b, b_read) = _decode_span(container.decode(stream), a, b, None, after_seek=False)
+            read = displayed_image(frame_a, stream), displayed_image(frame_b, stream), b_read
+    return read
 
 
-def _read_after_seek(path, a: int, b: int):
-    """The span read after seeking to the keyframe before ``a``, or None if that fails."""
+def _read_after_seek(path, a: int, b: int, table: tuple):
+    """(image A, image B, b') read after seeking to the keyframe before ``a``, or None if that fails."""
     with _open_video(path) as container:
         stream = container.streams.video[0]
-        timing = _Timing(stream)
-        if not timing.usable:
-            return None
         try:
-            container.seek(timing.pts(a), stream=stream, backward=True, any_frame=False)
+            container.seek(table[a], stream=stream, backward=True, any_frame=False)
         except Exception:  # noqa: BLE001 - some containers cannot seek; decode from the start
             return None
-        return _decode_span(container.decode(stream), a, b, timing, after_seek=True)
-
-
-class _Timing:
-    """Frame index <-> presentation timestamp for a constant-rate stream."""
-
-    def __init__(self, stream):
-        self.rate = stream.average_rate or stream.guessed_rate
-        self.time_base = stream.time_base
-        self.start = stream.start_time or 0
-        self.usable = bool(self.rate and self.time_base)
-
-    def pts(self, index: int) -> int:
-        return self.start + int(Fraction(index) / (Fraction(self.rate) * Fraction(self.time_base)))
-
-    def index(self, pts) -> int | None:
-        if pts is None or not self.usable:
+        span = _decode_span(container.decode(stream), a, b, {pts: i for i, pts in enumerate(table)},
+                            after_seek=True)
+        if span is None:
             return None
-        return int(round(float((pts - self.start) * self.time_base * self.rate)))
+        (frame_a, _), (frame_b, b_read) = span
+        return displayed_image(frame_a, stream), displayed_image(frame_b, stream), b_read
 
 
-def _decode_span(decoded, a: int, b: int, timing: _Timing, after_seek: bool):
+def _decode_span(decoded, a: int, b: int, lookup: dict | None, after_seek: bool):
     """Decode forward to ((frame A, a'), (frame B, b')), a' the first index >= a and b' the
-    first >= b. Returns None after a seek that cannot be trusted (it landed after ``a``, or
-    frames carry no timestamps). A decode error or the end of the stream after A gives
-    B = the last good frame after A."""
+    first >= b; a frame's index is its timestamp's place in ``lookup`` or, without one (from
+    the start only), its position. Returns None after a seek that cannot be trusted (it
+    landed after ``a``, or a frame's timestamp is unknown). A decode error or the end of the
+    stream after A gives B = the last good frame after A."""
     found_a, last = None, None
     try:
         for position, frame in enumerate(decoded):
-            index = timing.index(frame.pts)
+            index = position if lookup is None else lookup.get(frame.pts)
             if index is None:
                 if after_seek:
                     return None

@@ -270,3 +270,65 @@ def load_model(spec, device="cpu", **kwargs) -> FeatureModel:
         return trained_model(spec, device)
     raise UserError(f"unknown model {spec!r}: expected a run folder, a checkpoint file, or one of "
                     f"copy, {', '.join(BASELINES)}")
+
+
+# --------------------------------------------------------------------------- features at a scale
+
+
+def resize_maps(maps: torch.Tensor, size) -> torch.Tensor:
+    """The one resize of images and feature maps: ``B x C x h x w`` -> ``B x C x size``,
+    bilinear with align_corners=False, anti-aliased when it shrinks, the identity (the same
+    tensor) when the size already matches. ``size``: ``(h', w')``, each at least 1."""
+    size = (max(1, int(size[0])), max(1, int(size[1])))
+    if tuple(maps.shape[-2:]) == size:
+        return maps
+    shrinking = size[0] < maps.shape[-2] or size[1] < maps.shape[-1]
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
+
+
+def stride_grid(height: int, width: int, stride: int) -> tuple[int, int]:
+    """The grid rule of ``extract``: ``(max(1, round(H / stride)), max(1, round(W / stride)))``
+    cells that tile the ``H x W`` image exactly (each about ``stride`` pixels; halves round
+    to even, as Python's round)."""
+    return max(1, round(height / stride)), max(1, round(width / stride))
+
+
+def extract(model, images: torch.Tensor, *, scale: float, stride: int) -> torch.Tensor:
+    """Unit features of ``images`` at an input scale, on the stride grid: the one place where
+    "features at a scale" are computed (propagation and matching both call it).
+
+    Parameters
+    ----------
+    model : a callable ``B x 3 x h x w`` -> ``B x C x h_m x w_m`` (a ``FeatureModel``); its
+        ``stride`` attribute, when present, is the input pixels per output cell (its grid
+        may overhang the input, ceil-padded)
+    images : ``B x 3 x H x W`` float in [0, 1], RGB, on the model's device
+    scale : the network sees the images resized (``resize_maps``) to
+        ``(max(1, round(H * scale)), max(1, round(W * scale)))``
+    stride : cell size in pixels of ``images``
+
+    Returns
+    -------
+    ``B x C x h x w`` float32, ``(h, w) = stride_grid(H, W, stride)``, L2-normalized per
+    cell: the model's map resampled (``resize_maps``) so that its cells, overhang included,
+    land on cells that tile the image exactly. No gradients are kept.
+
+    Raises UserError for a scale or stride that is not positive.
+    """
+    scale = float(scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise UserError(f"the input scale must be a positive number, got {scale}")
+    if int(stride) != stride or stride < 1:
+        raise UserError(f"the stride must be a positive number of pixels, got {stride}")
+    height, width = images.shape[-2:]
+    input_size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    with torch.no_grad():
+        features = model(resize_maps(images, input_size)).float()
+    cells = stride_grid(height, width, int(stride))
+    model_stride = getattr(model, "stride", None)
+    extent = []
+    for axis in range(2):
+        # the input pixels the model's grid covers, then our cells over that whole extent
+        covered = features.shape[axis - 2] * (model_stride or input_size[axis] / features.shape[axis - 2])
+        extent.append(max(cells[axis], round(cells[axis] * covered / input_size[axis])))
+    return F.normalize(resize_maps(features, extent)[:, :, : cells[0], : cells[1]], dim=1)

@@ -23,14 +23,15 @@ FLO_MAGIC = 202021.25
 
 
 def write_flo(path, flow: np.ndarray) -> None:
-    """Write an ``H x W x 2`` flow as Middlebury .flo (float32 magic, int32 W, int32 H, data)."""
+    """Write an ``H x W x 2`` flow as Middlebury .flo (float32 magic, int32 W, int32 H, data),
+    atomically (``fmapicon.runtime.atomic_write``): a reader never sees half a file."""
     flow = np.asarray(flow, dtype=np.float32)
     if flow.ndim != 3 or flow.shape[2] != 2:
         raise ValueError(f"a flow must be H x W x 2, got shape {flow.shape}")
     height, width = flow.shape[:2]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as handle:
+    from fmapicon.runtime import atomic_write
+
+    with atomic_write(Path(path), "wb") as handle:
         np.array([FLO_MAGIC], dtype="<f4").tofile(handle)
         np.array([width, height], dtype="<i4").tofile(handle)
         flow.astype("<f4").tofile(handle)
@@ -54,7 +55,6 @@ def read_flo(path) -> np.ndarray:
     return np.frombuffer(data, dtype="<f4", offset=12).reshape(height, width, 2).astype(np.float32)
 
 
-# Middlebury marks pixels whose true flow is unknown with components of 1e9 or more.
 def flow_triples(folder) -> list[tuple[str, Path, Path, Path]]:
     """FlyingChairs-style triples in ``folder``, sorted: ``(stem, NNNNN-img0.EXT,
     NNNNN-img1.EXT, NNNNN-gt.flo)`` for each stem with all three files (any image EXT that
@@ -64,7 +64,9 @@ def flow_triples(folder) -> list[tuple[str, Path, Path, Path]]:
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder of FlyingChairs-style pairs (NNNNN-img0.ppm, -img1.ppm, -gt.flo)")
     triples = []
-    for first in sorted(folder.glob("*-img0.*")):
+    from fmapicon.data import natural_sorted
+
+    for first in natural_sorted(folder.glob("*-img0.*")):
         stem = first.name[: -len("-img0" + first.suffix)]
         second, flow = first.with_name(f"{stem}-img1{first.suffix}"), folder / f"{stem}-gt.flo"
         if second.is_file() and flow.is_file():
@@ -74,11 +76,34 @@ def flow_triples(folder) -> list[tuple[str, Path, Path, Path]]:
     return triples
 
 
+# Middlebury marks pixels whose flow is unknown with a component above 1e9 (its code's
+# UNKNOWN_FLOW_THRESH; files use 1e10); NaN and infinity mean the same here.
 UNKNOWN_FLOW = 1e9
 
 
+def known_flow(flow):
+    """Where a flow is known: both components finite and of magnitude <= 1e9.
+
+    ``flow``: numpy ``H x W x 2`` (-> ``H x W`` bool) or tensor ``B x 2 x H x W``
+    (-> ``B x H x W`` bool)."""
+    if _is_tensor(flow):
+        return (flow.isfinite() & (flow.abs() <= UNKNOWN_FLOW)).all(dim=1)
+    flow = np.asarray(flow)
+    with np.errstate(invalid="ignore"):
+        return (np.isfinite(flow) & (np.abs(flow) <= UNKNOWN_FLOW)).all(axis=-1)
+
+
+def max_known_length(flow) -> float:
+    """The longest displacement (pixels) of an ``H x W x 2`` flow over its known pixels; 0
+    when none is known."""
+    flow = _to_numpy_hw2(flow).astype(np.float64)
+    known = known_flow(flow)
+    return float(np.hypot(flow[..., 0], flow[..., 1])[known].max(initial=0.0))
+
+
 def end_point_error(flow, gt):
-    """Per-pixel end-point error ``|flow - gt|`` (Euclidean norm of the difference, pixels).
+    """Per-pixel end-point error ``|flow - gt|`` (Euclidean norm of the difference, pixels);
+    NaN where either flow is unknown (``known_flow``).
 
     Parameters
     ----------
@@ -90,30 +115,42 @@ def end_point_error(flow, gt):
     """
     if _is_tensor(flow) or _is_tensor(gt):
         _check_same_shape(flow, gt, "B x 2 x H x W")
-        return (flow.float() - gt.float()).norm(dim=1)
+        error = (flow.float() - gt.float()).norm(dim=1)
+        return error.masked_fill(~(known_flow(flow) & known_flow(gt)), float("nan"))
     flow, gt = np.asarray(flow, dtype=np.float64), np.asarray(gt, dtype=np.float64)
     _check_same_shape(flow, gt, "H x W x 2")
-    return np.sqrt(((flow - gt) ** 2).sum(axis=-1))
+    known = known_flow(flow) & known_flow(gt)
+    with np.errstate(invalid="ignore", over="ignore"):
+        error = np.sqrt(((flow - gt) ** 2).sum(axis=-1))
+    return np.where(known, error, np.nan)
 
 
 def epe_stats(flow, gt) -> dict:
     """End-point error statistics of an ``H x W x 2`` flow against the ground truth.
 
-    Returns ``{"epe_mean", "epe_median", "outliers_3px"}``: the mean and median
-    end-point error in pixels and the share of pixels whose error exceeds 3 pixels.
-    Every pixel counts except those whose ground truth is unknown (non-finite, or a
-    component of magnitude >= 1e9, the Middlebury marker); FlyingChairs has none.
+    Returns ``{"epe_mean", "epe_median", "outliers_3px", "known_pixels",
+    "unknown_gt_pixels", "unknown_flow_pixels"}``: the mean and median end-point error in
+    pixels and the share of pixels whose error exceeds 3 pixels, over the pixels where both
+    flows are known (``known_flow``: finite, components <= 1e9, the Middlebury marker), and
+    how many pixels were left out because the ground truth, or else the estimate, is
+    unknown there. FlyingChairs has no unknown pixel. Raises UserError when no pixel is left.
     """
     flow, gt = _to_numpy_hw2(flow), _to_numpy_hw2(gt)
     error = end_point_error(flow, gt)
-    known = np.isfinite(gt).all(axis=-1) & (np.abs(gt) < UNKNOWN_FLOW).all(axis=-1)
+    gt_known = known_flow(gt)
+    known = gt_known & known_flow(flow)
     if not known.any():
-        raise UserError("the ground-truth flow has no known pixel (all are non-finite or >= 1e9)")
+        raise UserError(f"no pixel has both a known ground-truth flow and a known estimate "
+                        f"({int((~gt_known).sum())} of {gt_known.size} ground-truth pixels are unknown: "
+                        "non-finite or beyond 1e9)")
     error = error[known]
     return {
         "epe_mean": float(error.mean()),
         "epe_median": float(np.median(error)),
         "outliers_3px": float((error > 3.0).mean()),
+        "known_pixels": int(known.sum()),
+        "unknown_gt_pixels": int((~gt_known).sum()),
+        "unknown_flow_pixels": int((gt_known & ~known).sum()),
     }
 
 
@@ -216,6 +253,8 @@ def resize_flow(flow, size):
         raise ValueError(f"size must be positive, got {size}")
     as_numpy = not _is_tensor(flow)
     field = torch.from_numpy(np.ascontiguousarray(_to_numpy_hw2(flow).transpose(2, 0, 1)))[None] if as_numpy else flow
+    if field.is_floating_point():  # unknown stays unknown: NaN spreads to the cells it touches
+        field = torch.where(known_flow(field)[:, None], field, torch.full_like(field, float("nan")))
     height, width = field.shape[-2:]
     resized = F.interpolate(field.float(), size=(new_height, new_width), mode="bilinear", align_corners=False)
     ratio = torch.tensor([new_width / width, new_height / height], dtype=resized.dtype, device=resized.device)
@@ -231,13 +270,13 @@ def flow_to_color(flow, max_flow: float | None = None) -> np.ndarray:
     The direction picks the hue on the Middlebury colour wheel (Baker et al., "A
     Database and Evaluation Methodology for Optical Flow", 2011: 55 hues through red,
     yellow, green, cyan, blue and magenta); the length, divided by ``max_flow`` (default:
-    the largest length in the field), picks the saturation: zero flow is white, a flow
-    of length ``max_flow`` the full hue, longer flows a darkened hue. Pass the same
-    ``max_flow`` to compare two fields.
+    the largest length over the known pixels), picks the saturation: zero flow is white, a flow
+    of length ``max_flow`` the full hue, longer flows a darkened hue; unknown pixels
+    (``known_flow``) are black. Pass the same ``max_flow`` to compare two fields.
     """
     flow = _to_numpy_hw2(flow).astype(np.float64)
     u, v = flow[..., 0], flow[..., 1]
-    unknown = ~np.isfinite(flow).all(axis=-1) | (np.abs(flow) >= UNKNOWN_FLOW).any(axis=-1)
+    unknown = ~known_flow(flow)
     u, v = np.where(unknown, 0.0, u), np.where(unknown, 0.0, v)
     radius = np.hypot(u, v)
     scale = float(max_flow) if max_flow is not None else float(radius.max(initial=0.0))

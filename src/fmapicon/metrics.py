@@ -47,6 +47,10 @@ SEQUENCE_COLUMNS = ["Sequence", "J-Mean", "F-Mean"]
 VOID = 255
 
 
+class SkippedSequenceWarning(UserWarning):
+    """A sequence of the set that has nothing to score (one warning per sequence)."""
+
+
 # --------------------------------------------------------------------------- per frame
 
 
@@ -105,7 +109,7 @@ def dilate(mask: np.ndarray, footprint: np.ndarray) -> np.ndarray:
 
     Equal to ``scipy.ndimage.binary_dilation(mask, structure=footprint)`` (and to the
     toolkit's ``cv2.dilate``) for any footprint whose rows are centred runs of ones, as a
-    disk's are, but 4x faster: row dy of the footprint, ``[-w, w]``, is a 1-D maximum filter
+    disk's are, and for any mask shape (also smaller than the footprint), but 4x faster: row dy of the footprint, ``[-w, w]``, is a 1-D maximum filter
     of width 2w + 1 along x, shifted by dy; the output is the union over the rows.
     """
     from scipy.ndimage import maximum_filter1d
@@ -116,6 +120,8 @@ def dilate(mask: np.ndarray, footprint: np.ndarray) -> np.ndarray:
     out = np.zeros(mask.shape, dtype=bool)
     widened = {}
     for dy, w in zip(range(-radius, radius + 1), half_widths):
+        if abs(dy) >= height:  # this row of the footprint reaches past the whole frame
+            continue
         if w not in widened:
             widened[w] = maximum_filter1d(mask.view(np.uint8), size=2 * w + 1, axis=1, mode="constant") > 0
         if dy >= 0:
@@ -211,17 +217,20 @@ def score_frame(truth_ids: np.ndarray, predicted_ids: np.ndarray, objects: int,
     return j_values, f_values
 
 
-def _read_prediction(path: Path, shape, objects: int) -> np.ndarray:
-    """The prediction's ids, checked: the file exists, has the annotation's size, ids <= K."""
-    from fmapicon.davis import read_annotation
+def _read_prediction(path: Path, truth_path: Path, shape, objects: int, style=None) -> np.ndarray:
+    """The prediction's ids, checked: the file exists, has the annotation's size, ids <= K.
+
+    RGB predictions use the colours of the sequence's annotations (``style``)."""
+    from fmapicon.davis import AnnotationStyle, read_annotation
 
     if not path.is_file():
         raise UserError(f"missing prediction {path}: expected one indexed PNG per annotated frame "
                         f"(named as the annotation), in the DAVIS palette")
-    ids = read_annotation(path)
+    ids = read_annotation(path, AnnotationStyle(colours=style.colours) if style is not None else None)
     if ids.shape != tuple(shape):
         raise UserError(f"prediction {path} is {ids.shape[1]} x {ids.shape[0]} (W x H) but its "
-                        f"annotation is {shape[1]} x {shape[0]}: write predictions at the frame's size")
+                        f"annotation {truth_path} is {shape[1]} x {shape[0]}: write predictions at the "
+                        "frame's size")
     highest = int(ids.max(initial=0))
     if highest > objects:
         raise UserError(f"prediction {path} holds object id {highest} but the first annotated frame "
@@ -231,16 +240,27 @@ def _read_prediction(path: Path, shape, objects: int) -> np.ndarray:
 
 def score_sequence(annotation_files, prediction_dir, exclude_void: bool = False) -> dict:
     """Per-frame J and F of one sequence: ``{"objects": K, "frames": [names], "J": K x n,
-    "F": K x n}`` over the annotated frames except the first and the last."""
-    from fmapicon.davis import read_annotation
+    "F": K x n}`` over the annotated frames except the first and the last (n = 0 for a
+    sequence of fewer than 3 annotated frames: nothing to score).
+
+    The annotations are read with one style for the whole sequence
+    (``fmapicon.davis.read_annotations``). Raises UserError when an annotation's size differs
+    from the first one's (naming the ground-truth file) or a prediction is missing or wrong.
+    """
+    from fmapicon.davis import read_annotations
 
     annotation_files = [Path(p) for p in annotation_files]
-    objects = object_count(read_annotation(annotation_files[0]))
+    truths, style = read_annotations(annotation_files)
+    objects = object_count(truths[0])
     scored = annotation_files[1:-1]
     j_values, f_values = np.zeros((objects, len(scored))), np.zeros((objects, len(scored)))
     for t, truth_path in enumerate(scored):
-        truth = read_annotation(truth_path)
-        prediction = _read_prediction(Path(prediction_dir) / truth_path.name, truth.shape, objects)
+        truth = truths[t + 1]
+        if truth.shape != truths[0].shape:
+            raise UserError(f"ground-truth mask {truth_path} is {truth.shape[1]} x {truth.shape[0]} (W x H) but "
+                            f"{annotation_files[0].name} of the same sequence is {truths[0].shape[1]} x "
+                            f"{truths[0].shape[0]}: every annotation of a sequence must have the frames' size")
+        prediction = _read_prediction(Path(prediction_dir) / truth_path.name, truth_path, truth.shape, objects, style)
         j_values[:, t], f_values[:, t] = score_frame(truth, prediction, objects, exclude_void)
     return {"objects": objects, "frames": [p.stem for p in scored], "J": j_values, "F": f_values}
 
@@ -267,7 +287,7 @@ def global_results(objects: list[dict]) -> dict:
     return {"J&F-Mean": (row["J-Mean"] + row["F-Mean"]) / 2, **row}
 
 
-def score_davis(davis_root, results_dir, set_name: str = "val", sequences=None,
+def score_davis(davis_root, results_dir, set_name: str | None = "val", sequences=None,
                 exclude_void: bool = False, progress: bool = True) -> dict:
     """Score predictions ``results_dir/<seq>/<frame>.png`` against a DAVIS root.
 
@@ -275,34 +295,52 @@ def score_davis(davis_root, results_dir, set_name: str = "val", sequences=None,
     ----------
     davis_root : folder with ``Annotations/480p/<seq>/`` (2016 or 2017 style) and ``ImageSets``
     results_dir : folder with one sub-folder of indexed PNGs per sequence
-    set_name : the sequence list ``ImageSets/2017/<set>.txt`` or ``ImageSets/<set>.txt``
+    set_name : the sequence list ``ImageSets/2017/<set>.txt`` or ``ImageSets/<set>.txt``;
+        None: ``fmapicon.davis.resolve_set``'s choice (val, or the root's only list), as eval
     sequences : names (list or "a,b,c") instead of the set's list
     exclude_void : exclude void (255) pixels from J and F (the toolkit, in effect, does not)
 
+    Sequences with nothing to score (fewer than 3 annotated frames, or no object in the first
+    annotated frame) are skipped with one ``SkippedSequenceWarning`` each and listed under
+    ``"skipped"``; when nothing at all is left, UserError (never an empty or NaN result).
+
     Returns
     -------
-    ``{"set", "sequences", "exclude_void", "global": {column: value}, "objects": [rows],
-    "per_frame": {"<seq>_<k>": {"frames", "J", "F"}}, "jf_mean"}``
+    ``{"set", "sequences" (the scored ones), "skipped", "exclude_void", "global": {column:
+    value}, "objects": [rows], "per_frame": {"<seq>_<k>": {"frames", "J", "F"}}, "jf_mean"}``
     """
     from tqdm import tqdm
 
-    from fmapicon.davis import annotation_paths, layout, sequence_names
+    from fmapicon.davis import annotation_paths, layout, resolve_set, sequence_names
 
     _, annotations_dir = layout(davis_root)
+    set_name = resolve_set(davis_root, set_name)
     names = sequence_names(davis_root, set_name, sequences)
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise UserError(f"results folder {results_dir} does not exist: expected <seq>/<frame>.png predictions")
-    objects, per_frame = [], {}
+    objects, per_frame, skipped = [], {}, []
     for name in tqdm(names, desc="score", unit="seq", disable=not progress, leave=False):
         scores = score_sequence(annotation_paths(annotations_dir, name), results_dir / name, exclude_void)
+        if not scores["frames"] or not scores["objects"]:
+            why = (f"{len(scores['frames']) + 2 if scores['frames'] else 'fewer than 3'} annotated frame(s): the first "
+                   "and the last are not scored" if not scores["frames"] else "no object in its first annotated frame")
+            warnings.warn(f"sequence {name!r} skipped: nothing to score ({why})", SkippedSequenceWarning, stacklevel=2)
+            skipped.append(name)
+            continue
         objects += _object_rows(name, scores)
         for k in range(scores["objects"]):
             per_frame[f"{name}_{k + 1}"] = {"frames": scores["frames"], "J": scores["J"][k].tolist(),
                                             "F": scores["F"][k].tolist()}
+    if not objects:
+        raise UserError(f"nothing to score in {davis_root} (set {set_name!r}): every selected sequence "
+                        f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}) has fewer than 3 annotated "
+                        "frames or no object in its first annotated frame (the first and last annotated frames "
+                        "are never scored)")
     overall = global_results(objects)
-    return {"set": set_name, "sequences": names, "exclude_void": exclude_void, "global": overall,
-            "objects": objects, "per_frame": per_frame, "jf_mean": overall["J&F-Mean"]}
+    return {"set": set_name, "sequences": [n for n in names if n not in skipped], "skipped": skipped,
+            "exclude_void": exclude_void, "global": overall, "objects": objects, "per_frame": per_frame,
+            "jf_mean": overall["J&F-Mean"]}
 
 
 # --------------------------------------------------------------------------- output

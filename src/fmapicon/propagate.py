@@ -45,8 +45,10 @@ is kept. ``protocol="copy"`` repeats the first mask.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,36 +118,29 @@ def _to_images(frames: np.ndarray, device) -> torch.Tensor:
     return tensor.permute(0, 3, 1, 2).float() / 255.0
 
 
-def _resample(maps: torch.Tensor, size) -> torch.Tensor:
-    """Bilinear (align_corners=False) resampling of ``B x C x h x w`` to ``size``;
-    anti-aliased when shrinking, the identity when the size already matches."""
-    size = tuple(int(s) for s in size)
-    if tuple(maps.shape[-2:]) == size:
-        return maps
-    shrink = size[0] < maps.shape[-2] or size[1] < maps.shape[-1]
-    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False, antialias=shrink)
-
-
 def cell_grid(height: int, width: int, stride: int) -> tuple[int, int]:
-    """``(ceil(H / stride), ceil(W / stride))``: the feature cells over a frame."""
-    return math.ceil(height / stride), math.ceil(width / stride)
+    """The feature cells over a frame: ``fmapicon.features.stride_grid`` (round(H / stride),
+    round(W / stride), at least 1), the grid of ``sequence_features``."""
+    from fmapicon.features import stride_grid
+
+    return stride_grid(height, width, stride)
 
 
 def sequence_features(model, frames: np.ndarray, input_scale: float, stride: int, batch_size: int = 4,
                       on_batch=None) -> torch.Tensor:
     """Unit features of a sequence on the stride grid: ``T x C x h x w`` (model's device).
 
-    Each batch of frames (uint8 ``T x H x W x 3``) is resized by ``input_scale`` (bilinear,
-    anti-aliased when shrinking), passed through ``model`` (a FeatureModel), resampled to
-    ``cell_grid(H, W, stride)`` and L2-normalized. ``on_batch(n)`` is called after each batch.
+    Each batch of frames (uint8 ``T x H x W x 3``) goes through
+    ``fmapicon.features.extract(model, images, scale=input_scale, stride=stride)``:
+    resized by ``input_scale``, the model's map resampled onto ``cell_grid(H, W, stride)``,
+    L2-normalized. ``on_batch(n)`` is called after each batch.
     """
-    height, width = frames.shape[1:3]
-    scaled = (max(1, round(height * input_scale)), max(1, round(width * input_scale)))
-    grid = cell_grid(height, width, stride)
+    from fmapicon.features import extract
+
     out = []
     for start in range(0, len(frames), batch_size):
-        images = _resample(_to_images(frames[start:start + batch_size], model.device), scaled)
-        out.append(F.normalize(_resample(model(images), grid), dim=1))
+        images = _to_images(frames[start:start + batch_size], model.device)
+        out.append(extract(model, images, scale=input_scale, stride=stride))
         if on_batch is not None:
             on_batch(len(images))
     return torch.cat(out)
@@ -467,6 +462,8 @@ def _nearest_first_frame(query: torch.Tensor, keys: torch.Tensor, chunk: int = 2
 
 def _propagate_original(model, frames, first_ids, progress):
     """The original code's protocol (see the module docstring)."""
+    from fmapicon.features import resize_maps
+
     height, width = frames.shape[1:3]
     left, right = _centre_square(width, height)
     small = frames[:, ::4, left:right:4]
@@ -474,7 +471,7 @@ def _propagate_original(model, frames, first_ids, progress):
     features = []
     for i in range(0, len(small)):
         image = _to_images(small[i:i + 1], model.device)
-        features.append(F.normalize(_resample(model(image), image.shape[-2:]), dim=1)[0])
+        features.append(F.normalize(resize_maps(model(image), image.shape[-2:]), dim=1)[0])
         progress.update(1)
     feature_time = time.perf_counter() - start
     start = time.perf_counter()
@@ -582,12 +579,16 @@ def evaluate_davis(model, davis_root, out_dir, set_name: str | None = None, sequ
     device : where features and affinities are computed (default: a model object's own
         device, else ``auto``)
 
+    Everything is written into a temporary sibling of ``out_dir`` first and moved into
+    ``out_dir`` only when the whole evaluation succeeded (``eval.json`` last), so a failed run
+    leaves ``out_dir`` as it was; entries of ``out_dir`` with the same names are replaced,
+    others are kept (``fmapicon eval`` refuses a non-empty ``out_dir`` without ``--force``).
+
     Returns
     -------
     the score of ``fmapicon.metrics.score_davis`` plus ``"timings"`` and ``"eval_json"``.
     """
     from fmapicon.davis import layout, resolve_set, sequence_names
-    from fmapicon.metrics import format_results, score_davis, write_results
 
     params = (params or PropagationParams()).checked()
     if isinstance(model, str) and model == "copy":
@@ -596,50 +597,108 @@ def evaluate_davis(model, davis_root, out_dir, set_name: str | None = None, sequ
     set_name = resolve_set(davis_root, set_name)
     names = sequence_names(davis_root, set_name, sequences)
     feature_model, model_name, device = _resolve_model(model, params, device)
-    timings = _propagate_set(feature_model, davis_root, names, Path(out_dir), params, progress)
-    results = score_davis(davis_root, out_dir, set_name, names, exclude_void=exclude_void, progress=progress)
-    write_results(results, out_dir, set_name)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        return _evaluate_into(feature_model, model_name, device, davis_root, out_dir, staging, set_name, names,
+                              params, progress, exclude_void)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _evaluate_into(feature_model, model_name, device, davis_root, out_dir: Path, staging: Path, set_name, names,
+                   params, progress, exclude_void) -> dict:
+    """``evaluate_davis``'s work, written into ``staging`` and moved into ``out_dir`` at the end."""
+    from fmapicon.metrics import format_results, score_davis, write_results
+
+    timings = _propagate_set(feature_model, davis_root, names, staging, params, progress)
+    results = score_davis(davis_root, staging, set_name, names, exclude_void=exclude_void, progress=progress)
+    write_results(results, staging, set_name)
     input_scale = None
     if feature_model is not None:
         input_scale = 0.25 if params.protocol == "original" else params.input_scale or feature_model.default_input_scale
     record = {
         "model": model_name, "protocol": params.protocol, "params": dataclasses.asdict(params),
         "input_scale": input_scale, "device": str(device), "davis": str(davis_root), "set": set_name,
-        "sequences": names, "exclude_void": exclude_void, "timings": timings, "totals": _totals(timings),
+        "sequences": results["sequences"], "skipped": results["skipped"], "exclude_void": exclude_void,
+        "timings": timings, "totals": _totals(timings),
         "global": results["global"], "objects": results["objects"], "jf_mean": results["jf_mean"],
     }
-    eval_json = _write_record(record, Path(out_dir))
+    _write_record(record, staging)
+    publish(staging, out_dir)
+    eval_json = out_dir / "eval.json"
     return {**results, "timings": timings, "totals": record["totals"], "eval_json": str(eval_json),
             "table": format_results(results), "model": model_name, "input_scale": input_scale}
 
 
 def _propagate_set(feature_model, davis_root, names, out_dir: Path, params, progress) -> dict:
-    """Propagate and write every sequence's masks; return the timings per sequence."""
-    from fmapicon.davis import annotation_paths, frame_paths, layout, read_annotation, read_frames, write_indexed_png
+    """Propagate and write every sequence's masks; return the timings per sequence.
+
+    Propagation starts at the sequence's first annotated frame (the frame whose name is the
+    first annotation's); the frames before it get all-background masks, as nothing is known
+    there yet.
+    """
+    from fmapicon.davis import annotation_paths, annotation_style, frame_paths, layout, read_annotation, read_frames
+    from fmapicon.davis import write_indexed_png
 
     images_dir, annotations_dir = layout(davis_root)
     timings = {}
     for name in names:
         paths = frame_paths(images_dir, name)
-        frames = read_frames(paths)
-        first_ids = read_annotation(annotation_paths(annotations_dir, name)[0])
+        truths = annotation_paths(annotations_dir, name)
+        stems = [p.stem for p in paths]
+        if truths[0].stem not in stems:
+            raise UserError(f"the first annotation {truths[0]} has no frame of the same name in {images_dir / name} "
+                            f"(frames {stems[0]}..{stems[-1]}): name annotations as the frames they belong to")
+        start = stems.index(truths[0].stem)
+        frames = read_frames(paths[start:])
+        first_ids = read_annotation(truths[0], annotation_style(truths))
         ids, timing = propagate_sequence(feature_model, frames, first_ids, params, progress, name)
-        for path, frame_ids in zip(paths, ids):
-            write_indexed_png(out_dir / name / f"{path.stem}.png", frame_ids)
-        timings[name] = {"frames": len(frames), "height": frames.shape[1], "width": frames.shape[2], **timing}
+        blank = np.zeros(frames.shape[1:3], np.uint8)
+        for t, path in enumerate(paths):
+            write_indexed_png(out_dir / name / f"{path.stem}.png", ids[t - start] if t >= start else blank)
+        timings[name] = {"frames": len(frames), "first_annotated": start, "height": frames.shape[1],
+                         "width": frames.shape[2], **timing}
     return timings
+
+
+def publish(staging: Path, out_dir: Path) -> None:
+    """Move every entry of ``staging`` into ``out_dir`` (replacing entries of the same name),
+    ``eval.json`` last, so that a complete-looking result is never half there."""
+    from fmapicon.runtime import remove_entries
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    entries = sorted(staging.iterdir(), key=lambda p: p.name == "eval.json")
+    for entry in entries:
+        remove_entries(out_dir, [entry.name])
+        os.replace(entry, out_dir / entry.name)
+
+
+def previous_outputs(out_dir: Path) -> list[str]:
+    """Names of the entries an earlier ``evaluate_davis`` wrote into ``out_dir`` (from its
+    eval.json: sequence folders, the toolkit CSVs, eval.json itself); [] when there is none."""
+    import json
+
+    record_path = Path(out_dir) / "eval.json"
+    if not record_path.is_file():
+        return []
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        return ["eval.json"]
+    names = list(record.get("sequences", [])) + list(record.get("skipped", []) or [])
+    names += [p.name for p in Path(out_dir).glob("*_results-*.csv")]
+    return names + ["eval.json"]
 
 
 def _write_record(record: dict, out_dir: Path) -> Path:
     """``out_dir/eval.json``, atomically, stamped with the version and date."""
     from fmapicon import __version__
-    from fmapicon.runtime import atomic_write
+    from fmapicon.runtime import write_json
 
     record = {**record, "fmapicon": __version__, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    path = out_dir / "eval.json"
-    with atomic_write(path, "w") as handle:
-        handle.write(json.dumps(record, indent=2) + "\n")
-    return path
+    return write_json(out_dir / "eval.json", record)
 
 
 def _totals(timings: dict) -> dict:

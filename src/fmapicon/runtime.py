@@ -110,3 +110,44 @@ def remove_entries(folder, names) -> None:
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
+
+
+def strict_json_value(value):
+    """``value`` made fit for strict JSON (RFC 8259): NaN and +-Infinity become None (null),
+    numpy/torch scalars and arrays become numbers and lists, paths and other objects with no
+    JSON form become strings only when they are paths; dict keys become strings."""
+    import math
+
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): strict_json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json_value(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "tolist"):  # numpy / torch scalars and arrays
+        return strict_json_value(value.tolist())
+    if hasattr(value, "item"):
+        return strict_json_value(value.item())
+    raise TypeError(f"cannot write a {type(value).__name__} as JSON: {value!r}")
+
+
+def json_text(payload, indent: int | None = 2) -> str:
+    """The one JSON encoder of the project: strict JSON (``strict_json_value``), one trailing
+    newline; ``indent=None`` gives one line (a JSON-lines record)."""
+    import json
+
+    return json.dumps(strict_json_value(payload), indent=indent, allow_nan=False) + "\n"
+
+
+def write_json(path, payload, indent: int | None = 2) -> Path:
+    """Write ``payload`` as strict JSON (``json_text``) to ``path`` atomically; return the path."""
+    path = Path(path)
+    with atomic_write(path, "w") as handle:
+        handle.write(json_text(payload, indent))
+    return path

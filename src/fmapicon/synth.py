@@ -764,11 +764,10 @@ def _write_video(av, path: Path, frames: np.ndarray) -> None:
 
 def _write_marker(out: Path, params: dict) -> None:
     from fmapicon import __version__
-    from fmapicon.runtime import atomic_write
+    from fmapicon.runtime import write_json
 
     params = {"generator": "fmapicon synth", "version": __version__, **params}
-    with atomic_write(out / MARKER, "w") as handle:
-        handle.write(json.dumps(params, indent=2) + "\n")
+    write_json(out / MARKER, params)
 
 
 def read_marker(root) -> dict | None:

@@ -9,7 +9,6 @@ for every benchmark.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -63,9 +62,9 @@ def report(name: str, rows: list[dict], json_path: str | None, notes: list[str] 
     payload = {"benchmark": name, "machine": machine_info(), "rows": rows, "notes": notes or []}
     payload.update(extra or {})
     if json_path:
-        path = Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(payload, indent=2) + "\n")
+        from fmapicon.runtime import write_json
+
+        path = write_json(Path(json_path), payload)
         print(f"wrote {path}")
     return payload
 

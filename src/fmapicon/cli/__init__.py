@@ -13,6 +13,7 @@ import importlib
 import os
 import pkgutil
 import sys
+import warnings
 
 from fmapicon import __version__
 from fmapicon.errors import UserError
@@ -35,18 +36,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """One clean line per warning on stderr (no Python source path or source line)."""
+    text = " ".join(str(message).split())
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(f"fmapicon: warning: {text}", file=file or sys.stderr)  # above any progress bar
+    except ImportError:
+        print(f"fmapicon: warning: {text}", file=file or sys.stderr)
+
+
+def _unknown_options(parser: argparse.ArgumentParser, args, unknown: list[str]) -> None:
+    """Exit (status 2) naming the unknown arguments and, for a mistyped option, the closest
+    option of the subcommand (``--stesp`` -> ``--steps``)."""
+    import difflib
+
+    target = parser
+    command = getattr(args, "command", None)
+    if command:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+                target = action.choices[command]
+    options = [o for action in target._actions for o in action.option_strings if o.startswith("--")]
+    hints = []
+    for word in unknown:
+        if word.startswith("-"):
+            close = difflib.get_close_matches(word.split("=", 1)[0], options, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"{word}: did you mean {close[0]}?")
+    message = f"unrecognized arguments: {' '.join(unknown)}"
+    if hints:
+        message += " (" + "; ".join(hints) + ")"
+    target.error(message)
+
+
 def main(argv: list[str] | None = None) -> int:
     # OpenMP's default spin-waiting makes the many small kernels of the tiled objective up to
     # 5x slower on a busy machine (measured: fmapicon bench loss --omp-wait-policy inherit);
     # it must be set before torch loads, so the command sets it unless the user has.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _unknown_options(parser, args, unknown)
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
     try:
-        return int(args.run(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return int(args.run(args) or 0)
     except (UserError, FileNotFoundError, NotADirectoryError, PermissionError) as error:
         if os.environ.get("FMAPICON_DEBUG"):
             raise

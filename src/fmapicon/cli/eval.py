@@ -27,7 +27,11 @@ def register(subparsers) -> None:
                         "pixels (Lab colour patches), random (untrained short U-Net, fixed seed), xfeat "
                         "(pretrained XFeat, needs the xfeat extra) (required)")
     parser.add_argument("--out", default="runs/eval", metavar="DIR",
-                        help="output folder for predictions, CSVs and eval.json (default: runs/eval)")
+                        help="output folder for predictions, CSVs and eval.json; must not exist or be empty "
+                        "unless --force (default: runs/eval)")
+    parser.add_argument("--force", action="store_true", default=False,
+                        help="replace an earlier evaluation in DIR (its sequence folders, CSVs and eval.json; "
+                        "other files are kept) (default: refuse a non-empty DIR)")
     parser.add_argument("--protocol", choices=["crw", "original"], default="crw",
                         help="crw: context of first + previous frames, local radius, top-k (default); "
                         "original: the original code's hard nearest neighbour in the first frame at 1/4 scale")
@@ -59,8 +63,31 @@ def register(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
+def _check_out(out, force: bool) -> None:
+    """Refuse a non-empty output folder unless ``force``; with it, remove the earlier
+    evaluation's outputs there (two runs' results are never mixed)."""
+    from pathlib import Path
+
+    from fmapicon.errors import UserError
+    from fmapicon.propagate import previous_outputs
+    from fmapicon.runtime import remove_entries
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder: choose a folder for the evaluation's outputs")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and not force:
+        raise UserError(f"{out} already holds {len(entries)} entries ({', '.join(entries[:6])}); an earlier "
+                        "evaluation is never silently replaced: pass --force to replace it, or choose a new "
+                        "folder with --out")
+    if entries:
+        remove_entries(out, previous_outputs(out))
+
+
 def run(args) -> int:
     from fmapicon.propagate import PropagationParams, evaluate_davis
+
+    _check_out(args.out, args.force)
 
     params = PropagationParams(
         protocol=args.protocol, input_scale=args.input_scale, stride=args.stride, context=args.context,
@@ -74,5 +101,7 @@ def run(args) -> int:
         print(f"{totals['frames']} frames: features {totals['features_s']:.1f} s "
               f"({totals['features_s_per_frame']:.3f} s/frame), propagation {totals['propagation_s']:.1f} s "
               f"({totals['propagation_s_per_frame']:.3f} s/frame)")
+    if result["skipped"]:
+        print(f"{len(result['skipped'])} sequence(s) skipped with nothing to score: {', '.join(result['skipped'])}")
     print(f"wrote {result['eval_json']}")
     return 0

@@ -58,12 +58,12 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import json
     import time
     from pathlib import Path
 
     from fmapicon.correspond import load_feature_model, match_images, match_picture, read_image
-    from fmapicon.runtime import atomic_write, resolve_device
+    from fmapicon.flow import write_flo
+    from fmapicon.runtime import resolve_device, write_json
 
     device = resolve_device(args.device)
     image_a, image_b = read_image(args.image_a).to(device), read_image(args.image_b).to(device)
@@ -76,11 +76,10 @@ def run(args) -> int:
     seconds = time.perf_counter() - start
     out = Path(args.out)
     flow_ab = match.flow_ab[0].permute(1, 2, 0).cpu().numpy()
-    _write_flow(out / "flow_ab.flo", flow_ab)
-    _write_flow(out / "flow_ba.flo", match.flow_ba[0].permute(1, 2, 0).cpu().numpy())
+    write_flo(out / "flow_ab.flo", flow_ab)
+    write_flo(out / "flow_ba.flo", match.flow_ba[0].permute(1, 2, 0).cpu().numpy())
     metrics = _metrics(args, model, match, flow_ab, gt_flow, seconds)
-    with atomic_write(out / "metrics.json", "w") as handle:
-        handle.write(json.dumps(metrics, indent=2) + "\n")
+    write_json(out / "metrics.json", metrics)
     from fmapicon.report import save_png
 
     save_png(out / "match.png", match_picture(image_a, image_b, match, gt_flow))
@@ -100,20 +99,6 @@ def _read_gt(path, size):
         raise UserError(f"--gt-flow {path} is {flow.shape[1]} x {flow.shape[0]} pixels but image A is "
                         f"{size[1]} x {size[0]}: the ground truth must be the flow A->B at A's size")
     return flow
-
-
-def _write_flow(path, flow) -> None:
-    """write_flo through a temporary name in the same folder, then rename: never half a file."""
-    import os
-
-    from fmapicon.flow import write_flo
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write_flo(tmp, flow)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _metrics(args, model, match, flow_ab, gt_flow, seconds: float) -> dict:

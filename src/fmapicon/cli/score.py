@@ -25,9 +25,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--davis", required=True, metavar="ROOT",
                         help="DAVIS folder with Annotations/480p/<seq>/ and ImageSets/ (required)")
-    parser.add_argument("--set", dest="set_name", default="val", metavar="NAME",
-                        help="sequence list ImageSets/2017/NAME.txt or ImageSets/NAME.txt (default: val; "
-                        "the shared DAVIS-2016 data has 'dev')")
+    parser.add_argument("--set", dest="set_name", default=None, metavar="NAME",
+                        help="sequence list ImageSets/2017/NAME.txt or ImageSets/NAME.txt (default: val, or "
+                        "the folder's only list, as eval)")
     parser.add_argument("--results", required=True, metavar="DIR",
                         help="folder of predictions, one sub-folder per sequence (required)")
     parser.add_argument("--sequences", type=sequence_list, default=None, metavar="A,B,C",
@@ -43,8 +43,10 @@ def run(args) -> int:
 
     results = score_davis(args.davis, args.results, args.set_name, args.sequences,
                           exclude_void=args.exclude_void)
-    paths = write_results(results, args.results, args.set_name)
+    paths = write_results(results, args.results, results["set"])
     print(format_results(results))
+    if results["skipped"]:
+        print(f"{len(results['skipped'])} sequence(s) skipped with nothing to score: {', '.join(results['skipped'])}")
     for path in paths:
         print(f"wrote {path}")
     return 0

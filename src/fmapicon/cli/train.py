@@ -58,11 +58,11 @@ def _add_knob(parser, name: str, meta: dict) -> None:
     default = meta["default"]
     from fmapicon.train import RECIPE_VALUES
 
-    shown = " ".join(default) if isinstance(default, list) else {True: "on", False: "off"}.get(default, default)
+    shown = shown_default(default)
     original = RECIPE_VALUES["original"].get(name)
     if original is not None and original != default:
-        shown = f"{shown}; with --recipe original: {original}"
-    options = {"dest": name, "default": argparse.SUPPRESS, "help": f"{meta['help']} (default: {shown})".replace("%", "%%")}
+        shown = f"{shown}; with --recipe original: {shown_default(original)}"
+    options = {"dest": name, "default": argparse.SUPPRESS, "help": help_text(f"{meta['help']} (default: {shown})")}
     if meta["kind"] == "bool":
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
     elif meta["kind"] == "list":
@@ -70,6 +70,21 @@ def _add_knob(parser, name: str, meta: dict) -> None:
     else:
         metavar = "{" + ",".join(meta["choices"]) + "}" if meta["choices"] else name.upper()
         parser.add_argument(flag, type=_value_parser(name, meta["kind"]), metavar=metavar, **options)
+
+
+def shown_default(default) -> str:
+    """A default as the help shows it: on/off for booleans only (never for 1.0 or 0, which
+    equal True and False), a list space-separated, anything else as it prints."""
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, list):
+        return " ".join(str(v) for v in default)
+    return str(default)
+
+
+def help_text(text: str) -> str:
+    """Help text for argparse: reStructuredText ``literals`` shown plain, % escaped."""
+    return text.replace("``", "").replace("%", "%%")
 
 
 def _value_parser(name: str, kind: str):
