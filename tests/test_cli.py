@@ -79,7 +79,7 @@ def test_train_help_shows_true_defaults_and_no_rst(capsys):
     for name in ("crop_max", "seed"):
         default = fields[name]["default"]
         assert not isinstance(default, bool)
-        assert f"(default: {default})" in text, name
+        assert f"(default: {default}" in text, name
 
 
 def test_warnings_print_one_clean_line(tmp_path, capsys):

@@ -88,7 +88,7 @@ def test_original_recipe():
 
 
 def test_unknown_config_key_lists_the_valid_ones():
-    with pytest.raises(UserError, match=r"unknown training option\(s\) batchsize.*valid keys: data, net"):
+    with pytest.raises(UserError, match=r"unknown training option\(s\) batchsize.*valid keys: recipe, data, net"):
         TrainConfig.from_mapping({"batchsize": 3})
 
 
@@ -124,7 +124,17 @@ def test_flags_override_the_config_file_which_overrides_defaults(tmp_path, suffi
     args = build_parser().parse_args(["train", "--config", str(file), "--batch", "4", "--center", "--out", "x"])
     config, out, resume = config_from_args(args)
     assert (config.batch, config.lr, config.max_gap, config.center) == (4, 0.01, 5, True)
-    assert config.size == 120 and out == "x" and not resume
+    assert config.size == 128 and out == "x" and not resume
+
+
+def test_recipe_original_from_the_config_file_or_a_flag_changes_the_base(tmp_path):
+    file = tmp_path / "run.toml"
+    file.write_text('recipe = "original"\nbatch = 8\n')
+    from_file, _, _ = config_from_args(build_parser().parse_args(["train", "--config", str(file)]))
+    from_flag, _, _ = config_from_args(build_parser().parse_args(["train", "--recipe", "original", "--batch", "8"]))
+    for config in (from_file, from_flag):
+        assert (config.recipe, config.net, config.size, config.lambda_init, config.batch) == \
+            ("original", "short", 120, 12.0, 8)
 
 
 def test_crop_range_reaches_the_dataset_and_is_checked():
