@@ -20,10 +20,10 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _LAZY = {
-    "log_p": "fmapicon.objective",
-    "log_p_dense": "fmapicon.objective",
-    "load": "fmapicon.checkpoint",
-    "build_network": "fmapicon.networks",
+    "log_p": "fmapicon.core.objective",
+    "log_p_dense": "fmapicon.core.objective",
+    "load": "fmapicon.core.checkpoint",
+    "build_network": "fmapicon.core.networks",
 }
 
 __all__ = ["__version__", *_LAZY]

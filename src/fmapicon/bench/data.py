@@ -58,7 +58,7 @@ def _sources(args, scratch) -> dict:
     from pathlib import Path
 
     from fmapicon.runtime import shared_data_dir
-    from fmapicon.synth import write_scenes
+    from fmapicon.data.synth import write_scenes
 
     write_scenes(scratch, sequences=args.sequences, frames=args.frames, size=(args.scene_size, args.scene_size),
                  objects=3, seed=0)
@@ -77,7 +77,7 @@ def main(args) -> int:
     import tempfile
 
     from fmapicon.bench import report
-    from fmapicon.data import FramePairs
+    from fmapicon.data.pairs import FramePairs
 
     import torch
 

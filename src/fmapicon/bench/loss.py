@@ -2,7 +2,7 @@
 
 For each pixel count N (square maps when N is a square; both frames N pixels), batch
 B and C channels, four random feature maps of norm ``--scale`` (lambda, whose square
-bounds the logits) go through forward + backward of ``fmapicon.objective.log_p`` (exact,
+bounds the logits) go through forward + backward of ``fmapicon.core.objective.log_p`` (exact,
 O(N) memory) and of ``log_p_dense`` (the quadratic reference). The table gives the
 best wall time of ``--repeat`` alternating runs (fast, dense, fast, dense, ...: a
 shared machine's load hits both alike), the process CPU time of those runs, the ratio
@@ -59,9 +59,9 @@ def add_arguments(parser) -> None:
                         help="skip the dense form where its estimated memory exceeds this "
                         f"(default: {_CPU_DENSE_CAP_GB:g} on CPU, 80%% of the free memory on CUDA)")
     parser.add_argument("--block-rows", type=positive_int, default=None,
-                        help="tile rows of log_p (default: fmapicon.objective.default_blocks)")
+                        help="tile rows of log_p (default: fmapicon.core.objective.default_blocks)")
     parser.add_argument("--block-cols", type=positive_int, default=None,
-                        help="tile columns of log_p (default: fmapicon.objective.default_blocks)")
+                        help="tile columns of log_p (default: fmapicon.core.objective.default_blocks)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random features (default 0)")
@@ -122,7 +122,7 @@ def _set_omp_wait_policy(policy: str) -> str:
 def _measure(n: int, batch: int, args, device, cap_gb: float) -> dict:
     import torch
 
-    from fmapicon.objective import default_blocks, log_p, log_p_dense
+    from fmapicon.core.objective import default_blocks, log_p, log_p_dense
 
     inputs = _features(n, batch, args, device)
     blocks = default_blocks(device, batch, n, n)

@@ -2,7 +2,7 @@
 
 Pairs: a folder of FlyingChairs-style triples (``NNNNNNN-img0.ppm``, ``-img1.ppm``,
 ``-gt.flo``; default ../shared/data/flyingchairs when present) and, with ``--synth``,
-consecutive frames of synthetic scenes with exact flow (``fmapicon.synth``).
+consecutive frames of synthetic scenes with exact flow (``fmapicon.data.synth``).
 
 Methods: ``zero`` (the zero flow), the baselines ``pixels``, ``random``, ``xfeat`` (when
 the xfeat extra is installed), and each ``--model``. For every method and every search
@@ -186,7 +186,7 @@ def _pairs_folder(args) -> Path | None:
 
 def chairs_pairs(folder) -> list[Pair]:
     """The ``NNNNNNN-img0.ppm``, ``-img1.ppm``, ``-gt.flo`` triples of a folder, sorted (``flow_triples``)."""
-    from fmapicon.flow import flow_triples
+    from fmapicon.data.flow import flow_triples
 
     return [Pair("flyingchairs", stem, a, b, flow) for stem, a, b, flow in flow_triples(folder)]
 
@@ -194,7 +194,7 @@ def chairs_pairs(folder) -> list[Pair]:
 def synth_pairs(root: Path, sequences: int, frames: int, size: int) -> list[Pair]:
     """Write synthetic scenes under ``root`` and list their consecutive frame pairs with the exact flow."""
     from fmapicon.errors import UserError
-    from fmapicon.synth import write_scenes
+    from fmapicon.data.synth import write_scenes
 
     if frames < 2:
         raise UserError(f"--synth-frames must be at least 2 to make a pair, got {frames}")
@@ -229,8 +229,8 @@ def _evaluate(method: str, pairs: list[Pair], configs, args, device, notes) -> l
     """One row per (levels, radius) config (one row for ``zero``) of ``method`` over ``pairs``."""
     import numpy as np
 
-    from fmapicon.correspond import load_feature_model
-    from fmapicon.flow import epe_stats, read_flo
+    from fmapicon.evaluation.correspond import load_feature_model
+    from fmapicon.data.flow import epe_stats, read_flo
 
     model = None if method == "zero" else load_feature_model(method, device, args.stride)
     configs = [None] if method == "zero" else configs
@@ -254,7 +254,7 @@ def _match_pair(model, pair: Pair, configs, args, device) -> dict:
     and their time is added to every config."""
     import torch
 
-    from fmapicon.correspond import default_temperature, features_at_stride, match_features, read_image
+    from fmapicon.evaluation.correspond import default_temperature, features_at_stride, match_features, read_image
 
     image_a, image_b = read_image(pair.image_a).to(device), read_image(pair.image_b).to(device)
     start = time.perf_counter()

@@ -1,6 +1,6 @@
 """Label propagation speed on DAVIS frames: seconds per frame, feature extraction vs propagation.
 
-Runs ``fmapicon.propagate.propagate_sequence`` (the CRW protocol of ``fmapicon eval``, same
+Runs ``fmapicon.evaluation.propagate.propagate_sequence`` (the CRW protocol of ``fmapicon eval``, same
 flags) on a few sequences and times its two phases; nothing is written or scored. Defaults:
 the shared DAVIS-2016 folder (../shared/data/davis2016-dev) when present, its 2 shortest
 sequences, ``--model random`` (the untrained short U-Net: the cost of a trained short U-Net)
@@ -68,9 +68,9 @@ def main(args) -> int:
     import torch
 
     from fmapicon.bench import report
-    from fmapicon.davis import frame_paths, layout, resolve_set, sequence_names
-    from fmapicon.features import load_model
-    from fmapicon.propagate import PropagationParams
+    from fmapicon.data.davis import frame_paths, layout, resolve_set, sequence_names
+    from fmapicon.evaluation.features import load_model
+    from fmapicon.evaluation.propagate import PropagationParams
     from fmapicon.runtime import resolve_device
 
     if args.threads:
@@ -104,8 +104,8 @@ def main(args) -> int:
 
 def _time_sequence(model, images_dir, annotations_dir, name, params, limit) -> dict:
     """Propagate one sequence (its first ``limit`` frames) and time the two phases."""
-    from fmapicon.davis import annotation_paths, frame_paths, read_annotation, read_frames
-    from fmapicon.propagate import propagate_sequence
+    from fmapicon.data.davis import annotation_paths, frame_paths, read_annotation, read_frames
+    from fmapicon.evaluation.propagate import propagate_sequence
 
     frames = read_frames(frame_paths(images_dir, name)[:limit])
     first = read_annotation(annotation_paths(annotations_dir, name)[0])

@@ -90,9 +90,9 @@ class _Case:
     def __init__(self, args, preset: str, size: int, device: str):
         import torch
 
-        from fmapicon.augment import make_augmentation
-        from fmapicon.data import FramePairs
-        from fmapicon.networks import NetworkConfig, build_network, feature_size
+        from fmapicon.core.augment import make_augmentation
+        from fmapicon.data.pairs import FramePairs
+        from fmapicon.core.networks import NetworkConfig, build_network, feature_size
         from fmapicon.train import TrainConfig, make_optimizer
 
         torch.manual_seed(0)
@@ -119,14 +119,14 @@ class _Case:
         return default_collate(items)
 
     def features(self):
-        from fmapicon.augment import four_draws
+        from fmapicon.core.augment import four_draws
 
         return four_draws(self.net, self.a, self.b, self.augmentation, generator=self.generator)
 
     def step(self) -> None:
         import torch
 
-        from fmapicon.objective import log_p
+        from fmapicon.core.objective import log_p
 
         self.optimizer.zero_grad(set_to_none=True)
         loss = -log_p(*self.features(), eps=1e-4).mean()
@@ -141,7 +141,7 @@ class _Case:
         torch.autograd.backward(features, [torch.ones_like(f) / f.numel() for f in features])
 
     def loss(self) -> None:
-        from fmapicon.objective import log_p
+        from fmapicon.core.objective import log_p
 
         leaves = [f.clone().requires_grad_() for f in self.fixed_features]
         (-log_p(*leaves, eps=1e-4).mean()).backward()

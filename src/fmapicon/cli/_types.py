@@ -85,7 +85,7 @@ def existing_folder(text: str) -> str:
 
 
 def training_source(text: str) -> str:
-    """A training source of ``fmapicon.data``: an existing path, ``synth`` or ``synth:k=v,...``."""
+    """A training source of ``fmapicon.data.pairs``: an existing path, ``synth`` or ``synth:k=v,...``."""
     if text != "synth" and not text.startswith("synth:") and not os.path.exists(text):
         raise argparse.ArgumentTypeError(f"{text!r} does not exist (give video files, frame folders or 'synth')")
     return text

@@ -1,4 +1,4 @@
-"""``fmapicon ablate``: the writeup's attempts 0-3 in one command; the work is ``fmapicon.ablate``."""
+"""``fmapicon ablate``: the writeup's attempts 0-3 in one command; the work is ``fmapicon.experiments.ablate``."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from fmapicon.ablate import CSV_COLUMNS, AblationConfig, run_ablation
+    from fmapicon.experiments.ablate import CSV_COLUMNS, AblationConfig, run_ablation
     from fmapicon.bench import format_table
 
     config = AblationConfig(out=args.out, attempts=list(args.attempts), extra=list(args.extra), data=list(args.data),

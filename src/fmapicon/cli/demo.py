@@ -1,4 +1,4 @@
-"""``fmapicon demo``: the main job, from nothing to a report; the work is ``fmapicon.demo.run_demo``."""
+"""``fmapicon demo``: the main job, from nothing to a report; the work is ``fmapicon.experiments.demo.run_demo``."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from fmapicon.bench import format_table
-    from fmapicon.demo import MODELS, DemoConfig, run_demo
+    from fmapicon.experiments.demo import MODELS, DemoConfig, run_demo
 
     config = DemoConfig(out=args.out, data=list(args.data), minutes=args.minutes, steps=args.steps,
                         davis=args.davis, davis_set=args.davis_set, pairs=args.pairs, quick=args.quick,

@@ -61,8 +61,8 @@ def run(args) -> int:
     import time
     from pathlib import Path
 
-    from fmapicon.correspond import load_feature_model, match_images, match_picture, read_image
-    from fmapicon.flow import write_flo
+    from fmapicon.evaluation.correspond import load_feature_model, match_images, match_picture, read_image
+    from fmapicon.data.flow import write_flo
     from fmapicon.runtime import resolve_device, write_json
 
     device = resolve_device(args.device)
@@ -80,7 +80,7 @@ def run(args) -> int:
     write_flo(out / "flow_ba.flo", match.flow_ba[0].permute(1, 2, 0).cpu().numpy())
     metrics = _metrics(args, model, match, flow_ab, gt_flow, seconds)
     write_json(out / "metrics.json", metrics)
-    from fmapicon.report import save_png
+    from fmapicon.experiments.report import save_png
 
     save_png(out / "match.png", match_picture(image_a, image_b, match, gt_flow))
     _print_summary(out, metrics)
@@ -89,7 +89,7 @@ def run(args) -> int:
 
 def _read_gt(path, size):
     from fmapicon.errors import UserError
-    from fmapicon.flow import read_flo
+    from fmapicon.data.flow import read_flo
 
     try:
         flow = read_flo(path)
@@ -102,7 +102,7 @@ def _read_gt(path, size):
 
 
 def _metrics(args, model, match, flow_ab, gt_flow, seconds: float) -> dict:
-    from fmapicon.flow import epe_stats
+    from fmapicon.data.flow import epe_stats
 
     metrics = {"ic_error_mean": float(match.ic_error.mean())}
     if gt_flow is not None:

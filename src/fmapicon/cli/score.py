@@ -39,7 +39,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from fmapicon.metrics import format_results, score_davis, write_results
+    from fmapicon.evaluation.metrics import format_results, score_davis, write_results
 
     results = score_davis(args.davis, args.results, args.set_name, args.sequences,
                           exclude_void=args.exclude_void)

@@ -156,7 +156,7 @@ def run(args) -> int:
             print(f"fmapicon train: {error}", file=sys.stderr)
         return 1
     if main_rank:
-        from fmapicon.checkpoint import saved_step
+        from fmapicon.core.checkpoint import saved_step
 
         step = saved_step(run_dir)
         stopped_early = step is not None and step < config.steps

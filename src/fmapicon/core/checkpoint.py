@@ -1,0 +1,169 @@
+"""Checkpoints: network weights as safetensors, written atomically, and ``fmapicon.load``.
+
+A weights file holds the ``FeatureNet`` state dict (parameters and buffers, PixelCenter's
+``pixel_center.running_mean`` included) and, in the safetensors metadata, the run's
+resolved config as JSON under ``fmapicon_config`` (network preset, channels, lambda,
+centre, size, ``input_scale``, ...), so that a file copied away from its run folder still
+loads. Loading reads only safetensors (no pickle, no code from the file).
+
+Layout of a run folder (``fmapicon.train``)::
+
+    RUN/config.json
+    RUN/checkpoints/last.safetensors    the latest weights
+    RUN/checkpoints/best.safetensors    the best J&F so far (with --eval-every)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fmapicon.errors import UserError
+from fmapicon.runtime import atomic_write
+
+WHICH = ("last", "best")
+_CONFIG_KEY = "fmapicon_config"
+
+
+def save_weights(model, path, metadata: dict | None = None) -> Path:
+    """Write ``model``'s weights and buffers to ``path`` (safetensors, atomically).
+
+    Parameters
+    ----------
+    model : a FeatureNet, or a wrapper of one (UnitFeatures, DistributedDataParallel)
+    path : the ``.safetensors`` file to write (its folder is created)
+    metadata : str -> str (other values are converted with ``str``); include
+        ``fmapicon_config`` (the resolved run config as JSON) so the file loads alone.
+    """
+    from safetensors.torch import save
+
+    net = feature_net(model)
+    # copies: safetensors refuses tensors that share storage, and the file must not
+    # alias live training tensors
+    tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in net.state_dict().items()}
+    text = {str(key): value if isinstance(value, str) else str(value) for key, value in (metadata or {}).items()}
+    data = save(tensors, metadata=text)
+    path = Path(path)
+    with atomic_write(path) as handle:
+        handle.write(data)
+    return path
+
+
+def feature_net(model):
+    """The FeatureNet inside ``model`` (strips DistributedDataParallel and UnitFeatures)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from fmapicon.core.networks import UnitFeatures
+
+    while isinstance(model, (DistributedDataParallel, UnitFeatures)):
+        model = model.module if isinstance(model, DistributedDataParallel) else model.net
+    return model
+
+
+def load(path, device="cpu", *, which: str = "last"):
+    """The trained network of a run folder or weights file, ready for evaluation.
+
+    Parameters
+    ----------
+    path : a run folder (uses ``checkpoints/<which>.safetensors``) or a ``.safetensors``
+        file whose config is in its metadata, or in ``config.json`` beside it or two
+        levels up (the run folder of ``RUN/checkpoints/x.safetensors``)
+    device : where to put it (``"cpu"``, ``"cuda"``, ``"auto"``, a ``torch.device``)
+    which : ``"last"`` or ``"best"`` (for a run folder)
+
+    Returns
+    -------
+    ``UnitFeatures`` in eval mode on ``device``: ``B x 3 x H x W`` images in [0, 1] ->
+    ``B x C x h x w`` unit-norm features, with ``.stride``, ``.channels`` and
+    ``.config`` (the run's resolved config, a dict including ``input_scale``).
+    """
+    from safetensors.torch import load_file
+
+    from fmapicon.core.networks import UnitFeatures, build_network
+    from fmapicon.runtime import resolve_device
+
+    file = weights_file(path, which)
+    config = read_config(file)
+    net = build_network(network_config(config, file))
+    _load_state(net, load_file(str(file), device="cpu"), file)
+    model = UnitFeatures(net).to(device if not isinstance(device, str) else resolve_device(device)).eval()
+    model.config = config
+    return model
+
+
+def weights_file(path, which: str = "last") -> Path:
+    """The ``.safetensors`` file that ``path`` (a run folder or a file) names."""
+    if which not in WHICH:
+        raise UserError(f"which checkpoint: expected one of {', '.join(WHICH)}, got {which!r}")
+    path = Path(path)
+    if path.is_dir():
+        file = path / "checkpoints" / f"{which}.safetensors"
+        if not file.is_file():
+            raise UserError(f"{path} has no checkpoints/{which}.safetensors; give a run folder of "
+                            "`fmapicon train` (best exists only with --eval-every) or a .safetensors file")
+        return file
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found; give a run folder or a .safetensors file")
+    if path.suffix != ".safetensors":
+        raise UserError(f"{path} is not a .safetensors file; only safetensors weights are loaded "
+                        "(no pickles): give a run folder or its checkpoints/*.safetensors")
+    return path
+
+
+def read_config(file: Path) -> dict:
+    """The run config of a weights file: its metadata, else a config.json nearby."""
+    embedded = _metadata(file).get(_CONFIG_KEY)
+    if embedded:
+        return json.loads(embedded)
+    for folder in (file.parent, file.parent.parent):
+        if (folder / "config.json").is_file():
+            return json.loads((folder / "config.json").read_text())
+    raise UserError(f"{file} carries no config (metadata {_CONFIG_KEY!r}) and no config.json was found beside "
+                    "it or two levels up; keep it in its run folder (RUN/checkpoints/) to load it")
+
+
+def saved_step(path) -> int | None:
+    """The training step of the last weights file of a run folder (or of a file); None
+    when its metadata does not say."""
+    step = _metadata(weights_file(path)).get("step")
+    return int(step) if step is not None and step.isdigit() else None
+
+
+def _metadata(file: Path) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return handle.metadata() or {}
+    except Exception as error:  # safetensors raises its own error types for a bad header
+        raise UserError(f"{file} is not a readable safetensors file ({error}); it may be truncated or "
+                        "not a checkpoint") from error
+
+
+def network_config(config: dict, file: Path | None = None):
+    """The ``NetworkConfig`` recorded in a run config (its ``network`` entry, else the
+    TrainConfig keys net, channels, lambda_init, center, size)."""
+    import dataclasses
+
+    from fmapicon.core.networks import NetworkConfig
+
+    names = [f.name for f in dataclasses.fields(NetworkConfig)]
+    values = dict(config.get("network") or {key: config[key] for key in names if key in config})
+    if "net" not in values:
+        raise UserError(f"the config of {file or 'this checkpoint'} does not say which network it holds "
+                        f"(expected a 'network' entry or the keys {', '.join(names)})")
+    if isinstance(values.get("size"), (list, tuple)):
+        values["size"] = tuple(values["size"])
+    elif isinstance(values.get("size"), int):
+        values["size"] = (values["size"], values["size"])
+    return NetworkConfig(**{key: value for key, value in values.items() if key in names})
+
+
+def _load_state(net, state: dict, file: Path) -> None:
+    try:
+        result = net.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # a tensor of the wrong shape
+        raise UserError(f"{file} does not match the network its config describes: {error}") from error
+    if result.missing_keys or result.unexpected_keys:
+        raise UserError(f"{file} does not match the network its config describes: missing "
+                        f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")

@@ -1,0 +1,654 @@
+"""The main job: ``fmapicon demo``, from nothing to a report that shows FeatureMapICON working.
+
+One call of ``run_demo(DemoConfig(...))``:
+
+1. **scenes**: writes held-out synthetic sequences (``DIR/heldout``, DAVIS-2017 layout with
+   exact masks and flow) from a seed that training never sees;
+2. **training**: trains a ``short`` U-Net with the final recipe (roll+affine augmentation,
+   PixelCenter, NormScale, RMSprop) for 300 steps, capped at ``--minutes``, on synthetic
+   scenes rendered on the fly (or on ``--data``), into ``DIR/run`` (a complete run folder
+   of ``fmapicon train``, the only checkpoint folder under DIR);
+3. **label propagation**: J&F on the held-out sequences (and on a DAVIS folder with
+   ``--davis``) for the trained model and the ``copy``, ``pixels`` and ``random``
+   baselines, all through the same protocol (``fmapicon.evaluation.propagate``);
+4. **correspondence**: end-point error of Phi^AB against the exact synthetic flow (and on
+   FlyingChairs-style pairs with ``--pairs``), and the inverse-consistency error
+   |Phi^AB(Phi^BA(x)) - x|;
+5. **report**: ``DIR/results.json`` and ``DIR/report.html`` (one self-contained page:
+   curves, the results table, propagated masks, PCA-colour features, the
+   inverse-consistency error map), with the PNGs also kept in ``DIR/figures``.
+
+The recipe (``Recipe``) is sized for a 2-core CPU and was chosen by measurement (held-out
+synthetic J&F of label propagation and EPE at gap 4, 32 x 32 scenes; random features: J&F
+0.68, EPE 1.71; copy: J&F 0.37):
+
+- S = 32 on scenes rendered at R = 32: the exact loss costs O(S^4) per pair, so 32 is 16x
+  cheaper than 64; the training scale S / R = 1, so every model sees the held-out scenes
+  (rendered at R too) exactly as training frames, with feature cells of one pixel.
+- lambda_init = 4 instead of the original's 12: at 12 the logits reach 144, log_p stays below
+  chance for hundreds of steps and the features drift to near-uniform (J&F 0.48 after 300
+  steps); 8 gave 0.51 and 2 collapsed to constant features (0.36) after 100 steps; 4 gave 0.75.
+- max_gap = 4, the gap of the EPE pairs (the first runs used 10; not compared head to head).
+- 300 steps: J&F peaks early and then declines while the correspondence keeps improving
+  (steps 100 / 300 / 700: J&F 0.75 / 0.72 / 0.66, EPE 1.52 / 0.83 / 0.78); the shuffled-pair
+  log_p rises above chance meanwhile (-6.69 / -5.93 / -5.80, chance -6.93), the positional
+  code that the writeup's attempt 3 warns of (the net can detect the roll's seams).
+- PixelCenter's running mean in the weights file is the one recomputed at the final weights
+  (training does it for every weights file: ``networks.calibrate_pixel_center``): the
+  component it removes is large and moves while training, and the momentum-0.1 running mean
+  lags enough to leave a positional residual that swamps eval-mode features (J&F 0.51 -> 0.77).
+
+``copy`` repeats the first mask; as a correspondence it is the zero flow (nothing moves),
+which is what its EPE reports.
+
+A DIR that already holds files is refused (results of two runs never mix) unless
+``force``, which replaces the demo's own outputs and leaves other files alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fmapicon.errors import UserError
+from fmapicon.runtime import remove_entries
+
+#: the four models of the results, in the order of the table
+MODELS = ("trained", "copy", "pixels", "random")
+
+#: what the demo writes under DIR (and --force replaces)
+OUTPUTS = ("run", "heldout", "eval", "figures", "report.html", "results.json", "demo.json")
+
+_DESCRIPTIONS = {
+    "trained": "short U-Net trained with FeatureMapICON (roll+affine, PixelCenter)",
+    "copy": "first mask repeated; as a flow: zero motion",
+    "pixels": "Lab colour patches (3 x 3 cells)",
+    "random": "the same U-Net, untrained (random weights)",
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What the demo trains and evaluates with; the defaults fit ~10 minutes on 2 CPU cores.
+
+    size : training frames S x S (the loss costs O(S^4) per pair)
+    render : synthetic scenes are rendered at R x R; the training scale is S / R
+    batch, channels, lr, max_gap, lambda_init : as ``fmapicon train``
+    scenes, frames, objects : the synthetic training set (rendered on the fly)
+    minutes : wall-clock cap of training
+    steps : optimizer steps; held-out J&F peaks early while EPE keeps improving (see the module
+        docstring), so the demo stops at 300 steps, about 5 minutes on 2 idle cores
+    eval_sequences, eval_frames : the held-out synthetic sequences (rendered at R x R too)
+    epe_pairs, epe_gap : pairs (t, t + gap) per held-out sequence for the end-point error
+    workers : DataLoader processes rendering the scenes while the network trains
+    """
+
+    size: int = 32
+    render: int = 32
+    batch: int = 8
+    channels: int = 64
+    lr: float = 1e-3
+    max_gap: int = 4
+    lambda_init: float = 4.0
+    scenes: int = 64
+    frames: int = 40
+    objects: int = 3
+    minutes: float = 10.0
+    steps: int = 300
+    eval_sequences: int = 8
+    eval_frames: int = 30
+    epe_pairs: int = 5
+    epe_gap: int = 4
+    workers: int = 1
+    log_every: int = 10
+
+    @property
+    def scale(self) -> float:
+        """The training scale S / R at which the trained network is evaluated."""
+        return self.size / self.render
+
+    @property
+    def eval_stride(self) -> int:
+        """Feature cells on the held-out scenes: R / S pixels, one network output pixel each."""
+        return max(1, round(self.render / self.size))
+
+
+#: the whole pipeline in about a minute (tests, CI): tiny, but every stage runs
+QUICK = Recipe(size=24, render=24, batch=4, channels=32, scenes=8, frames=12, minutes=1.5, steps=30,
+               eval_sequences=2, eval_frames=8, epe_pairs=2, epe_gap=3, workers=0, log_every=5)
+
+
+@dataclass
+class DemoConfig:
+    """The options of ``fmapicon demo`` (see ``cli/demo.py`` for their help)."""
+
+    out: str = "runs/demo"
+    data: list = field(default_factory=list)
+    minutes: float | None = None
+    steps: int | None = None
+    davis: str | None = None
+    davis_set: str | None = None
+    pairs: str | None = None
+    quick: bool = False
+    force: bool = False
+    device: str = "auto"
+    seed: int = 0
+    progress: bool = True
+
+    def recipe(self) -> Recipe:
+        """The recipe with this run's budget applied."""
+        return with_budget(QUICK if self.quick else Recipe(), self.minutes, self.steps)
+
+
+def with_budget(recipe, minutes: float | None, steps: int | None):
+    """``recipe`` (a ``Recipe`` or a subclass) with the given ``minutes`` / ``steps``, where not None."""
+    budget = {"minutes": None if minutes is None else float(minutes), "steps": None if steps is None else int(steps)}
+    return dataclasses.replace(recipe, **{key: value for key, value in budget.items() if value is not None})
+
+
+# --------------------------------------------------------------------------- the output folder
+
+
+def prepare_output(out: Path, force: bool, outputs=OUTPUTS) -> None:
+    """Make ``out`` ready: refuse a folder that holds anything unless ``force``, which removes
+    only what an earlier run wrote (the names in ``outputs``), so that old and new results never mix."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder: choose a folder for the demo's outputs")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and not force:
+        raise UserError(f"{out} already holds {len(entries)} entries ({', '.join(entries[:6])}); two runs' "
+                        "results are never mixed: pass --force to replace the earlier outputs (other files "
+                        "are kept), or choose a new folder with --out")
+    remove_entries(out, outputs)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _write_json(path: Path, payload: dict) -> Path:
+    from fmapicon.runtime import atomic_write
+
+    with atomic_write(path, "w") as handle:
+        handle.write(json.dumps(payload, indent=2, allow_nan=False, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(value):
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _finite(value):
+    """A float for JSON, or None for a missing / non-finite figure."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def data_seeds(seed: int) -> tuple[int, int]:
+    """(training scenes' seed, held-out scenes' seed): odd and even, so they never coincide."""
+    return 2 * seed + 1, 2 * seed + 2
+
+
+def write_heldout(root: Path, recipe: Recipe, seed: int) -> list[str]:
+    """The held-out synthetic sequences, rendered at the training render size R."""
+    from fmapicon.data.synth import write_scenes
+
+    return write_scenes(root, sequences=recipe.eval_sequences, frames=recipe.eval_frames,
+                        size=(recipe.render, recipe.render), objects=recipe.objects,
+                        seed=data_seeds(seed)[1], set_name="val", video=False)
+
+
+def train_config(config: DemoConfig, recipe: Recipe):
+    """The ``TrainConfig`` of the demo's run: the original's final recipe at the demo's size and budget."""
+    from fmapicon.train import TrainConfig
+
+    training_seed = data_seeds(config.seed)[0]
+    data = list(config.data) or [f"synth:scenes={recipe.scenes},frames={recipe.frames},size={recipe.render},"
+                                 f"objects={recipe.objects},seed={training_seed}"]
+    return dataclasses.replace(TrainConfig.for_recipe("original"), data=data, net="short", channels=recipe.channels, size=recipe.size, batch=recipe.batch,
+                       max_gap=recipe.max_gap, aug="roll+affine", center=True, lr=recipe.lr,
+                       lambda_init=recipe.lambda_init,
+                       steps=recipe.steps, minutes=recipe.minutes, workers=recipe.workers, seed=config.seed,
+                       device=config.device, log_every=recipe.log_every,
+                       save_every=max(recipe.steps, 1)).validate()
+
+
+def propagation_params(stride: int | None = None):
+    """The CRW protocol's defaults, with feature cells of ``stride`` pixels when given."""
+    from fmapicon.evaluation.propagate import PropagationParams
+
+    return PropagationParams() if stride is None else PropagationParams(stride=stride)
+
+
+def model_spec(name: str, run: Path) -> str:
+    """What ``fmapicon.evaluation.propagate.evaluate_davis`` and ``features.load_model`` take for a model."""
+    return str(run) if name == "trained" else name
+
+
+def propagation_scores(run: Path, root: Path, set_name: str, out: Path, params, device, progress: bool) -> dict:
+    """J&F-Mean of each model on a DAVIS-layout folder: ``{model: {"jf_mean", "j_mean", "f_mean", "eval_dir"}}``."""
+    from fmapicon.evaluation.propagate import evaluate_davis
+
+    scores = {}
+    for name in MODELS:
+        result = evaluate_davis(model_spec(name, run), root, out / name, set_name=set_name, params=params,
+                                device=device, progress=progress)
+        overall = result.get("global", {})
+        scores[name] = {"jf_mean": _finite(result["jf_mean"]), "j_mean": _finite(overall.get("J-Mean")),
+                        "f_mean": _finite(overall.get("F-Mean")), "eval_dir": str(out / name),
+                        "seconds": _finite(result.get("totals", {}).get("features_s", 0.0)
+                                           + result.get("totals", {}).get("propagation_s", 0.0))}
+    return scores
+
+
+# --------------------------------------------------------------------------- correspondence
+
+
+@dataclass
+class FlowPair:
+    """Two frames (``H x W x 3`` uint8) and the true flow from A to B (``H x W x 2``)."""
+
+    name: str
+    a: object
+    b: object
+    flow: object
+
+
+def synthetic_pairs(recipe: Recipe, seed: int) -> list[FlowPair]:
+    """Frames (t, t + ``recipe.epe_gap``) of the held-out scenes with their exact flow, evenly spread.
+
+    The scenes are rebuilt from their seeds (the same as ``write_heldout``'s), so that the flow
+    over a gap of several frames is exact (``scene_flow``), not a chain of per-frame flows.
+    """
+    import numpy as np
+
+    from fmapicon.data.synth import build_scene, scene_seed, sequence_name
+
+    gap = min(recipe.epe_gap, recipe.eval_frames - 1)
+    pairs = []
+    for index in range(recipe.eval_sequences):
+        model = build_scene(scene_seed(data_seeds(seed)[1], index), recipe.eval_frames,
+                            (recipe.render, recipe.render), recipe.objects)
+        starts = np.linspace(0, recipe.eval_frames - 1 - gap, min(recipe.epe_pairs, recipe.eval_frames - gap))
+        for t in sorted(set(starts.round().astype(int).tolist())):
+            pairs.append(FlowPair(f"{sequence_name(index)}/{t:05d}+{gap}", model.render(t)[0],
+                                  model.render(t + gap)[0], scene_flow(model, t, gap)))
+    return pairs
+
+
+def scene_flow(model, t: int, gap: int):
+    """The exact flow from frame t to frame t + gap of a ``fmapicon.data.synth.SceneModel``, ``H x W x 2``.
+
+    Each pixel x of frame t shows layer l (its id); its surface point is at
+    M_l(t + gap) M_l(t)^-1 x in frame t + gap (``Layer.to_screen`` are the M_l), as
+    ``SceneModel.flow`` computes for a gap of one frame.
+    """
+    import numpy as np
+
+    ids = model.ids(t)
+    height, width = model.size
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float64)
+    flow = np.zeros((height, width, 2), dtype=np.float32)
+    for layer_id in np.unique(ids):
+        layer = model.layers[layer_id]
+        step = layer.to_screen[t + gap] @ np.linalg.inv(layer.to_screen[t])
+        here = ids == layer_id
+        x, y = cols[here], rows[here]
+        flow[here, 0] = step[0, 0] * x + step[0, 1] * y + step[0, 2] - x
+        flow[here, 1] = step[1, 0] * x + step[1, 1] * y + step[1, 2] - y
+    return flow
+
+
+def chairs_pairs(folder) -> list[FlowPair]:
+    """FlyingChairs-style triples ``NNNNN-img0.ppm``, ``-img1.ppm``, ``-gt.flo`` in ``folder`` (``flow_triples``)."""
+    from fmapicon.data.davis import read_frame
+    from fmapicon.data.flow import flow_triples, read_flo
+
+    return [FlowPair(stem, read_frame(a), read_frame(b), read_flo(flow)) for stem, a, b, flow in flow_triples(folder)]
+
+
+def load_feature_models(run: Path, stride: int, device) -> dict:
+    """The feature models of the correspondence comparison (copy has none: it is the zero flow)."""
+    from fmapicon.evaluation.features import load_model
+
+    return {"trained": load_model(str(run), device), "pixels": load_model("pixels", device, stride=stride),
+            "random": load_model("random", device)}
+
+
+def _image_tensor(image, device):
+    import torch
+
+    return torch.tensor(image).permute(2, 0, 1)[None].float().div(255.0).to(device)  # a copy: frames may be read-only
+
+
+def match_pair(model, pair: FlowPair, stride: int):
+    """``fmapicon.evaluation.correspond.Match`` of a pair (argmax maps, as ``fmapicon match``'s default)."""
+    from fmapicon.evaluation.correspond import match_images
+
+    device = model.device
+    return match_images(model, _image_tensor(pair.a, device), _image_tensor(pair.b, device), stride=stride)
+
+
+def correspondence_scores(models: dict, pairs: list[FlowPair], stride: int) -> dict:
+    """Mean EPE (pixels, over all pixels of all pairs) and mean inverse-consistency error per model."""
+    import numpy as np
+
+    from fmapicon.data.flow import epe_stats
+
+    scores = {}
+    for name in MODELS:
+        epe, ic = [], []
+        for pair in pairs:
+            if name == "copy":
+                flow = np.zeros_like(pair.flow)
+            else:
+                match = match_pair(models[name], pair, stride)
+                flow = match.flow_ab[0].permute(1, 2, 0).cpu().numpy()
+                ic.append(float(match.ic_error.mean()))
+            epe.append(epe_stats(flow, pair.flow)["epe_mean"])
+        scores[name] = {"epe_mean": _finite(np.mean(epe)), "ic_error_mean": _finite(np.mean(ic)) if ic else None}
+    return scores
+
+
+# --------------------------------------------------------------------------- the whole job
+
+
+def run_demo(config: DemoConfig, say=print) -> dict:
+    """Run the demo pipeline; return the results written to ``DIR/results.json``."""
+    from fmapicon.runtime import resolve_device
+    from fmapicon.train import train
+
+    recipe = config.recipe()
+    out = Path(config.out)
+    device = resolve_device(config.device)
+    if config.davis:
+        from fmapicon.data.davis import resolve_set
+
+        davis_set = resolve_set(config.davis, config.davis_set, "--davis-set")
+    prepare_output(out, config.force)
+    _write_json(out / "demo.json", {"status": "running", "config": dataclasses.asdict(config),
+                                    "recipe": dataclasses.asdict(recipe)})
+    timings, started = {}, time.monotonic()
+
+    def stage(name):
+        timings[name] = round(time.monotonic() - stage.last, 2)
+        stage.last = time.monotonic()
+
+    stage.last = started
+    say(f"[1/5] writing {recipe.eval_sequences} held-out synthetic sequences to {out / 'heldout'}")
+    write_heldout(out / "heldout", recipe, config.seed)
+    stage("heldout_scenes_s")
+    say(f"[2/5] training a short U-Net at {recipe.size} x {recipe.size}, batch {recipe.batch}, for up to "
+        f"{recipe.minutes:g} min / {recipe.steps} steps into {out / 'run'}")
+    training = train_config(config, recipe)
+    run = train(training, out / "run", progress=config.progress)
+    stage("train_s")
+    say("[3/5] label propagation (J&F) on the held-out scenes: trained, copy, pixels, random")
+    synth = propagation_scores(run, out / "heldout", "val", out / "eval" / "synth",
+                               propagation_params(recipe.eval_stride), device, config.progress)
+    stage("propagation_synth_s")
+    davis = None
+    if config.davis:
+        say(f"      and on DAVIS {config.davis} (set {davis_set}) with the default protocol")
+        davis = propagation_scores(run, Path(config.davis), davis_set, out / "eval" / "davis",
+                                   propagation_params(), device, config.progress)
+        stage("propagation_davis_s")
+    say("[4/5] correspondence: end-point error against the exact flow, inverse-consistency error")
+    models = load_feature_models(run, recipe.eval_stride, device)
+    synth_pairs = synthetic_pairs(recipe, config.seed)
+    flow_synth = correspondence_scores(models, synth_pairs, recipe.eval_stride)
+    chairs = chairs_pairs(config.pairs) if config.pairs else None
+    flow_chairs = correspondence_scores(models, chairs, 4) if chairs else None
+    stage("correspondence_s")
+    results = assemble_results(config, recipe, run, synth, davis, flow_synth, flow_chairs, timings)
+    say("[5/5] writing the report")
+    write_report(out, results, models, synth_pairs, davis_set if config.davis else None)
+    stage("report_s")
+    timings["total_s"] = round(time.monotonic() - started, 2)
+    _write_json(out / "results.json", results)
+    _write_json(out / "demo.json", {"status": "done", "config": dataclasses.asdict(config),
+                                    "recipe": dataclasses.asdict(recipe), "timings": timings})
+    return results
+
+
+def assemble_results(config, recipe, run, synth, davis, flow_synth, flow_chairs, timings) -> dict:
+    """``{"models": {name: {...}}, ...}``; None where a figure does not apply or was not asked for."""
+    from fmapicon.bench import machine_info
+    from fmapicon.experiments.report import read_metrics
+
+    models = {}
+    for name in MODELS:
+        models[name] = {
+            "jf_mean": synth[name]["jf_mean"],
+            "epe_mean": flow_synth[name]["epe_mean"],
+            "ic_error_mean": flow_synth[name]["ic_error_mean"],
+            "davis_jf_mean": davis[name]["jf_mean"] if davis else None,
+            "pairs_epe_mean": flow_chairs[name]["epe_mean"] if flow_chairs else None,
+            "description": _DESCRIPTIONS[name],
+        }
+    records = [r for r in read_metrics(run) if r.get("log_p") is not None]
+    last = records[-1] if records else {}
+    return {
+        "models": models,
+        "training": {"run": str(run), "steps": last.get("step"), "log_p": _finite(last.get("log_p")),
+                     "log_p_shuffled": _finite(last.get("log_p_shuffled")),
+                     "lambda": _finite(last.get("lambda")), "elapsed_s": _finite(last.get("elapsed_s")),
+                     "input_scale": _run_config(run).get("input_scale")},
+        "synthetic": {"root": str(Path(config.out) / "heldout"), "sequences": recipe.eval_sequences,
+                      "frames": recipe.eval_frames, "size": recipe.render, "stride": recipe.eval_stride,
+                      "per_model": synth},
+        "davis": {"root": config.davis, "per_model": davis} if davis else None,
+        "pairs": {"root": config.pairs, "per_model": flow_chairs} if flow_chairs else None,
+        "recipe": dataclasses.asdict(recipe),
+        "config": dataclasses.asdict(config),
+        "timings": timings,
+        "machine": machine_info(),
+    }
+
+
+def _run_config(run: Path) -> dict:
+    path = Path(run) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def write_report(out: Path, results: dict, models: dict, pairs: list[FlowPair], davis_set: str | None) -> Path:
+    """``DIR/report.html`` (self-contained) from the results and pictures written to ``DIR/figures``."""
+    from fmapicon.experiments import report
+
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    run = Path(results["training"]["run"])
+    sections = [report.Section("Results", text=_summary_text(results), html=results_table(results))]
+    curves = report.plot_training_curves(run, figures / "training_curves.png", title="training of the demo's run")
+    sections.append(report.Section("Training", text=_CURVES_TEXT, images=[(curves, "loss and log_p per step")]))
+    heldout = out / "heldout"
+    masks = [(mask_figure(heldout, "val", out / "eval" / "synth", figures / "masks_synthetic.png"),
+              "held-out synthetic sequence: ground truth and each model's propagated masks")]
+    davis_root = Path(results["davis"]["root"]) if results.get("davis") else None
+    if davis_root is not None:
+        masks.append((mask_figure(davis_root, davis_set, out / "eval" / "davis", figures / "masks_davis.png"),
+                      "DAVIS: ground truth and each model's propagated masks"))
+    sections.append(report.Section("Propagated masks", text=_MASKS_TEXT, images=masks))
+    pca = feature_figure(models, heldout, davis_root, davis_set, results["synthetic"]["stride"],
+                         figures / "features_pca.png")
+    sections.append(report.Section("Features", text=_PCA_TEXT, images=[(pca, "PCA colours of the features")]))
+    flows, errors = correspondence_figures(models, pairs[0], results["synthetic"]["stride"], figures)
+    sections.append(report.Section("Correspondence", text=_FLOW_TEXT,
+                                   images=[(flows, "flows of one held-out pair"), *errors]))
+    sections.append(report.Section("Reproduce", html=_reproduce_html(results)))
+    meta = report.machine_line(results["machine"], sum(results["timings"].values()))  # every stage up to the report
+    return report.write_html(out / "report.html", "FeatureMapICON demo", sections, meta=meta)
+
+
+_CURVES_TEXT = ("Left: the training loss, -log P (with the 1e-4 floor of the original). Right: log_p on the "
+                "step's true pairs and log_p_shuffled on pairs whose frame B comes from another video. A model "
+                "that learned appearance scores true pairs well above shuffled ones; equal curves would mean a "
+                "positional code (attempt 0 of the writeup).")
+_MASKS_TEXT = ("The first frame's masks are given; every later frame's masks are propagated through the video "
+               "with the CRW protocol (context: the first frame and the 20 previous frames; top-10 affinities "
+               "within a radius of 12 feature cells; temperature 0.05). Colours: the DAVIS palette.")
+_PCA_TEXT = ("Each feature vector (C channels) projected on its model's top three principal components, shown "
+             "as red, green and blue (one basis per model, shared by its pictures, so equal colours mean equal "
+             "features). Good features give one object one colour and tell neighbouring objects apart.")
+_FLOW_TEXT = ("Phi^AB by argmax of feature similarity (Middlebury colours: hue = direction, saturation = length, "
+              "all scaled to the true flow's maximum), and the inverse-consistency error |Phi^AB(Phi^BA(y)) - y| "
+              "on B's pixels, which training drives to zero.")
+
+
+def _summary_text(results: dict) -> str:
+    training, timings = results["training"], results["timings"]
+    trained, copy, random = (results["models"][name] for name in ("trained", "copy", "random"))
+    lines = [f"Trained for {training['steps']} steps ({(training.get('elapsed_s') or 0) / 60:.1f} min) at "
+             f"{results['recipe']['size']} x {results['recipe']['size']} pixels, batch {results['recipe']['batch']}; "
+             f"final log_p {_fmt(training['log_p'])} on true pairs vs {_fmt(training['log_p_shuffled'])} on "
+             f"shuffled pairs (chance is -log N = {-math.log(results['recipe']['size'] ** 2):.2f})."]
+    if trained["jf_mean"] is not None and copy["jf_mean"] is not None:
+        verdict = "above" if trained["jf_mean"] > max(copy["jf_mean"], random["jf_mean"] or 0) else "not above"
+        lines.append(f"On {results['synthetic']['sequences']} held-out synthetic sequences the trained features "
+                     f"reach J&F {_fmt(trained['jf_mean'])}, {verdict} copy ({_fmt(copy['jf_mean'])}) and random "
+                     f"({_fmt(random['jf_mean'])}).")
+    if trained["epe_mean"] is not None and random["epe_mean"] is not None:
+        pixels = results["models"]["pixels"]
+        lines.append(f"Their correspondence end-point error is {_fmt(trained['epe_mean'])} px, "
+                     f"{'below' if trained['epe_mean'] < random['epe_mean'] else 'not below'} random's "
+                     f"({_fmt(random['epe_mean'])} px); zero flow: {_fmt(copy['epe_mean'])} px, pixels: "
+                     f"{_fmt(pixels['epe_mean'])} px.")
+    evaluation = sum(v for k, v in timings.items() if k.startswith(("propagation", "correspondence")))
+    lines.append(f"J&F: higher is better (DAVIS J&F-Mean, the official toolkit's definition). EPE and "
+                 f"inverse-consistency error: pixels, lower is better. Evaluation took {evaluation / 60:.1f} min.")
+    return "\n\n".join(lines)
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def results_table(results: dict) -> str:
+    """The HTML table of the four models (best J&F and lowest errors in bold)."""
+    from fmapicon.experiments import report
+
+    headers = {"model": "model", "description": "what it is", "jf_mean": "J&F synthetic",
+               "epe_mean": "EPE synthetic (px)", "ic_error_mean": "IC error (px)",
+               "davis_jf_mean": "J&F DAVIS", "pairs_epe_mean": "EPE pairs (px)"}
+    columns = ["model", "description", "jf_mean", "epe_mean", "ic_error_mean"]
+    columns += [c for c in ("davis_jf_mean", "pairs_epe_mean")
+                if any(m[c] is not None for m in results["models"].values())]
+    rows = [{"model": name, **results["models"][name]} for name in MODELS]
+    best = {"jf_mean": "max", "davis_jf_mean": "max", "epe_mean": "min", "pairs_epe_mean": "min"}
+    caption = ("J&F of label propagation (higher is better); EPE: mean end-point error of Phi^AB against the true "
+               "flow; IC error: mean |Phi^AB(Phi^BA(y)) - y| (lower is better). Copy's EPE is the zero flow's.")
+    return report.html_table(rows, columns, headers=headers, best=best, caption=caption)
+
+
+def _reproduce_html(results: dict) -> str:
+    import html
+
+    config = results["config"]
+    command = ["fmapicon demo", f"--out {config['out']}", f"--seed {config['seed']}"]
+    command += ["--quick"] if config["quick"] else [f"--steps {results['recipe']['steps']}",
+                                                     f"--minutes {results['recipe']['minutes']:g}"]
+    command += [f"--davis {config['davis']}"] if config.get("davis") else []
+    command += [f"--pairs {config['pairs']}"] if config.get("pairs") else []
+    run = results["training"]["run"]
+    lines = [" ".join(command), "",
+             "# evaluate the trained run on a DAVIS folder with the default protocol:",
+             f"fmapicon eval --davis DAVIS_ROOT --set val --model {run} --out {run}-davis"]
+    return "<pre>" + html.escape("\n".join(lines)) + "</pre>"
+
+
+def _sample_frames(count: int, length: int) -> list[int]:
+    import numpy as np
+
+    return sorted(set(np.linspace(0, length - 1, min(count, length)).round().astype(int).tolist()))
+
+
+def mask_figure(root: Path, set_name: str, eval_dir: Path, path: Path, columns: int = 5) -> Path:
+    """Rows: ground truth and each model's propagated masks over its frame; columns: frames of
+    the first sequence of the set."""
+    from fmapicon.experiments import report
+    from fmapicon.data.davis import annotation_paths, frame_paths, layout, read_annotation, read_frame, sequence_names
+
+    images, annotations = layout(root)
+    name = sequence_names(root, set_name)[0]
+    frames, truths = frame_paths(images, name), annotation_paths(annotations, name)
+    chosen = _sample_frames(columns, len(frames))
+    rows, labels = [], ["ground truth", *MODELS]
+    for label in labels:
+        row = []
+        for index in chosen:
+            frame = read_frame(frames[index])
+            ids = read_annotation(truths[index] if label == "ground truth"
+                                  else eval_dir / label / name / f"{frames[index].stem}.png")
+            row.append(report.overlay_mask(frame, ids))
+        rows.append(row)
+    return report.picture_grid(rows, path, row_labels=labels, column_labels=[f"{name} #{i}" for i in chosen],
+                               cell_inches=2.4)
+
+
+def _feature_frames(heldout: Path, davis_root: Path | None, davis_set: str | None) -> list:
+    """(frame uint8, stride) for the PCA pictures: two held-out frames and one DAVIS frame."""
+    from fmapicon.data.davis import frame_paths, layout, read_frame, sequence_names
+
+    images, _ = layout(heldout)
+    names = sequence_names(heldout, "val")
+    chosen = [(read_frame(frame_paths(images, name)[0]), None) for name in names[:2]]
+    if davis_root is not None:
+        davis_images, _ = layout(davis_root)
+        first = sequence_names(davis_root, davis_set)[0]
+        chosen.append((read_frame(frame_paths(davis_images, first)[0]), 8))
+    return chosen
+
+
+def feature_figure(models: dict, heldout: Path, davis_root, davis_set, stride: int, path: Path) -> Path:
+    """One row per frame: the frame, then each model's PCA-colour features (the writeup's way of
+    showing features), one PCA basis per model shared by its pictures."""
+    from fmapicon.experiments import report
+    from fmapicon.evaluation.correspond import features_at_stride
+
+    frames = _feature_frames(heldout, davis_root, davis_set)
+    names = ("trained", "random", "pixels")
+    columns = {}
+    for name in names:
+        model = models[name]
+        maps = [features_at_stride(model, _image_tensor(frame, model.device), cell or stride)[0].cpu()
+                for frame, cell in frames]
+        columns[name] = [report.upscale(picture, *frame.shape[:2])
+                         for picture, (frame, _) in zip(report.pca_colors(maps), frames)]
+    rows = [[frame, *(columns[name][index] for name in names)] for index, (frame, _) in enumerate(frames)]
+    return report.picture_grid(rows, path, column_labels=["frame", *names], cell_inches=2.4)
+
+
+def correspondence_figures(models: dict, pair: FlowPair, stride: int, figures: Path):
+    """A flow picture (A, B, true flow, each model's Phi^AB) and IC-error heat maps (trained, random)."""
+    import numpy as np
+
+    from fmapicon.experiments import report
+    from fmapicon.data.flow import flow_to_color
+
+    top = float((pair.flow ** 2).sum(-1).max() ** 0.5) or 1.0
+    row, labels, errors, matches = [pair.a, pair.b, flow_to_color(pair.flow, top)], ["A", "B", "true flow"], [], {}
+    for name in ("trained", "pixels", "random"):
+        matches[name] = match_pair(models[name], pair, stride)
+        row.append(flow_to_color(matches[name].flow_ab[0].permute(1, 2, 0).cpu().numpy(), top))
+        labels.append(f"{name} Phi^AB")
+    flows = report.picture_grid([row], figures / "flows.png", column_labels=labels, cell_inches=1.8)
+    # one colour scale for both maps, at the 99th percentile so that a few outliers do not blacken them
+    vmax = max(float(np.percentile(m.ic_error.cpu().numpy(), 99)) for m in matches.values()) or 1.0
+    for name in ("trained", "random"):
+        heat = report.plot_heatmap(matches[name].ic_error[0].cpu().numpy(), figures / f"ic_error_{name}.png",
+                                   f"{name}: inverse-consistency error", vmax=vmax)
+        errors.append((heat, f"{name}: |Phi^AB(Phi^BA(y)) - y| on {pair.name}"))
+    return flows, errors

@@ -1,0 +1,113 @@
+"""The command line's shared option validators and how bad options fail (before anything runs)."""
+
+import argparse
+
+import pytest
+
+from fmapicon.cli import _types, main
+
+
+@pytest.mark.parametrize("check, good, value", [
+    (_types.positive_int, "3", 3),
+    (_types.non_negative_int, "0", 0),
+    (_types.positive_float, "0.5", 0.5),
+    (_types.non_negative_float, "0", 0.0),
+    (_types.at_least(16), "16", 16),
+    (_types.int_list(), "64, 120", [64, 120]),
+    (_types.int_list(8), "8", [8]),
+    (_types.device_name, "cuda:1", "cuda:1"),
+    (_types.training_source, "synth:scenes=2", "synth:scenes=2"),
+])
+def test_validators_accept_good_values(check, good, value):
+    assert check(good) == value
+
+
+@pytest.mark.parametrize("check, bad", [
+    (_types.positive_int, "0"), (_types.positive_int, "2.5"), (_types.positive_int, "x"),
+    (_types.non_negative_int, "-1"),
+    (_types.positive_float, "0"), (_types.positive_float, "nan"), (_types.positive_float, "inf"),
+    (_types.positive_float, "-1"),
+    (_types.non_negative_float, "-0.1"), (_types.non_negative_float, "nan"),
+    (_types.at_least(16), "15"),
+    (_types.int_list(), ""), (_types.int_list(), "4,x"), (_types.int_list(8), "64,4"),
+    (_types.device_name, "gpu"), (_types.device_name, "cuda:"),
+    (_types.existing_folder, "/no/such/folder"),
+    (_types.training_source, "/no/such/video.mp4"),
+])
+def test_validators_refuse_bad_values_with_a_message(check, bad):
+    with pytest.raises(argparse.ArgumentTypeError, match="expected|not a folder|does not exist"):
+        check(bad)
+
+
+@pytest.mark.parametrize("argv", [
+    ["demo", "--minutes", "0"],
+    ["ablate", "--steps", "-3"],
+    ["match", "a.png", "b.png", "--stride", "0"],
+    ["eval", "--davis", "x", "--model", "pixels", "--topk", "zero"],
+    ["bench", "loss", "--n", "1024,0"],
+    ["bench", "train", "--sizes", "4"],
+    ["bench", "data", "--workers", "-1"],
+    ["synth", "out", "--size", "8", "8"],
+    ["demo", "--no-such-option"],
+])
+def test_bad_options_stop_at_parsing(argv, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    assert "error: " in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing was written
+
+
+def test_mistyped_option_suggests_the_closest(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--stesp", "3"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --stesp 3" in err and "did you mean --steps?" in err
+    assert "fmapicon train: error" in err
+
+
+def test_train_help_shows_true_defaults_and_no_rst(capsys):
+    from fmapicon.train import config_fields
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "``" not in text
+    fields = config_fields()
+    for name in ("crop_max", "seed"):
+        default = fields[name]["default"]
+        assert not isinstance(default, bool)
+        assert f"(default: {default}" in text, name
+
+
+def test_warnings_print_one_clean_line(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from fmapicon.data.davis import write_indexed_png
+
+    root = tmp_path / "davis"
+    for name, frames in (("long", 4), ("short", 1)):
+        for t in range(frames):
+            (root / "JPEGImages" / "480p" / name).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 6)).save(root / "JPEGImages" / "480p" / name / f"{t:05d}.jpg")
+            write_indexed_png(root / "Annotations" / "480p" / name / f"{t:05d}.png", np.ones((6, 8), np.uint8))
+            write_indexed_png(tmp_path / "pred" / name / f"{t:05d}.png", np.ones((6, 8), np.uint8))
+    (root / "ImageSets").mkdir()
+    (root / "ImageSets" / "val.txt").write_text("long\nshort\n")
+    assert main(["score", "--davis", str(root), "--results", str(tmp_path / "pred")]) == 0
+    captured = capsys.readouterr()
+    lines = [line.split("\r")[-1] for line in captured.err.splitlines() if "warning" in line]
+    assert lines == ["fmapicon: warning: sequence 'short' skipped: nothing to score (fewer than 3 annotated "
+                     "frame(s): the first and the last are not scored)"]
+    assert "1 sequence(s) skipped with nothing to score: short" in captured.out
+
+
+def test_skipped_file_message_is_one_line(tmp_path):
+    from fmapicon.data.pairs import ScanReport, SkippedFileWarning
+
+    with pytest.warns(SkippedFileWarning) as caught:
+        ScanReport().skip(tmp_path / "a.mp4", "not_a_video", "Invalid data\nfound when processing input")
+    assert str(caught[0].message) == f"skipping {tmp_path / 'a.mp4'}: not a video (Invalid data found when processing input)"

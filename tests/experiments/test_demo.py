@@ -1,0 +1,194 @@
+"""The main job: ``fmapicon demo --quick`` end to end, the results, the report, and refusing to mix runs."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fmapicon.experiments import demo
+from fmapicon.data.davis import resolve_set
+from fmapicon.errors import UserError
+
+pytest.importorskip("matplotlib")
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory) -> Path:
+    """One ``fmapicon demo --quick`` run through the command line (shared by the tests below)."""
+    from fmapicon.cli import main
+
+    out = tmp_path_factory.mktemp("demo") / "out"
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    return out
+
+
+def test_quick_demo_writes_results_for_all_four_models(quick_demo):
+    results = json.loads((quick_demo / "results.json").read_text())
+    assert list(results["models"]) == ["trained", "copy", "pixels", "random"]
+    for name, figures in results["models"].items():
+        assert 0.0 <= figures["jf_mean"] <= 1.0, name
+        assert figures["epe_mean"] >= 0.0, name
+        assert figures["davis_jf_mean"] is None and figures["pairs_epe_mean"] is None  # not asked for
+    assert results["models"]["copy"]["ic_error_mean"] is None  # copy has no features
+    # the training run is a complete run folder, and the only checkpoint folder under DIR
+    run = quick_demo / "run"
+    assert (run / "config.json").is_file() and (run / "checkpoints" / "last.safetensors").is_file()
+    assert [p.parent for p in quick_demo.rglob("*.safetensors")] == [run / "checkpoints"]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == results["training"]["steps"] >= 1
+    assert results["training"]["input_scale"] == pytest.approx(demo.QUICK.scale)
+    # the eval folders hold the scored predictions of every model
+    for name in demo.MODELS:
+        assert (quick_demo / "eval" / "synth" / name / "global_results-val.csv").is_file()
+
+
+def test_copy_epe_is_the_zero_flow_of_the_held_out_pairs(quick_demo):
+    results = json.loads((quick_demo / "results.json").read_text())
+    pairs = demo.synthetic_pairs(demo.QUICK, seed=0)
+    zero_flow = np.mean([np.linalg.norm(p.flow, axis=-1).mean() for p in pairs])
+    assert results["models"]["copy"]["epe_mean"] == pytest.approx(zero_flow, rel=1e-6)
+
+
+def test_report_embeds_every_picture(quick_demo):
+    page = (quick_demo / "report.html").read_text()
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    assert len(sources) >= 5  # curves, masks, features, flows, IC error maps
+    for source in sources:
+        if source.startswith("data:"):
+            assert source.startswith("data:image/png;base64,")
+            with Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1]))) as image:
+                assert image.width > 50 and image.height > 50
+        else:  # a relative reference must exist beside the page
+            assert (quick_demo / source).is_file(), source
+    for heading in ("Results", "Training", "Propagated masks", "Features", "Correspondence"):
+        assert f"<h2>{heading}</h2>" in page
+    assert "trained" in page and "pixels" in page and "random" in page and "copy" in page
+
+
+def test_second_run_into_the_same_folder_refuses_and_mixes_nothing(quick_demo, capsys):
+    from fmapicon.cli import main
+
+    before = {p: p.read_bytes() for p in (quick_demo / "results.json", quick_demo / "report.html")}
+    assert main(["demo", "--quick", "--out", str(quick_demo), "--no-progress"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert all(path.read_bytes() == data for path, data in before.items())
+    with pytest.raises(UserError, match="--force"):
+        demo.run_demo(demo.DemoConfig(out=str(quick_demo), quick=True, progress=False), say=lambda _: None)
+
+
+def test_synthetic_pairs_have_the_exact_flow_of_the_held_out_scenes(tmp_path):
+    """The pairs are the held-out frames (as written to disk), and a one-frame gap gives
+    exactly the scene's own per-frame flow (the file in Flow/)."""
+    from fmapicon.data.davis import read_frame
+    from fmapicon.data.flow import read_flo
+    from fmapicon.data.synth import build_scene, scene_seed
+
+    recipe = demo.Recipe(render=32, eval_sequences=1, eval_frames=6, epe_pairs=3, epe_gap=1)
+    demo.write_heldout(tmp_path, recipe, seed=4)
+    pairs = demo.synthetic_pairs(recipe, seed=4)
+    assert [p.name for p in pairs] == ["synth-0000/00000+1", "synth-0000/00002+1", "synth-0000/00004+1"]
+    written = read_frame(tmp_path / "JPEGImages" / "480p" / "synth-0000" / "00002.jpg").astype(int)
+    # the same frame, up to JPEG: far closer to it than to another frame of the sequence
+    assert np.abs(written - pairs[1].a.astype(int)).mean() < 0.5 * np.abs(written - pairs[0].a.astype(int)).mean()
+    assert np.allclose(pairs[1].flow, read_flo(tmp_path / "Flow" / "synth-0000" / "00002.flo"), atol=1e-4)
+    model = build_scene(scene_seed(demo.data_seeds(4)[1], 0), 6, (32, 32), 3)
+    assert np.abs(demo.scene_flow(model, 1, 0)).max() < 1e-9
+    # the frames of a gap-2 pair: the surface moves on, so the flow grows
+    two = demo.synthetic_pairs(dataclasses.replace(recipe, epe_gap=2, epe_pairs=1), seed=4)[0]
+    assert np.abs(two.flow).mean() > np.abs(pairs[0].flow).mean()
+
+
+def test_force_removes_only_the_demos_outputs(tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "results.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="--force"):
+        demo.prepare_output(tmp_path, force=False)
+    demo.prepare_output(tmp_path, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="not a folder"):
+        demo.prepare_output(tmp_path / "file", force=True)
+
+
+def test_training_and_held_out_scenes_never_share_a_seed():
+    seeds = [demo.data_seeds(s) for s in range(50)]
+    assert not {train for train, _ in seeds} & {held for _, held in seeds}
+
+
+def test_train_config_is_the_final_recipe_at_the_demo_size():
+    config = demo.train_config(demo.DemoConfig(seed=3), demo.Recipe())
+    assert (config.aug, config.center, config.net, config.optim) == ("roll+affine", True, "short", "rmsprop")
+    assert config.size == demo.Recipe().size and config.minutes == demo.Recipe().minutes
+    assert config.data == [f"synth:scenes=64,frames=40,size={demo.Recipe().render},objects=3,seed=7"]
+    custom = demo.train_config(demo.DemoConfig(data=["videos/"], minutes=2.5, steps=7), demo.DemoConfig().recipe())
+    assert custom.data == ["videos/"]
+    custom = demo.train_config(demo.DemoConfig(minutes=2.5, steps=7), demo.DemoConfig(minutes=2.5, steps=7).recipe())
+    assert (custom.minutes, custom.steps) == (2.5, 7)
+
+
+def test_flyingchairs_pairs_are_read(flyingchairs_dir, tmp_path):
+    pairs = demo.chairs_pairs(flyingchairs_dir)
+    assert len(pairs) == 4
+    assert pairs[0].a.shape == (384, 512, 3) and pairs[0].flow.shape == (384, 512, 2)
+    with pytest.raises(UserError, match="no pairs"):
+        demo.chairs_pairs(tmp_path)
+
+
+def test_davis_set_resolution(tmp_path):
+    (tmp_path / "ImageSets").mkdir()
+    (tmp_path / "ImageSets" / "dev.txt").write_text("a\n")
+    assert resolve_set(tmp_path, None) == "dev"
+    assert resolve_set(tmp_path, "train") == "train"
+    (tmp_path / "ImageSets" / "other.txt").write_text("b\n")
+    with pytest.raises(UserError, match="--davis-set"):
+        resolve_set(tmp_path, None, "--davis-set")
+    (tmp_path / "ImageSets" / "val.txt").write_text("c\n")
+    assert resolve_set(tmp_path, None) == "val"
+
+
+@pytest.mark.slow
+def test_report_renders_in_a_real_browser(quick_demo, tmp_path):
+    """Headless Chromium (when installed) draws the page: a tall screenshot with the pictures in it."""
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium to render the report with")
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--no-first-run",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1280,3000",
+                    (quick_demo / "report.html").resolve().as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    with Image.open(shot) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    assert pixels.shape[:2] == (3000, 1280)
+    # not a blank page: many distinct colours from the embedded pictures
+    assert len(np.unique(pixels.reshape(-1, 3)[::7], axis=0)) > 1000
+
+
+@pytest.mark.slow
+def test_quick_demo_with_davis_and_pairs(tmp_path, synth_root, flyingchairs_dir):
+    """--davis (here: synthetic scenes in the DAVIS layout) and --pairs fill the DAVIS J&F and pair EPE."""
+    config = demo.DemoConfig(out=str(tmp_path / "out"), quick=True, davis=str(synth_root), pairs=str(flyingchairs_dir),
+                             device="cpu", progress=False)
+    results = demo.run_demo(config, say=lambda _: None)
+    for name in demo.MODELS:
+        assert 0.0 <= results["models"][name]["davis_jf_mean"] <= 1.0
+        assert results["models"][name]["pairs_epe_mean"] > 0.0
+    chairs = demo.chairs_pairs(flyingchairs_dir)
+    zero = np.mean([np.linalg.norm(p.flow, axis=-1).mean() for p in chairs])
+    assert results["models"]["copy"]["pairs_epe_mean"] == pytest.approx(zero, rel=1e-6)
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "J&amp;F DAVIS" in page and "EPE pairs (px)" in page
+    assert (tmp_path / "out" / "figures" / "masks_davis.png").is_file()
