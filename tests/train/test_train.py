@@ -27,8 +27,11 @@ from fmapicon.cli.train import config_from_args
 from fmapicon.data.pairs import FramePairs
 from fmapicon.errors import UserError
 from fmapicon.runtime import has_module
-from fmapicon.train import (RECIPE_VALUES, GlobalBatches, Trainer, TrainConfig, TrainingDiverged, init_processes,
-                            prepare_run_folder, saved_config, train)
+from fmapicon.train import RECIPE_VALUES, TrainConfig, TrainingDiverged, saved_config, train
+from fmapicon.train.data_stream import GlobalBatches
+from fmapicon.train.distributed import init_processes
+from fmapicon.train.loop import Trainer
+from fmapicon.train.run_folder import prepare_run_folder
 
 TINY = dict(size=16, channels=16, batch=4, workers=0, device="cpu", log_every=1, save_every=2)
 KEYS = {"step", "loss", "log_p", "log_p_shuffled", "lambda", "lr", "grad_norm", "pairs_per_s", "bad_steps"}
@@ -138,12 +141,12 @@ def test_recipe_original_from_the_config_file_or_a_flag_changes_the_base(tmp_pat
 
 
 def test_crop_range_reaches_the_dataset_and_is_checked():
-    from fmapicon.train import _make_dataset
+    from fmapicon.train.data_stream import make_dataset
 
     args = build_parser().parse_args(["train", "--data", "synth:scenes=1,frames=4,size=64", "--crop", "random",
                                       "--crop-min", "0.2", "--crop-max", "0.3", "--size", "16"])
     config, _, _ = config_from_args(args)
-    dataset = _make_dataset(config)
+    dataset = make_dataset(config)
     assert dataset.crop_scale == (0.2, 0.3)
     import numpy as np
 

@@ -30,7 +30,7 @@ HELP = "training throughput (pairs/s) per preset and size, with the time split i
 
 
 def _presets(text: str) -> list[str]:
-    from fmapicon.train import NETS
+    from fmapicon.train.config import NETS
 
     names = [part for part in text.split(",") if part]
     bad = [name for name in names if name not in NETS]
@@ -93,7 +93,8 @@ class _Case:
         from fmapicon.core.augment import make_augmentation
         from fmapicon.data.pairs import FramePairs
         from fmapicon.core.networks import NetworkConfig, build_network, feature_size
-        from fmapicon.train import TrainConfig, make_optimizer
+        from fmapicon.train import TrainConfig
+        from fmapicon.train.model import make_optimizer
 
         torch.manual_seed(0)
         self.device = torch.device(device)
