@@ -41,7 +41,7 @@ def flyingchairs_dir() -> Path:
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
     """Small synthetic scenes in the DAVIS-2017 layout (3 sequences, 12 frames, 96x96, 2 objects)."""
-    from fmapicon.data.synth import write_scenes
+    from fmapicon.data.synth_layout import write_scenes
 
     root = tmp_path_factory.mktemp("synth")
     write_scenes(root, sequences=3, frames=12, size=(96, 96), objects=2, seed=0)

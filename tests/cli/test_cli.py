@@ -106,7 +106,7 @@ def test_warnings_print_one_clean_line(tmp_path, capsys):
 
 
 def test_skipped_file_message_is_one_line(tmp_path):
-    from fmapicon.data.pairs import ScanReport, SkippedFileWarning
+    from fmapicon.data.sources import ScanReport, SkippedFileWarning
 
     with pytest.warns(SkippedFileWarning) as caught:
         ScanReport().skip(tmp_path / "a.mp4", "not_a_video", "Invalid data\nfound when processing input")

@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-import fmapicon.data.pairs as data
-from fmapicon.data.pairs import FramePairs, SkippedFileWarning, read_video_pair
+import fmapicon.data.sources as sources
+from fmapicon.data.pairs import MAX_ATTEMPTS, FramePairs, parse_synth, synth_scene_seed
+from fmapicon.data.sources import SkippedFileWarning, read_video_pair
 from fmapicon.errors import UserError
 
 
@@ -124,7 +125,7 @@ def test_seek_decodes_a_gop_not_the_video(tmp_path, monkeypatch):
     """Reading frames 190 and 195 of a 200-frame video decodes about a GOP plus the gap."""
     path = write_video(tmp_path / "long.mp4", numbered_frames(120), gop=10)
     decoded = []
-    real_open = data._open_video
+    real_open = sources._open_video
 
     class Counting:
         def __init__(self, container):
@@ -144,7 +145,7 @@ def test_seek_decodes_a_gop_not_the_video(tmp_path, monkeypatch):
                 decoded.append(frame)
                 yield frame
 
-    monkeypatch.setattr(data, "_open_video", lambda p: Counting(real_open(p)))
+    monkeypatch.setattr(sources, "_open_video", lambda p: Counting(real_open(p)))
     image_a, image_b, b = read_video_pair(path, 110, 115)
     assert (frame_number(image_a), frame_number(image_b), b) == (110, 115, 115)
     assert len(decoded) <= 10 + 6 + 4, f"decoded {len(decoded)} frames"
@@ -281,7 +282,7 @@ def test_all_pairs_failing_stops_with_a_clear_error(tmp_path, cache):
         path.write_bytes(b"")
     with pytest.warns(SkippedFileWarning), pytest.raises(UserError, match="mostly unreadable"):
         pairs.load(0)
-    assert pairs.summary["decode_failures"] == data.MAX_ATTEMPTS
+    assert pairs.summary["decode_failures"] == MAX_ATTEMPTS
 
 
 # ---------------------------------------------------------------------------------------
@@ -326,11 +327,11 @@ def test_index_cache_spares_opening_the_videos(tmp_path, synth_root, monkeypatch
     pytest.importorskip("av")
     cache = tmp_path / "cache"
     opened = []
-    real_open = data._open_video
-    monkeypatch.setattr(data, "_open_video", lambda path: opened.append(path) or real_open(path))
+    real_open = sources._open_video
+    monkeypatch.setattr(sources, "_open_video", lambda path: opened.append(path) or real_open(path))
     first = FramePairs(synth_root / "Videos", size=16, cache_dir=cache)
     assert len(opened) == 3 and first.summary["index"] == {"hits": 0, "misses": 3}
-    assert (cache / data.INDEX_FILE).is_file()
+    assert (cache / sources.INDEX_FILE).is_file()
     opened.clear()
     second = FramePairs(synth_root / "Videos", size=16, cache_dir=cache)
     assert opened == [] and second.summary["index"] == {"hits": 3, "misses": 0}
@@ -348,7 +349,7 @@ def test_index_cache_spares_opening_the_videos(tmp_path, synth_root, monkeypatch
 def test_cache_env_and_disabled(tmp_path, synth_root, monkeypatch):
     monkeypatch.setenv("FMAPICON_CACHE", str(tmp_path / "env-cache"))
     FramePairs(synth_root, size=16)
-    assert (tmp_path / "env-cache" / data.INDEX_FILE).is_file()
+    assert (tmp_path / "env-cache" / sources.INDEX_FILE).is_file()
     off = FramePairs(synth_root, size=16, cache_dir=False)
     assert off.summary["index"]["hits"] == 0
 
@@ -364,7 +365,7 @@ def test_synth_source_renders_the_scenes_deterministically(cache):
     assert pairs.summary["clips"] == 3 and len(pairs) == 15 and pairs.scale == pytest.approx(0.5)
     pair = pairs.load(4)
     scene = int(pair.clip.rsplit("#", 1)[1])
-    frames = generate_scene(data.synth_scene_seed(1, scene), frames=6, size=(48, 48), objects=2).frames
+    frames = generate_scene(synth_scene_seed(1, scene), frames=6, size=(48, 48), objects=2).frames
     expected = Image.fromarray(frames[pair.index_a]).resize((24, 24), Image.BILINEAR, box=(0, 0, 48, 48))
     assert np.array_equal(np.rint(pair.a.permute(1, 2, 0).numpy() * 255).astype(np.uint8), np.asarray(expected))
     again = FramePairs("synth:scenes=3,frames=6,size=48,objects=2", size=24, cache_dir=cache)
@@ -372,7 +373,7 @@ def test_synth_source_renders_the_scenes_deterministically(cache):
 
 
 def test_synth_defaults_and_bad_options():
-    options = data.parse_synth("synth", 120)
+    options = parse_synth("synth", 120)
     assert options == {"scenes": 64, "frames": 40, "size": 160, "objects": 3, "seed": 1}
     with pytest.raises(UserError, match="bad synth option"):
         FramePairs("synth:scene=3")

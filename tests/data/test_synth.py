@@ -13,7 +13,8 @@ from scipy import ndimage
 from fmapicon.data.davis import davis_palette, read_annotation
 from fmapicon.errors import UserError
 from fmapicon.data.flow import read_flo
-from fmapicon.data.synth import build_scene, generate_scene, read_marker, scene_seed, write_scenes
+from fmapicon.data.synth import build_scene, generate_scene, scene_seed
+from fmapicon.data.synth_layout import read_marker, write_scenes
 
 
 def backward_warp(image: np.ndarray, flow: np.ndarray, order: int = 1) -> np.ndarray:

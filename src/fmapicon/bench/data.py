@@ -58,7 +58,7 @@ def _sources(args, scratch) -> dict:
     from pathlib import Path
 
     from fmapicon.runtime import shared_data_dir
-    from fmapicon.data.synth import write_scenes
+    from fmapicon.data.synth_layout import write_scenes
 
     write_scenes(scratch, sequences=args.sequences, frames=args.frames, size=(args.scene_size, args.scene_size),
                  objects=3, seed=0)

@@ -194,7 +194,7 @@ def chairs_pairs(folder) -> list[Pair]:
 def synth_pairs(root: Path, sequences: int, frames: int, size: int) -> list[Pair]:
     """Write synthetic scenes under ``root`` and list their consecutive frame pairs with the exact flow."""
     from fmapicon.errors import UserError
-    from fmapicon.data.synth import write_scenes
+    from fmapicon.data.synth_layout import write_scenes
 
     if frames < 2:
         raise UserError(f"--synth-frames must be at least 2 to make a pair, got {frames}")

@@ -46,7 +46,7 @@ def run(args) -> int:
     import time
     from pathlib import Path
 
-    from fmapicon.data.synth import write_scenes
+    from fmapicon.data.synth_layout import write_scenes
 
     start = time.perf_counter()
     names = write_scenes(args.out, sequences=args.sequences, frames=args.frames, size=tuple(args.size),

@@ -396,8 +396,8 @@ def sequence_names(root, set_name: str | None = None, sequences=None) -> list[st
 
 
 def frame_paths(images_dir, sequence: str) -> list[Path]:
-    """The frames of a sequence in natural order (``fmapicon.data.pairs.natural_key``: 2.jpg before 10.jpg)."""
-    from fmapicon.data.pairs import natural_sorted
+    """The frames of a sequence in natural order (``fmapicon.data.sources.natural_key``: 2.jpg before 10.jpg)."""
+    from fmapicon.data.sources import natural_sorted
 
     folder = Path(images_dir) / sequence
     paths = natural_sorted(p for p in folder.iterdir() if p.suffix.lower() in FRAME_SUFFIXES) if folder.is_dir() else []
@@ -407,9 +407,9 @@ def frame_paths(images_dir, sequence: str) -> list[Path]:
 
 
 def annotation_paths(annotations_dir, sequence: str) -> list[Path]:
-    """The annotation PNGs of a sequence in natural order (``fmapicon.data.pairs.natural_key``;
+    """The annotation PNGs of a sequence in natural order (``fmapicon.data.sources.natural_key``;
     for zero-padded names, as DAVIS's, the toolkit's string order)."""
-    from fmapicon.data.pairs import natural_sorted
+    from fmapicon.data.sources import natural_sorted
 
     folder = Path(annotations_dir) / sequence
     paths = natural_sorted(folder.glob("*.png")) if folder.is_dir() else []

@@ -64,7 +64,7 @@ def flow_triples(folder) -> list[tuple[str, Path, Path, Path]]:
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder of FlyingChairs-style pairs (NNNNN-img0.ppm, -img1.ppm, -gt.flo)")
     triples = []
-    from fmapicon.data.pairs import natural_sorted
+    from fmapicon.data.sources import natural_sorted
 
     for first in natural_sorted(folder.glob("*-img0.*")):
         stem = first.name[: -len("-img0" + first.suffix)]

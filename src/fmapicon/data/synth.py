@@ -23,26 +23,19 @@ the position at t+1 of the surface point seen at x, minus x, in pixels (u, v).
 Pixel centres are at integer coordinates: pixel (row i, column j) is x = (j, i).
 
 Everything is vectorized numpy; the same seed gives the same scene, bit for bit.
-``write_scenes`` stores scenes in the DAVIS-2017 layout with ``Flow/`` and ``Videos/``.
+``fmapicon.data.synth_layout.write_scenes`` stores scenes in the DAVIS-2017 layout with
+``Flow/`` and ``Videos/``; the shapes and textures are ``fmapicon.data.synth_shapes``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import shutil
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
+from fmapicon.data.synth_shapes import make_texture, random_shape
 from fmapicon.errors import UserError
-
-LAYOUT_DIRS = ("JPEGImages", "Annotations", "ImageSets", "Flow", "Videos")
-MARKER = "synth.json"
-JPEG_QUALITY = 95
-VIDEO_FPS = 24
 
 
 @dataclass
@@ -83,240 +76,6 @@ def _apply(matrix: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray
     """Apply a 3 x 3 affine matrix to coordinate arrays of any shape (their dtype is kept)."""
     (a, b, c), (d, e, f) = np.asarray(matrix)[:2].tolist()  # python floats do not upcast float32
     return a * x + b * y + c, d * x + e * y + f
-
-
-# ---------------------------------------------------------------------------------------
-# shapes: signed distance in texels (> 0 inside), for anti-aliased alpha and the mask
-
-
-@dataclass
-class Ellipse:
-    a: float
-    b: float
-
-    @property
-    def radius(self) -> float:
-        return max(self.a, self.b)
-
-    def sdf(self, x, y):
-        # first-order distance to the level set k = 1 of k = |(x/a, y/b)|: (1 - k) / |grad k|
-        k = np.sqrt((x / self.a) ** 2 + (y / self.b) ** 2)
-        grad = np.sqrt((x / self.a**2) ** 2 + (y / self.b**2) ** 2) / np.maximum(k, 1e-6)
-        return (1.0 - k) / np.maximum(grad, 1e-6)
-
-
-@dataclass
-class ConvexPolygon:
-    normals: np.ndarray  # K x 2 outward unit normals
-    offsets: np.ndarray  # K, distance of each edge's line from the centre
-    radius: float
-
-    def sdf(self, x, y):
-        # inside a convex polygon the distance to the boundary is the smallest edge distance
-        out = None
-        for (nx, ny), d in zip(self.normals, self.offsets):
-            edge = d - (nx * x + ny * y)
-            out = edge if out is None else np.minimum(out, edge)
-        return out
-
-
-@dataclass
-class Radial:
-    """A star-shaped outline r(phi): a smooth blob (Fourier radius), a star (piecewise
-    linear radius between alternating tips) or, with ``hole`` > 0, a ring."""
-
-    harmonics: np.ndarray  # K x 3: order, amplitude, phase (blob)
-    base: float
-    star_radii: np.ndarray | None = None  # 2K alternating tip/notch radii (star)
-    hole: float = 0.0
-
-    @property
-    def radius(self) -> float:
-        if self.star_radii is not None:
-            return float(self.star_radii.max())
-        return self.base * (1.0 + float(np.abs(self.harmonics[:, 1]).sum()))
-
-    def _outline(self, phi):
-        """r(phi) and dr/dphi."""
-        if self.star_radii is not None:
-            count = len(self.star_radii)
-            pos = (phi % (2 * np.pi)) / (2 * np.pi) * count
-            lo = np.floor(pos).astype(np.int64) % count
-            hi = (lo + 1) % count
-            frac = pos - np.floor(pos)
-            r = self.star_radii[lo] * (1 - frac) + self.star_radii[hi] * frac
-            dr = (self.star_radii[hi] - self.star_radii[lo]) * count / (2 * np.pi)
-            return r, dr
-        r = np.full_like(phi, self.base)
-        dr = np.zeros_like(phi)
-        for order, amplitude, phase in self.harmonics:
-            r = r + self.base * amplitude * np.cos(order * phi + phase)
-            dr = dr - self.base * amplitude * order * np.sin(order * phi + phase)
-        return r, dr
-
-    def sdf(self, x, y):
-        rho = np.sqrt(x * x + y * y)
-        r, dr = self._outline(np.arctan2(y, x))
-        # distance to r(phi) measured along the normal, first order
-        outer = (r - rho) / np.sqrt(1.0 + (dr / np.maximum(r, 1e-6)) ** 2)
-        if self.hole <= 0:
-            return outer
-        return np.minimum(outer, rho - self.hole * r)
-
-
-def _random_shape(rng: np.random.Generator, radius: float):
-    """A shape of characteristic radius ``radius`` texels."""
-    kind = rng.choice(["ellipse", "polygon", "blob", "star", "ring"], p=[0.28, 0.24, 0.28, 0.12, 0.08])
-    if kind == "ellipse":
-        aspect = rng.uniform(0.45, 1.0)
-        return Ellipse(radius, radius * aspect)
-    if kind == "polygon":
-        count = int(rng.integers(3, 9))
-        # vertices spread round the circle with a jitter, so that no edge is degenerate
-        steps = np.arange(count) + rng.uniform(-0.3, 0.3, count)
-        angles = np.sort((rng.uniform(0, 2 * np.pi) + steps * 2 * np.pi / count) % (2 * np.pi))
-        vertices = np.stack([np.cos(angles), np.sin(angles)], 1) * radius * rng.uniform(0.8, 1.0, (count, 1))
-        edges = np.roll(vertices, -1, axis=0) - vertices
-        normals = np.stack([edges[:, 1], -edges[:, 0]], 1)
-        normals /= np.linalg.norm(normals, axis=1, keepdims=True)
-        offsets = (normals * vertices).sum(1)
-        flip = offsets < 0  # orient every normal outwards
-        normals[flip] *= -1
-        offsets[flip] *= -1
-        return ConvexPolygon(normals, offsets, float(np.linalg.norm(vertices, axis=1).max()))
-    if kind in ("blob", "ring"):
-        orders = rng.choice(np.arange(2, 7), size=3, replace=False)
-        amplitudes = rng.uniform(0.0, 0.16, 3)
-        harmonics = np.stack([orders, amplitudes, rng.uniform(0, 2 * np.pi, 3)], 1)
-        hole = rng.uniform(0.3, 0.55) if kind == "ring" else 0.0
-        return Radial(harmonics, radius / (1 + amplitudes.sum()), hole=hole)
-    tips = int(rng.integers(4, 8))
-    radii = np.empty(2 * tips)
-    radii[0::2] = radius * rng.uniform(0.85, 1.0, tips)
-    radii[1::2] = radius * rng.uniform(0.4, 0.65, tips)
-    return Radial(np.zeros((0, 3)), radius, star_radii=radii)
-
-
-# ---------------------------------------------------------------------------------------
-# textures: H x W x 3 float32 in [0, 1]
-
-
-def _squash(field_: np.ndarray, gain: float = 1.0) -> np.ndarray:
-    """Standardize a field and map it smoothly into [0, 1]."""
-    field_ = (field_ - field_.mean()) / (field_.std() + 1e-6)
-    return 0.5 * (1.0 + np.tanh(gain * field_))
-
-
-def _fractal_noise(rng, shape, beta: float, channels: int = 1) -> np.ndarray:
-    """Gaussian noise with a 1/f^beta amplitude spectrum (natural images: beta ~ 1), channels x H x W."""
-    height, width = shape
-    white = rng.standard_normal((channels, height, width)).astype(np.float32)
-    fy = np.fft.fftfreq(height)[:, None]
-    fx = np.fft.rfftfreq(width)[None, :]
-    radius = np.sqrt(fy * fy + fx * fx)
-    radius[0, 0] = 1.0
-    spectrum = np.fft.rfft2(white) * (radius ** -beta).astype(np.float32)
-    spectrum[:, 0, 0] = 0.0
-    noise = np.fft.irfft2(spectrum, s=(height, width)).astype(np.float32)
-    return noise / (noise.std(axis=(1, 2), keepdims=True) + 1e-6)
-
-
-def _hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
-    """K x 3 HSV in [0, 1] -> K x 3 RGB in [0, 1]."""
-    h, s, v = hsv[:, 0] * 6.0, hsv[:, 1], hsv[:, 2]
-    k = (np.array([5.0, 3.0, 1.0])[None, :] + h[:, None]) % 6.0
-    return v[:, None] - v[:, None] * s[:, None] * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
-
-
-def _palette(rng) -> np.ndarray:
-    """2 to 5 colours around a random hue (K x 3 RGB): analogous, complementary or muted."""
-    count = int(rng.integers(2, 6))
-    base = rng.uniform()
-    spread = rng.choice([0.05, 0.15, 0.5])
-    hues = (base + rng.uniform(-spread, spread, count) + (rng.uniform() < 0.3) * 0.5 * (np.arange(count) % 2)) % 1.0
-    saturation = np.clip(rng.uniform(0.1, 1.0) + rng.uniform(-0.2, 0.2, count), 0.0, 1.0)
-    value = np.clip(rng.uniform(0.15, 1.0, count), 0.05, 1.0)
-    return _hsv_to_rgb(np.stack([hues, saturation, value], 1))
-
-
-def _apply_palette(level: np.ndarray, palette: np.ndarray) -> np.ndarray:
-    """Map a field in [0, 1] (H x W) through a palette (K x 3) by linear interpolation."""
-    stops = np.linspace(0.0, 1.0, len(palette))
-    flat = level.reshape(-1)
-    rgb = np.stack([np.interp(flat, stops, palette[:, c]) for c in range(3)], 1)
-    return rgb.reshape(*level.shape, 3).astype(np.float32)
-
-
-def _rotated_grid(rng, shape):
-    """Pixel coordinates rotated by a random angle, each H x W."""
-    rows, cols = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float32)
-    angle = rng.uniform(0, np.pi)
-    return np.cos(angle) * cols + np.sin(angle) * rows, -np.sin(angle) * cols + np.cos(angle) * rows
-
-
-def _pattern(rng, shape, unit: float) -> np.ndarray:
-    """One scalar pattern in [0, 1] (H x W): noise, stripes, checkers, gradient, cells or spots.
-
-    ``unit`` is the texel scale of the scene (1 at 256 x 256), so that periods follow the size.
-    """
-    kind = rng.choice(["noise", "stripes", "checkers", "gradient", "cells", "spots"],
-                      p=[0.25, 0.17, 0.13, 0.12, 0.2, 0.13])
-    if kind == "noise":
-        return _squash(_fractal_noise(rng, shape, rng.uniform(0.9, 1.8))[0], rng.uniform(0.6, 1.5))
-    if kind in ("stripes", "checkers"):
-        u, v = _rotated_grid(rng, shape)
-        period = max(3.0, rng.uniform(5, 28) * unit)
-        # wobbly stripes: a low-frequency phase warp makes them organic rather than ruled
-        warp = _fractal_noise(rng, shape, 2.2)[0] * rng.uniform(0, 2.5)
-        sharp = rng.uniform(1.0, 5.0)
-        wave = np.tanh(sharp * np.sin(2 * np.pi * u / period + warp))
-        if kind == "checkers":
-            wave = wave * np.tanh(sharp * np.sin(2 * np.pi * v / (period * rng.uniform(0.7, 1.4)) + warp))
-        return 0.5 * (1 + wave / np.tanh(sharp))
-    if kind == "gradient":
-        u, _ = _rotated_grid(rng, shape)
-        ramp = (u - u.min()) / (np.ptp(u) + 1e-6)
-        return np.clip(ramp + 0.25 * _fractal_noise(rng, shape, 1.2)[0] * rng.uniform(0.2, 1.0), 0, 1)
-    if kind == "cells":
-        return _cells(rng, shape, max(4.0, rng.uniform(8, 40) * unit))
-    band = _fractal_noise(rng, shape, 2.0)[0] - 0.6 * _fractal_noise(rng, shape, 3.0)[0]
-    return _squash(np.tanh(3.0 * (band - rng.uniform(-0.5, 0.8))), 1.0)
-
-
-def _cells(rng, shape, cell: float) -> np.ndarray:
-    """A Voronoi mosaic: each pixel takes the random value of its nearest seed, with darker seams."""
-    from scipy import ndimage
-
-    height, width = shape
-    count = max(2, int(height * width / cell**2))
-    seeds = np.ones(shape, dtype=bool)
-    rows, cols = rng.integers(0, height, count), rng.integers(0, width, count)
-    seeds[rows, cols] = False
-    distance, (near_rows, near_cols) = ndimage.distance_transform_edt(seeds, return_indices=True)
-    values = rng.uniform(0, 1, shape).astype(np.float32)
-    values[rows, cols] = rng.uniform(0, 1, count)
-    level = values[near_rows, near_cols]
-    # shade each cell towards its centre so cells read as facets, not flat patches
-    return np.clip(level * (1.0 - 0.35 * np.tanh(distance / cell)), 0, 1).astype(np.float32)
-
-
-def _texture(rng, shape, unit: float) -> np.ndarray:
-    """A rich colour texture (H x W x 3 in [0, 1]): a palette-mapped pattern, sometimes a
-    second pattern blended in, low-frequency shading, and fine coloured detail."""
-    from scipy import ndimage
-
-    rgb = _apply_palette(_pattern(rng, shape, unit), _palette(rng))
-    if rng.uniform() < 0.45:
-        other = _apply_palette(_pattern(rng, shape, unit), _palette(rng))
-        weight = _squash(_fractal_noise(rng, shape, 2.0)[0], rng.uniform(1.0, 4.0))[..., None]
-        rgb = rgb * (1 - weight) + other * weight
-    shading = 0.65 + 0.35 * _squash(_fractal_noise(rng, shape, 2.2)[0])
-    detail = _fractal_noise(rng, shape, 1.1, channels=3).transpose(1, 2, 0)
-    rgb = rgb * shading[..., None] + rng.uniform(0.02, 0.07) * detail
-    # a camera's optics pass little at the Nyquist frequency: a slight blur makes the
-    # texture look filmed and keeps resampling (rendering, warping) faithful
-    rgb = ndimage.gaussian_filter(rgb, sigma=(0.6, 0.6, 0), mode="wrap")
-    return np.clip(rgb, 0.0, 1.0).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------
@@ -520,7 +279,7 @@ def _background(rng, camera: np.ndarray, size: tuple[int, int]) -> Layer:
     high = np.ceil(seen.max(0)) + 3
     canvas_w, canvas_h = (high - low).astype(int) + 1
     unit = min(size) / 256.0
-    texture = _texture(rng, (canvas_h, canvas_w), unit)
+    texture = make_texture(rng, (canvas_h, canvas_w), unit)
     _paint_clutter(rng, texture, unit)
     # canvas pixel (u, v) is the world point low + (u, v)
     to_screen = np.stack([m @ _translation(low[0], low[1]) for m in camera])
@@ -531,7 +290,7 @@ def _paint_clutter(rng, canvas: np.ndarray, unit: float) -> None:
     """Paint a few static textured shapes into the background canvas (in place)."""
     height, width = canvas.shape[:2]
     for _ in range(int(rng.integers(2, 9))):
-        shape = _random_shape(rng, rng.uniform(10, 45) * unit)
+        shape = random_shape(rng, rng.uniform(10, 45) * unit)
         r = int(np.ceil(shape.radius)) + 2
         cy, cx = rng.uniform(0, height), rng.uniform(0, width)
         rows = slice(max(0, int(cy) - r), min(height, int(cy) + r + 1))
@@ -540,7 +299,7 @@ def _paint_clutter(rng, canvas: np.ndarray, unit: float) -> None:
             continue
         ys, xs = np.mgrid[rows, cols].astype(np.float32)
         alpha = np.clip(shape.sdf(xs - cx, ys - cy) + 0.5, 0, 1)[..., None]
-        patch = _texture(rng, alpha.shape[:2], unit)
+        patch = make_texture(rng, alpha.shape[:2], unit)
         canvas[rows, cols] = canvas[rows, cols] * (1 - alpha) + patch * alpha
 
 
@@ -550,9 +309,9 @@ def _objects(rng, count: int, camera: np.ndarray, size: tuple[int, int], frames:
     unit = min(size) / 256.0
     layers = []
     for _ in range(count):
-        shape = _random_shape(rng, rng.uniform(0.08, 0.3) * min(size))
+        shape = random_shape(rng, rng.uniform(0.08, 0.3) * min(size))
         side = int(np.ceil(2 * shape.radius)) + 5
-        texture = _texture(rng, (side, side), unit)
+        texture = make_texture(rng, (side, side), unit)
         centre = ((side - 1) / 2.0, (side - 1) / 2.0)
         start_screen = np.array([rng.uniform(0.12, 0.88) * (width - 1), rng.uniform(0.12, 0.88) * (height - 1)])
         start_world = np.array(_apply(np.linalg.inv(camera[0]), start_screen[0], start_screen[1]))
@@ -568,8 +327,8 @@ def build_scene(seed: int, frames: int = 30, size: tuple[int, int] = (256, 256),
     Every object is visible in frame 0 (at least 30% of its area, re-drawing the
     placement a few times otherwise), so that a first-frame annotation names them all.
     """
-    height, width = _check_size(size)
-    _check_counts(frames, objects)
+    height, width = check_size(size)
+    check_counts(frames, objects)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 0x5C3E]))
     camera = _camera_path(rng, frames, (height, width))
     background = _background(rng, camera, (height, width))
@@ -596,14 +355,14 @@ def _all_visible(model: SceneModel, share: float) -> bool:
     return True
 
 
-def _check_counts(frames: int, objects: int) -> None:
+def check_counts(frames: int, objects: int) -> None:
     if frames < 2:
         raise UserError(f"a scene needs at least 2 frames, got frames={frames}")
     if not 0 <= objects <= 254:
         raise UserError(f"objects must be in 0..254 (ids fit a uint8 with 255 void), got {objects}")
 
 
-def _check_size(size) -> tuple[int, int]:
+def check_size(size) -> tuple[int, int]:
     try:
         height, width = (int(v) for v in size)
     except (TypeError, ValueError) as error:
@@ -630,7 +389,7 @@ def generate_scene(seed: int, frames: int = 30, size: tuple[int, int] = (256, 25
 
 
 # ---------------------------------------------------------------------------------------
-# writing the DAVIS-2017 layout
+# naming the scenes of a set
 
 
 def sequence_name(index: int) -> str:
@@ -642,141 +401,3 @@ def scene_seed(seed: int, index: int) -> int:
     """The seed of sequence ``index`` of a set written with ``seed`` (independent streams)."""
     digest = hashlib.sha256(f"fmapicon-synth:{int(seed)}:{int(index)}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
-
-
-def write_scenes(out, sequences: int = 4, frames: int = 30, size: tuple[int, int] = (256, 256),
-                 objects: int = 3, seed: int = 0, set_name: str = "val", video: bool = True,
-                 overwrite: bool = False) -> list[str]:
-    """Write ``sequences`` scenes in the DAVIS-2017 layout and return their names.
-
-    Layout under ``out``::
-
-        JPEGImages/480p/<seq>/00000.jpg     frames (JPEG quality 95, 4:4:4)
-        Annotations/480p/<seq>/00000.png    indexed PNG, DAVIS palette, ids 1..M
-        ImageSets/2017/<set_name>.txt       the sequence names
-        Flow/<seq>/00000.flo                exact forward flow t -> t+1 (Middlebury, pixels)
-        Videos/<seq>.mp4                    H.264, 24 fps (only when ``video``)
-        synth.json                          the parameters; "complete": true once all is written
-
-    ("480p" is the layout's folder name; the frames are ``size``.) The same arguments give
-    the same bytes on the same installation (the encoder runs single-threaded). A folder
-    that already holds files is refused unless ``overwrite``: then a previous synth output
-    is replaced; a folder with other DAVIS-like data is never touched.
-    """
-    out = Path(out)
-    height, width = _check_size(size)
-    _check_counts(frames, objects)
-    if sequences < 1:
-        raise UserError(f"sequences must be at least 1, got {sequences}")
-    if video and (height % 2 or width % 2):
-        raise UserError(f"video needs an even size (H.264 4:2:0), got {height} x {width}: "
-                        "use an even size or video=False (--no-video)")
-    av = None
-    if video:
-        from fmapicon.runtime import require
-
-        av = require("av")
-    _prepare_output(out, overwrite)
-    params = dict(sequences=sequences, frames=frames, size=[height, width], objects=objects, seed=seed,
-                  set_name=set_name, video=bool(video))
-    # the marker comes first (an interrupted output is still ours to replace) and is
-    # rewritten with complete=true at the end
-    _write_marker(out, {**params, "complete": False})
-    names = [sequence_name(i) for i in range(sequences)]
-    for index, name in enumerate(names):
-        scene = generate_scene(scene_seed(seed, index), frames, (height, width), objects, visibility=False)
-        _write_sequence(out, name, scene)
-        if av is not None:
-            _write_video(av, out / "Videos" / f"{name}.mp4", scene.frames)
-    image_set = out / "ImageSets" / "2017" / f"{set_name}.txt"
-    image_set.parent.mkdir(parents=True, exist_ok=True)
-    image_set.write_text("".join(f"{name}\n" for name in names))
-    _write_marker(out, {**params, "complete": True, "names": names})
-    return names
-
-
-def _prepare_output(out: Path, overwrite: bool) -> None:
-    """Refuse to mix with existing files; with ``overwrite`` remove a previous synth output."""
-    if not out.exists():
-        out.mkdir(parents=True)
-        return
-    if not out.is_dir():
-        raise UserError(f"{out} exists and is not a folder: choose a folder for the synthetic scenes")
-    entries = [p for p in out.iterdir()]
-    if not entries:
-        return
-    is_synth = (out / MARKER).is_file()
-    if not overwrite:
-        what = "synthetic scenes from an earlier run" if is_synth else f"{len(entries)} entries"
-        raise UserError(f"{out} is not empty (it holds {what}); writing would mix old and new files: "
-                        "choose an empty folder or pass --force (overwrite=True) to replace a synth output")
-    clashes = [p.name for p in entries if p.name in LAYOUT_DIRS]
-    if clashes and not is_synth:
-        raise UserError(f"{out} holds {', '.join(clashes)} that fmapicon synth did not write (no {MARKER}); "
-                        "refusing to delete or mix them: choose another folder")
-    for name in (*LAYOUT_DIRS, MARKER):
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-
-
-def _write_sequence(out: Path, name: str, scene: Scene) -> None:
-    from PIL import Image
-
-    from fmapicon.data.davis import write_indexed_png
-    from fmapicon.data.flow import write_flo
-
-    images = out / "JPEGImages" / "480p" / name
-    annotations = out / "Annotations" / "480p" / name
-    flows = out / "Flow" / name
-    for folder in (images, annotations, flows):
-        folder.mkdir(parents=True, exist_ok=True)
-    for t, frame in enumerate(scene.frames):
-        Image.fromarray(frame).save(images / f"{t:05d}.jpg", quality=JPEG_QUALITY, subsampling=0)
-        write_indexed_png(annotations / f"{t:05d}.png", scene.masks[t])
-    for t, flow in enumerate(scene.flows):
-        write_flo(flows / f"{t:05d}.flo", flow)
-
-
-def _write_video(av, path: Path, frames: np.ndarray) -> None:
-    """Encode T x H x W x 3 uint8 frames as an mp4, deterministically (single-threaded encoder)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-    options = {"threads": "1", "g": "12"}
-    if codec == "libx264":
-        options.update(crf="16", preset="medium")
-    else:
-        options.update(qscale="2")
-    tmp = path.with_name(f".{path.name}.tmp")
-    with av.open(str(tmp), mode="w", format="mp4") as container:
-        stream = container.add_stream(codec, rate=VIDEO_FPS, options=options)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.codec_context.thread_count = 1
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    tmp.replace(path)
-
-
-def _write_marker(out: Path, params: dict) -> None:
-    from fmapicon import __version__
-    from fmapicon.runtime import write_json
-
-    params = {"generator": "fmapicon synth", "version": __version__, **params}
-    write_json(out / MARKER, params)
-
-
-def read_marker(root) -> dict | None:
-    """The parameters of a synth output (its synth.json), or None when ``root`` is not one."""
-    path = Path(root) / MARKER
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        warnings.warn(f"cannot read {path}: {error}")
-        return None

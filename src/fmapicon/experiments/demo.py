@@ -201,7 +201,7 @@ def data_seeds(seed: int) -> tuple[int, int]:
 
 def write_heldout(root: Path, recipe: Recipe, seed: int) -> list[str]:
     """The held-out synthetic sequences, rendered at the training render size R."""
-    from fmapicon.data.synth import write_scenes
+    from fmapicon.data.synth_layout import write_scenes
 
     return write_scenes(root, sequences=recipe.eval_sequences, frames=recipe.eval_frames,
                         size=(recipe.render, recipe.render), objects=recipe.objects,
