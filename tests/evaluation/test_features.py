@@ -205,7 +205,8 @@ def test_eval_applies_the_models_recorded_input_scale(tmp_path):
 
     from fmapicon.data.davis import write_indexed_png
     from fmapicon.evaluation.features import FeatureModel
-    from fmapicon.evaluation.propagate import PropagationParams, evaluate_davis
+    from fmapicon.evaluation.davis_eval import evaluate_davis
+    from fmapicon.evaluation.propagate import PropagationParams
 
     root = tmp_path / "davis"
     for t in range(3):

@@ -235,7 +235,7 @@ def test_cli_score_writes_the_csvs(tmp_path, capsys):
 
 
 def test_copy_scores_the_mean_of_first_frame_copies(synth_root, tmp_path):
-    from fmapicon.evaluation.propagate import evaluate_davis
+    from fmapicon.evaluation.davis_eval import evaluate_davis
 
     result = evaluate_davis("copy", synth_root, tmp_path / "copy", progress=False)
     rescored = score_davis(synth_root, tmp_path / "copy", progress=False)

@@ -69,7 +69,7 @@ def _check_out(out, force: bool) -> None:
     from pathlib import Path
 
     from fmapicon.errors import UserError
-    from fmapicon.evaluation.propagate import previous_outputs
+    from fmapicon.evaluation.davis_eval import previous_outputs
     from fmapicon.runtime import remove_entries
 
     out = Path(out)
@@ -85,7 +85,8 @@ def _check_out(out, force: bool) -> None:
 
 
 def run(args) -> int:
-    from fmapicon.evaluation.propagate import PropagationParams, evaluate_davis
+    from fmapicon.evaluation.davis_eval import evaluate_davis
+    from fmapicon.evaluation.propagate import PropagationParams
 
     _check_out(args.out, args.force)
 

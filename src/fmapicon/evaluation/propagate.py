@@ -1,4 +1,6 @@
-"""Label propagation through a video: the protocol of CRW (ajabri/videowalk), and DAVIS evaluation.
+"""Label propagation through a video: the protocol of CRW (ajabri/videowalk).
+
+The DAVIS harness (``evaluate_davis``) is ``fmapicon.evaluation.davis_eval``.
 
 CRW protocol (``protocol="crw"``), every value a field of ``PropagationParams``:
 
@@ -44,14 +46,9 @@ is kept. ``protocol="copy"`` repeats the first mask.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -537,174 +534,3 @@ def propagate_sequence(model, frames: np.ndarray, first_ids: np.ndarray, params:
             return _propagate_crw(model, frames, first_ids, params, bar)
     finally:
         bar.close()
-
-
-# --------------------------------------------------------------------------- DAVIS evaluation
-
-
-def _resolve_model(model, params: PropagationParams, device):
-    """(FeatureModel or None for copy, its name, the device used).
-
-    Without a device, a model object stays where it is (a network being trained must not
-    be moved) and a spec loads on ``auto``.
-    """
-    from fmapicon.evaluation.features import FeatureModel, load_model
-    from fmapicon.runtime import resolve_device
-
-    if params.protocol == "copy" or (isinstance(model, str) and model == "copy"):
-        return None, "copy", torch.device("cpu")
-    if device is None and isinstance(model, FeatureModel):
-        device = model.device
-    elif device is None and isinstance(model, torch.nn.Module):
-        device = next(iter(model.parameters())).device
-    device = resolve_device(device or "auto") if isinstance(device, str) or device is None else device
-    loaded = load_model(model, device, **({"stride": params.stride} if model == "pixels" else {}))
-    return loaded, loaded.name, device
-
-
-def evaluate_davis(model, davis_root, out_dir, set_name: str | None = None, sequences=None,
-                   params: PropagationParams | None = None, device=None, progress: bool = True,
-                   exclude_void: bool = False) -> dict:
-    """Propagate the first masks of a DAVIS set, write and score the predictions.
-
-    Parameters
-    ----------
-    model : a spec for ``fmapicon.evaluation.features.load_model`` (run folder, checkpoint, ``pixels``,
-        ``random``, ``xfeat``), ``copy``, a ``FeatureModel`` or an ``nn.Module``
-    davis_root : folder with ``JPEGImages/480p``, ``Annotations/480p``, ``ImageSets``
-    out_dir : where ``<seq>/<frame>.png`` (indexed, DAVIS palette), the two toolkit CSVs
-        and ``eval.json`` (the protocol actually used, per-sequence timings) are written
-    set_name, sequences : which sequences (see ``fmapicon.data.davis.sequence_names``)
-    params : the protocol; ``copy`` as model implies ``protocol="copy"``
-    device : where features and affinities are computed (default: a model object's own
-        device, else ``auto``)
-
-    Everything is written into a temporary sibling of ``out_dir`` first and moved into
-    ``out_dir`` only when the whole evaluation succeeded (``eval.json`` last), so a failed run
-    leaves ``out_dir`` as it was; entries of ``out_dir`` with the same names are replaced,
-    others are kept (``fmapicon eval`` refuses a non-empty ``out_dir`` without ``--force``).
-
-    Returns
-    -------
-    the score of ``fmapicon.evaluation.metrics.score_davis`` plus ``"timings"`` and ``"eval_json"``.
-    """
-    from fmapicon.data.davis import layout, resolve_set, sequence_names
-
-    params = (params or PropagationParams()).checked()
-    if isinstance(model, str) and model == "copy":
-        params = dataclasses.replace(params, protocol="copy")
-    layout(davis_root)
-    set_name = resolve_set(davis_root, set_name)
-    names = sequence_names(davis_root, set_name, sequences)
-    feature_model, model_name, device = _resolve_model(model, params, device)
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
-        return _evaluate_into(feature_model, model_name, device, davis_root, out_dir, staging, set_name, names,
-                              params, progress, exclude_void)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _evaluate_into(feature_model, model_name, device, davis_root, out_dir: Path, staging: Path, set_name, names,
-                   params, progress, exclude_void) -> dict:
-    """``evaluate_davis``'s work, written into ``staging`` and moved into ``out_dir`` at the end."""
-    from fmapicon.evaluation.metrics import format_results, score_davis, write_results
-
-    timings = _propagate_set(feature_model, davis_root, names, staging, params, progress)
-    results = score_davis(davis_root, staging, set_name, names, exclude_void=exclude_void, progress=progress)
-    write_results(results, staging, set_name)
-    input_scale = None
-    if feature_model is not None:
-        input_scale = 0.25 if params.protocol == "original" else params.input_scale or feature_model.default_input_scale
-    record = {
-        "model": model_name, "protocol": params.protocol, "params": dataclasses.asdict(params),
-        "input_scale": input_scale, "device": str(device), "davis": str(davis_root), "set": set_name,
-        "sequences": results["sequences"], "skipped": results["skipped"], "exclude_void": exclude_void,
-        "timings": timings, "totals": _totals(timings),
-        "global": results["global"], "objects": results["objects"], "jf_mean": results["jf_mean"],
-    }
-    _write_record(record, staging)
-    publish(staging, out_dir)
-    eval_json = out_dir / "eval.json"
-    return {**results, "timings": timings, "totals": record["totals"], "eval_json": str(eval_json),
-            "table": format_results(results), "model": model_name, "input_scale": input_scale}
-
-
-def _propagate_set(feature_model, davis_root, names, out_dir: Path, params, progress) -> dict:
-    """Propagate and write every sequence's masks; return the timings per sequence.
-
-    Propagation starts at the sequence's first annotated frame (the frame whose name is the
-    first annotation's); the frames before it get all-background masks, as nothing is known
-    there yet.
-    """
-    from fmapicon.data.davis import annotation_paths, annotation_style, frame_paths, layout, read_annotation, read_frames
-    from fmapicon.data.davis import write_indexed_png
-
-    images_dir, annotations_dir = layout(davis_root)
-    timings = {}
-    for name in names:
-        paths = frame_paths(images_dir, name)
-        truths = annotation_paths(annotations_dir, name)
-        stems = [p.stem for p in paths]
-        if truths[0].stem not in stems:
-            raise UserError(f"the first annotation {truths[0]} has no frame of the same name in {images_dir / name} "
-                            f"(frames {stems[0]}..{stems[-1]}): name annotations as the frames they belong to")
-        start = stems.index(truths[0].stem)
-        frames = read_frames(paths[start:])
-        first_ids = read_annotation(truths[0], annotation_style(truths))
-        ids, timing = propagate_sequence(feature_model, frames, first_ids, params, progress, name)
-        blank = np.zeros(frames.shape[1:3], np.uint8)
-        for t, path in enumerate(paths):
-            write_indexed_png(out_dir / name / f"{path.stem}.png", ids[t - start] if t >= start else blank)
-        timings[name] = {"frames": len(frames), "first_annotated": start, "height": frames.shape[1],
-                         "width": frames.shape[2], **timing}
-    return timings
-
-
-def publish(staging: Path, out_dir: Path) -> None:
-    """Move every entry of ``staging`` into ``out_dir`` (replacing entries of the same name),
-    ``eval.json`` last, so that a complete-looking result is never half there."""
-    from fmapicon.runtime import remove_entries
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    entries = sorted(staging.iterdir(), key=lambda p: p.name == "eval.json")
-    for entry in entries:
-        remove_entries(out_dir, [entry.name])
-        os.replace(entry, out_dir / entry.name)
-
-
-def previous_outputs(out_dir: Path) -> list[str]:
-    """Names of the entries an earlier ``evaluate_davis`` wrote into ``out_dir`` (from its
-    eval.json: sequence folders, the toolkit CSVs, eval.json itself); [] when there is none."""
-    import json
-
-    record_path = Path(out_dir) / "eval.json"
-    if not record_path.is_file():
-        return []
-    try:
-        record = json.loads(record_path.read_text())
-    except (OSError, ValueError):
-        return ["eval.json"]
-    names = list(record.get("sequences", [])) + list(record.get("skipped", []) or [])
-    names += [p.name for p in Path(out_dir).glob("*_results-*.csv")]
-    return names + ["eval.json"]
-
-
-def _write_record(record: dict, out_dir: Path) -> Path:
-    """``out_dir/eval.json``, atomically, stamped with the version and date."""
-    from fmapicon import __version__
-    from fmapicon.runtime import write_json
-
-    record = {**record, "fmapicon": __version__, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    return write_json(out_dir / "eval.json", record)
-
-
-def _totals(timings: dict) -> dict:
-    frames = sum(t["frames"] for t in timings.values())
-    features = sum(t["features_s"] for t in timings.values())
-    propagation = sum(t["propagation_s"] for t in timings.values())
-    per_frame = (lambda s: s / frames if frames else None)
-    return {"frames": frames, "features_s": features, "propagation_s": propagation,
-            "features_s_per_frame": per_frame(features), "propagation_s_per_frame": per_frame(propagation)}

@@ -238,7 +238,7 @@ def evaluate_attempt(run: Path, attempt: Attempt, recipe: AblationRecipe, heldou
     from fmapicon.experiments.demo import match_pair, propagation_params
     from fmapicon.evaluation.features import load_model
     from fmapicon.data.flow import epe_stats
-    from fmapicon.evaluation.propagate import evaluate_davis
+    from fmapicon.evaluation.davis_eval import evaluate_davis
 
     true, shuffled = heldout_log_p(run, attempt.aug, pairs, seed=1, device=device)
     synth = evaluate_davis(str(run), heldout, out / "synth", set_name="val",
@@ -261,7 +261,7 @@ def copy_row(heldout: Path, recipe: AblationRecipe, flow_pairs, out: Path, davis
     import numpy as np
 
     from fmapicon.experiments.demo import propagation_params
-    from fmapicon.evaluation.propagate import evaluate_davis
+    from fmapicon.evaluation.davis_eval import evaluate_davis
 
     synth = evaluate_davis("copy", heldout, out / "synth", set_name="val",
                            params=propagation_params(recipe.eval_stride), progress=False)

@@ -231,13 +231,13 @@ def propagation_params(stride: int | None = None):
 
 
 def model_spec(name: str, run: Path) -> str:
-    """What ``fmapicon.evaluation.propagate.evaluate_davis`` and ``features.load_model`` take for a model."""
+    """What ``fmapicon.evaluation.davis_eval.evaluate_davis`` and ``features.load_model`` take for a model."""
     return str(run) if name == "trained" else name
 
 
 def propagation_scores(run: Path, root: Path, set_name: str, out: Path, params, device, progress: bool) -> dict:
     """J&F-Mean of each model on a DAVIS-layout folder: ``{model: {"jf_mean", "j_mean", "f_mean", "eval_dir"}}``."""
-    from fmapicon.evaluation.propagate import evaluate_davis
+    from fmapicon.evaluation.davis_eval import evaluate_davis
 
     scores = {}
     for name in MODELS:

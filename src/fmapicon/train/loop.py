@@ -380,7 +380,7 @@ def _evaluate_davis(net, davis_root, out_dir: Path, input_scale) -> float:
 
     from fmapicon.evaluation.features import FeatureModel
     from fmapicon.core.networks import UnitFeatures
-    from fmapicon.evaluation.propagate import evaluate_davis
+    from fmapicon.evaluation.davis_eval import evaluate_davis
 
     device = next(net.parameters()).device
     model = FeatureModel(UnitFeatures(net), stride=net.stride, name="training network",
