@@ -1,4 +1,4 @@
-"""Flow fields: .flo I/O, end-point error, warping, resizing and colours, against known answers."""
+"""Flow fields: .flo I/O, end-point error, warping and resizing, against known answers."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fmapicon.errors import UserError
-from fmapicon.data.flow import (end_point_error, epe_stats, flow_to_color, read_flo, resize_flow, warp,
-                           warp_image, write_flo)
+from fmapicon.data.flow import end_point_error, epe_stats, read_flo, resize_flow, warp, warp_image, write_flo
+from fmapicon.experiments.figures import flow_to_color
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (7, 5), (13, 1), (384, 512)])
@@ -126,18 +126,6 @@ def test_resize_flow_scales_displacements_per_axis():
     np.testing.assert_allclose(tensor[0].permute(1, 2, 0).numpy(), big)
     with pytest.raises(ValueError):
         resize_flow(flow, (0, 3))
-
-
-def test_flow_to_color_middlebury_wheel():
-    zero = flow_to_color(np.zeros((4, 5, 2), np.float32))
-    assert zero.shape == (4, 5, 3) and zero.dtype == np.uint8
-    assert np.all(zero == 255)  # zero flow is white
-    left = flow_to_color(np.array([[[-1.0, 0.0]]]))[0, 0]
-    assert tuple(left) == (0, 208, 255)  # hue 27 of 55: between cyan and blue, floor(255 * 9/11) = 208
-    half = flow_to_color(np.array([[[-1.0, 0.0], [-2.0, 0.0]]]))[0]
-    assert tuple(half[0]) == (127, 231, 255)  # half the maximum length: halfway to white
-    darker = flow_to_color(np.array([[[-2.0, 0.0]]]), max_flow=1.0)[0, 0]
-    assert tuple(darker) == (0, 156, 191)  # beyond max_flow: the hue times 0.75
 
 
 def test_warping_by_the_true_synthetic_flow_reproduces_the_frame(request):

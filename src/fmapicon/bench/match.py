@@ -19,23 +19,15 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fmapicon.data.flow import FlowPair
 
 HELP = "end-point error of zero flow, pixels, random, xfeat and models on FlyingChairs / synthetic pairs"
 
 BASELINES = ("zero", "pixels", "random", "xfeat")
-
-
-@dataclass
-class Pair:
-    """Two images and the ground-truth flow from the first to the second."""
-
-    dataset: str
-    name: str
-    image_a: Path
-    image_b: Path
-    flow: Path
 
 
 def add_arguments(parser) -> None:
@@ -153,13 +145,14 @@ def main(args) -> int:
 # --- pairs -------------------------------------------------------------------------------
 
 
-def _collect_pairs(args, scratch: Path, notes: list[str]) -> list[Pair]:
+def _collect_pairs(args, scratch: Path, notes: list[str]) -> list[FlowPair]:
+    from fmapicon.data.flow import flow_pairs
     from fmapicon.errors import UserError
 
     pairs = []
     folder = _pairs_folder(args)
     if folder is not None:
-        found = chairs_pairs(folder)
+        found = flow_pairs(folder)
         pairs += found[: args.limit] if args.limit else found
     elif not args.synth:
         raise UserError("no pairs: pass --pairs DIR (NNNNNNN-img0.ppm, -img1.ppm, -gt.flo) or --synth; "
@@ -184,17 +177,11 @@ def _pairs_folder(args) -> Path | None:
     return default if default is not None and default.is_dir() else None
 
 
-def chairs_pairs(folder) -> list[Pair]:
-    """The ``NNNNNNN-img0.ppm``, ``-img1.ppm``, ``-gt.flo`` triples of a folder, sorted (``flow_triples``)."""
-    from fmapicon.data.flow import flow_triples
-
-    return [Pair("flyingchairs", stem, a, b, flow) for stem, a, b, flow in flow_triples(folder)]
-
-
-def synth_pairs(root: Path, sequences: int, frames: int, size: int) -> list[Pair]:
+def synth_pairs(root: Path, sequences: int, frames: int, size: int) -> list[FlowPair]:
     """Write synthetic scenes under ``root`` and list their consecutive frame pairs with the exact flow."""
-    from fmapicon.errors import UserError
+    from fmapicon.data.flow import FlowPair
     from fmapicon.data.synth_layout import write_scenes
+    from fmapicon.errors import UserError
 
     if frames < 2:
         raise UserError(f"--synth-frames must be at least 2 to make a pair, got {frames}")
@@ -203,8 +190,8 @@ def synth_pairs(root: Path, sequences: int, frames: int, size: int) -> list[Pair
     for name in names:
         images = root / "JPEGImages" / "480p" / name
         for t in range(frames - 1):
-            pairs.append(Pair("synth", f"{name}/{t:05d}", images / f"{t:05d}.jpg", images / f"{t + 1:05d}.jpg",
-                              root / "Flow" / name / f"{t:05d}.flo"))
+            pairs.append(FlowPair(f"{name}/{t:05d}", images / f"{t:05d}.jpg", images / f"{t + 1:05d}.jpg",
+                                  root / "Flow" / name / f"{t:05d}.flo", "synth"))
     return pairs
 
 
@@ -225,7 +212,7 @@ def _methods(baselines: list[str], models: list[str], notes: list[str]) -> list[
     return methods + list(models)
 
 
-def _evaluate(method: str, pairs: list[Pair], configs, args, device, notes) -> list[dict]:
+def _evaluate(method: str, pairs: list[FlowPair], configs, args, device, notes) -> list[dict]:
     """One row per (levels, radius) config (one row for ``zero``) of ``method`` over ``pairs``."""
     import numpy as np
 
@@ -249,14 +236,14 @@ def _evaluate(method: str, pairs: list[Pair], configs, args, device, notes) -> l
     return [_row(pairs[0].dataset, method, name, config, stats[config], seconds[config]) for config in configs]
 
 
-def _match_pair(model, pair: Pair, configs, args, device) -> dict:
+def _match_pair(model, pair: FlowPair, configs, args, device) -> dict:
     """{(levels, radius): ({flow, ic_error_mean}, seconds)}; the features are computed once
     and their time is added to every config."""
     import torch
 
     from fmapicon.evaluation.correspond import default_temperature, features_at_stride, match_features, read_image
 
-    image_a, image_b = read_image(pair.image_a).to(device), read_image(pair.image_b).to(device)
+    image_a, image_b = read_image(pair.a).to(device), read_image(pair.b).to(device)
     start = time.perf_counter()
     fa = features_at_stride(model, image_a, args.stride, args.input_scale)
     fb = features_at_stride(model, image_b, args.stride, args.input_scale)
@@ -276,11 +263,11 @@ def _match_pair(model, pair: Pair, configs, args, device) -> dict:
     return results
 
 
-def _check_size(flow, gt, pair: Pair) -> None:
+def _check_size(flow, gt, pair: FlowPair) -> None:
     from fmapicon.errors import UserError
 
     if flow.shape != gt.shape:
-        raise UserError(f"{pair.flow} is {gt.shape[1]} x {gt.shape[0]} but {pair.image_a} is "
+        raise UserError(f"{pair.flow} is {gt.shape[1]} x {gt.shape[0]} but {pair.a} is "
                         f"{flow.shape[1]} x {flow.shape[0]}: the flow must be at the first image's size")
 
 

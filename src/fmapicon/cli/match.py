@@ -61,7 +61,7 @@ def run(args) -> int:
     import time
     from pathlib import Path
 
-    from fmapicon.evaluation.correspond import load_feature_model, match_images, match_picture, read_image
+    from fmapicon.evaluation.correspond import load_feature_model, match_images, read_image
     from fmapicon.data.flow import write_flo
     from fmapicon.runtime import resolve_device, write_json
 
@@ -80,7 +80,7 @@ def run(args) -> int:
     write_flo(out / "flow_ba.flo", match.flow_ba[0].permute(1, 2, 0).cpu().numpy())
     metrics = _metrics(args, model, match, flow_ab, gt_flow, seconds)
     write_json(out / "metrics.json", metrics)
-    from fmapicon.experiments.report import save_png
+    from fmapicon.experiments.figures import match_picture, save_png
 
     save_png(out / "match.png", match_picture(image_a, image_b, match, gt_flow))
     _print_summary(out, metrics)

@@ -8,11 +8,15 @@ moves to (x + u, y + v) in the second. Pixel centres sit at integer coordinates.
 - ``end_point_error`` / ``epe_stats``: |flow - gt| per pixel and its summary.
 - ``warp_image`` (alias ``warp``): backward warping, ``output(x) = image(x + flow(x))``.
 - ``resize_flow``: resample a field and rescale its displacements (cells -> pixels).
-- ``flow_to_color``: the Middlebury colour wheel (zero flow is white).
+- ``FlowPair`` / ``flow_pairs``: two frames and the true flow between them.
+
+Flow pictures (the Middlebury colour wheel) are ``fmapicon.experiments.figures.flow_to_color``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +80,30 @@ def flow_triples(folder) -> list[tuple[str, Path, Path, Path]]:
     return triples
 
 
+@dataclass
+class FlowPair:
+    """Two frames and the true flow from A to B, in memory (``a``, ``b``: ``H x W x 3`` uint8
+    RGB; ``flow``: ``H x W x 2`` float32) or as the paths of their files (``load`` reads them).
+    ``dataset`` names where the pair comes from (``flyingchairs``, ``synth``)."""
+
+    name: str
+    a: object
+    b: object
+    flow: object
+    dataset: str = ""
+
+    def load(self) -> FlowPair:
+        """The pair with its frames (``fmapicon.data.davis.read_frame``) and flow (``read_flo``) read."""
+        from fmapicon.data.davis import read_frame
+
+        return dataclasses.replace(self, a=read_frame(self.a), b=read_frame(self.b), flow=read_flo(self.flow))
+
+
+def flow_pairs(folder, dataset: str = "flyingchairs") -> list[FlowPair]:
+    """The FlyingChairs-style triples of ``folder`` (``flow_triples``) as pairs of file paths."""
+    return [FlowPair(stem, a, b, flow, dataset) for stem, a, b, flow in flow_triples(folder)]
+
+
 # Middlebury marks pixels whose flow is unknown with a component above 1e9 (its code's
 # UNKNOWN_FLOW_THRESH; files use 1e10); NaN and infinity mean the same here.
 UNKNOWN_FLOW = 1e9
@@ -96,7 +124,7 @@ def known_flow(flow):
 def max_known_length(flow) -> float:
     """The longest displacement (pixels) of an ``H x W x 2`` flow over its known pixels; 0
     when none is known."""
-    flow = _to_numpy_hw2(flow).astype(np.float64)
+    flow = to_numpy_hw2(flow).astype(np.float64)
     known = known_flow(flow)
     return float(np.hypot(flow[..., 0], flow[..., 1])[known].max(initial=0.0))
 
@@ -135,7 +163,7 @@ def epe_stats(flow, gt) -> dict:
     how many pixels were left out because the ground truth, or else the estimate, is
     unknown there. FlyingChairs has no unknown pixel. Raises UserError when no pixel is left.
     """
-    flow, gt = _to_numpy_hw2(flow), _to_numpy_hw2(gt)
+    flow, gt = to_numpy_hw2(flow), to_numpy_hw2(gt)
     error = end_point_error(flow, gt)
     gt_known = known_flow(gt)
     known = gt_known & known_flow(flow)
@@ -184,7 +212,7 @@ def warp_image(image, flow, *, mode: str = "bilinear", padding: str = "zeros"):
     if _is_tensor(image):
         return _warp_tensor(image, flow, mode, padding)
     image = np.asarray(image)
-    flow = _to_numpy_hw2(flow)
+    flow = to_numpy_hw2(flow)
     channels_last = image if image.ndim == 3 else image[..., None]
     # float64 keeps integer shifts exact to ~1e-12 through the grid normalization
     source = torch.from_numpy(np.ascontiguousarray(channels_last.transpose(2, 0, 1), dtype=np.float64))[None]
@@ -252,7 +280,7 @@ def resize_flow(flow, size):
     if new_height <= 0 or new_width <= 0:
         raise ValueError(f"size must be positive, got {size}")
     as_numpy = not _is_tensor(flow)
-    field = torch.from_numpy(np.ascontiguousarray(_to_numpy_hw2(flow).transpose(2, 0, 1)))[None] if as_numpy else flow
+    field = torch.from_numpy(np.ascontiguousarray(to_numpy_hw2(flow).transpose(2, 0, 1)))[None] if as_numpy else flow
     if field.is_floating_point():  # unknown stays unknown: NaN spreads to the cells it touches
         field = torch.where(known_flow(field)[:, None], field, torch.full_like(field, float("nan")))
     height, width = field.shape[-2:]
@@ -264,54 +292,11 @@ def resize_flow(flow, size):
     return resized.to(flow.dtype) if flow.is_floating_point() else resized
 
 
-def flow_to_color(flow, max_flow: float | None = None) -> np.ndarray:
-    """The Middlebury colour coding of an ``H x W x 2`` flow, as ``H x W x 3`` uint8 RGB.
-
-    The direction picks the hue on the Middlebury colour wheel (Baker et al., "A
-    Database and Evaluation Methodology for Optical Flow", 2011: 55 hues through red,
-    yellow, green, cyan, blue and magenta); the length, divided by ``max_flow`` (default:
-    the largest length over the known pixels), picks the saturation: zero flow is white, a flow
-    of length ``max_flow`` the full hue, longer flows a darkened hue; unknown pixels
-    (``known_flow``) are black. Pass the same ``max_flow`` to compare two fields.
-    """
-    flow = _to_numpy_hw2(flow).astype(np.float64)
-    u, v = flow[..., 0], flow[..., 1]
-    unknown = ~known_flow(flow)
-    u, v = np.where(unknown, 0.0, u), np.where(unknown, 0.0, v)
-    radius = np.hypot(u, v)
-    scale = float(max_flow) if max_flow is not None else float(radius.max(initial=0.0))
-    radius = radius / scale if scale > 0 else radius
-    wheel = _color_wheel()
-    # angle in (-1, 1], 0 pointing left (-u), measured as Middlebury's code does
-    position = (np.arctan2(-v, -u) / np.pi + 1) / 2 * (len(wheel) - 1)
-    low = np.floor(position).astype(int)
-    high = (low + 1) % len(wheel)
-    weight = (position - low)[..., None]
-    color = (1 - weight) * wheel[low] + weight * wheel[high]
-    inside = (radius <= 1)[..., None]
-    color = np.where(inside, 1 - radius[..., None] * (1 - color), color * 0.75)
-    color[unknown] = 0.0
-    return np.floor(255 * color).astype(np.uint8)
-
-
-def _color_wheel() -> np.ndarray:
-    """The 55 Middlebury hues, ``55 x 3`` in [0, 1]: six ramps between the primaries."""
-    # (steps, start colour); each ramp moves one channel from the start towards the next start
-    ramps = [(15, (1, 0, 0)), (6, (1, 1, 0)), (4, (0, 1, 0)), (11, (0, 1, 1)), (13, (0, 0, 1)), (6, (1, 0, 1))]
-    colors = []
-    for index, (steps, start) in enumerate(ramps):
-        end = np.array(ramps[(index + 1) % len(ramps)][1], dtype=np.float64)
-        start = np.array(start, dtype=np.float64)
-        fractions = np.arange(steps)[:, None] / steps
-        colors.append(start + fractions * (end - start))
-    return np.concatenate(colors)
-
-
 def _is_tensor(value) -> bool:
     return type(value).__module__.startswith("torch")
 
 
-def _to_numpy_hw2(flow) -> np.ndarray:
+def to_numpy_hw2(flow) -> np.ndarray:
     """An ``H x W x 2`` numpy view of a numpy flow, or of a ``2 x H x W``/``1 x 2 x H x W`` tensor."""
     if _is_tensor(flow):
         flow = flow.detach().cpu()

@@ -174,14 +174,15 @@ class SceneModel:
         """The H x W object ids of frame t (same as ``render(t)[1]``)."""
         return self._composite(t)[1]
 
-    def flow(self, t: int, ids: np.ndarray) -> np.ndarray:
-        """Exact forward flow t -> t+1 (H x W x 2 float32, u, v) given frame t's ids."""
+    def flow(self, t: int, ids: np.ndarray, gap: int = 1) -> np.ndarray:
+        """Exact forward flow t -> t+gap (H x W x 2 float32, u, v) given frame t's ids: the
+        surface point seen at x in frame t is at M_l(t + gap) M_l(t)^-1 x in frame t + gap."""
         height, width = self.size
         flow = np.zeros((height, width, 2), dtype=np.float32)
         for layer_id in np.unique(ids):
             layer = self.layers[layer_id]
             rows, cols = np.nonzero(ids == layer_id)
-            step = layer.to_screen[t + 1] @ np.linalg.inv(layer.to_screen[t])
+            step = layer.to_screen[t + gap] @ np.linalg.inv(layer.to_screen[t])
             x, y = cols.astype(np.float64), rows.astype(np.float64)
             nx, ny = _apply(step, x, y)
             flow[rows, cols, 0] = nx - x

@@ -22,7 +22,8 @@ full N x N' matrix.
 
 From images: ``features_at_stride`` (a ``fmapicon.evaluation.features`` model -> unit features on
 cells of ``stride`` pixels), ``match_images`` / ``match_features`` (both maps in pixels
-and the IC error, a ``Match``), ``match_picture`` (the labelled picture of a match).
+and the IC error, a ``Match``).
+The picture of a match is ``fmapicon.experiments.figures.match_picture``.
 """
 
 from __future__ import annotations
@@ -329,70 +330,6 @@ def read_image(path) -> torch.Tensor:
     except (OSError, UnidentifiedImageError, ValueError) as error:
         raise UserError(f"cannot read {path} as an image ({error}); expected PNG, JPEG or PPM") from error
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() / 255.0
-
-
-def match_picture(image_a, image_b, match: Match, gt_flow=None):
-    """One labelled picture of a match, ``H x W x 3`` uint8 (panels at A's size, 3 per row).
-
-    Panels: A; B; A warped onto B (A's pixels pulled onto B's grid by flow_ba); the flow
-    A -> B in Middlebury colours (and the ground truth, when given, on the same colour
-    scale); the inverse-consistency error on B's pixels as a heat map (black 0, yellow
-    white at the 99th percentile, which the label gives).
-
-    ``image_a``, ``image_b``: ``1 x 3 x H x W`` in [0, 1]; ``gt_flow``: ``H x W x 2`` numpy.
-    """
-    import numpy as np
-
-    from fmapicon.data.flow import flow_to_color, max_known_length
-
-    flow_ab = match.flow_ab[0].permute(1, 2, 0).cpu().numpy()
-    max_flow = max(max_known_length(gt_flow if gt_flow is not None else flow_ab), 1e-6)
-    warped = warp_image(image_a, match.flow_ba.to(image_a))
-    error = match.ic_error[0].cpu().numpy()
-    top = max(float(np.percentile(error, 99)), 1e-6)
-    panels = [("A", _rgb(image_a)), ("B", _rgb(image_b)), ("A warped onto B", _rgb(warped)),
-              (f"flow A->B (max {max_flow:.1f} px)", flow_to_color(flow_ab, max_flow))]
-    if gt_flow is not None:
-        panels.append(("ground-truth flow A->B", flow_to_color(gt_flow, max_flow)))
-    panels.append((f"IC error on B (0 to {top:.1f} px)", _heat_colors(error, top)))
-    return _panel_grid(panels, size=tuple(image_a.shape[-2:]), columns=3)
-
-
-def _rgb(image):
-    """``1 x 3 x H x W`` in [0, 1] -> ``H x W x 3`` uint8."""
-    return (image[0].clamp(0, 1) * 255 + 0.5).byte().permute(1, 2, 0).cpu().numpy()
-
-
-def _heat_colors(values, top: float):
-    """``H x W`` values -> ``H x W x 3`` uint8 along black, purple, red, orange, pale yellow
-    (the anchors of matplotlib's 'inferno'), ``top`` and above at the last colour."""
-    import numpy as np
-
-    anchors = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], float)
-    position = np.clip(np.nan_to_num(values / top), 0, 1) * (len(anchors) - 1)
-    low = np.minimum(np.floor(position).astype(int), len(anchors) - 2)
-    weight = (position - low)[..., None]
-    return ((1 - weight) * anchors[low] + weight * anchors[low + 1] + 0.5).astype(np.uint8)
-
-
-def _panel_grid(panels, size, columns: int):
-    """Labelled panels (name, ``h x w x 3`` uint8), each resized to ``size``, on a white grid."""
-    import numpy as np
-    from PIL import Image, ImageDraw, ImageFont
-
-    height, width = size
-    label, gap = 16, 4
-    rows = -(-len(panels) // columns)
-    sheet = Image.new("RGB", (columns * (width + gap) + gap, rows * (height + label + gap) + gap), "white")
-    draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default()
-    for index, (name, pixels) in enumerate(panels):
-        left = gap + (index % columns) * (width + gap)
-        top = gap + (index // columns) * (height + label + gap)
-        panel = Image.fromarray(np.ascontiguousarray(pixels)).resize((width, height), Image.BILINEAR)
-        sheet.paste(panel, (left, top + label))
-        draw.text((left + 2, top + 2), name, fill="black", font=font)
-    return np.asarray(sheet)
 
 
 # --- tiles -------------------------------------------------------------------------------

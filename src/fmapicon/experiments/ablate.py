@@ -38,15 +38,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fmapicon.experiments import demo
-from fmapicon.experiments.demo import Recipe, with_budget
 from fmapicon.errors import UserError
+from fmapicon.experiments import shared
+from fmapicon.experiments.shared import Recipe, with_budget
 
 CSV_COLUMNS = ["attempt", "aug", "center", "log_p", "log_p_shuffled", "jf_mean", "epe_mean"]
 
@@ -76,7 +75,7 @@ ATTEMPTS = {
 
 @dataclass(frozen=True)
 class AblationRecipe(Recipe):
-    """The demo's recipe (``fmapicon.experiments.demo.Recipe``: data, network, budget, held-out evaluation),
+    """The demo's recipe (``fmapicon.experiments.shared.Recipe``: data, network, budget, held-out evaluation),
     shared by every attempt (defaults: under an hour on 2 CPU cores), plus
 
     logp_pairs : held-out pairs for the eval-mode log_p
@@ -170,12 +169,12 @@ def select_attempts(names: list, extras: list) -> list[Attempt]:
 
 
 def train_config(config: AblationConfig, recipe: AblationRecipe, attempt: Attempt):
-    """The attempt's TrainConfig: the demo's run (``fmapicon.experiments.demo.train_config``: the shared data,
+    """The attempt's TrainConfig: the demo's run (``fmapicon.experiments.shared.train_config``: the shared data,
     network, seed and budget) with the attempt's aug / center and options."""
     from fmapicon.train import TrainConfig
 
     return TrainConfig.from_mapping({"aug": attempt.aug, "center": attempt.center, **attempt.options},
-                                    demo.train_config(config, recipe))
+                                    shared.train_config(config, recipe))
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -235,7 +234,7 @@ def evaluate_attempt(run: Path, attempt: Attempt, recipe: AblationRecipe, heldou
     """The row of one attempt: held-out log_p, J&F on held-out scenes, EPE (and DAVIS J&F)."""
     import numpy as np
 
-    from fmapicon.experiments.demo import match_pair, propagation_params
+    from fmapicon.experiments.shared import match_pair, propagation_params
     from fmapicon.evaluation.features import load_model
     from fmapicon.data.flow import epe_stats
     from fmapicon.evaluation.davis_eval import evaluate_davis
@@ -260,7 +259,7 @@ def copy_row(heldout: Path, recipe: AblationRecipe, flow_pairs, out: Path, davis
     """The copy baseline in the same terms (first mask repeated; zero flow), for the markdown table."""
     import numpy as np
 
-    from fmapicon.experiments.demo import propagation_params
+    from fmapicon.experiments.shared import propagation_params
     from fmapicon.evaluation.davis_eval import evaluate_davis
 
     synth = evaluate_davis("copy", heldout, out / "synth", set_name="val",
@@ -334,11 +333,9 @@ def best_verdict(rows: list[dict]) -> str:
 
 def feature_picture(runs: dict, heldout: Path, stride: int, path: Path, device, davis=None) -> Path:
     """Rows: the frames, then each attempt's PCA-colour features on them."""
-    from fmapicon.experiments import report
-    from fmapicon.evaluation.correspond import features_at_stride
     from fmapicon.data.davis import frame_paths, layout, read_frame, sequence_names
-    from fmapicon.experiments.demo import _image_tensor
     from fmapicon.evaluation.features import load_model
+    from fmapicon.experiments import figures
 
     images, _ = layout(heldout)
     frames = [(read_frame(frame_paths(images, name)[0]), stride) for name in sequence_names(heldout, "val")[:3]]
@@ -347,11 +344,9 @@ def feature_picture(runs: dict, heldout: Path, stride: int, path: Path, device, 
         frames.append((read_frame(frame_paths(davis_images, sequence_names(davis[0], davis[1])[0])[0]), 8))
     rows, labels = [[frame for frame, _ in frames]], ["frame"]
     for name, run in runs.items():
-        model = load_model(str(run), device)
-        maps = [features_at_stride(model, _image_tensor(frame, model.device), cell)[0].cpu() for frame, cell in frames]
-        rows.append([report.upscale(p, *f.shape[:2]) for p, (f, _) in zip(report.pca_colors(maps), frames)])
+        rows.append(figures.feature_pictures(load_model(str(run), device), frames))
         labels.append(f"attempt {name}")
-    return report.picture_grid(rows, path, row_labels=labels, cell_inches=2.2)
+    return figures.picture_grid(rows, path, row_labels=labels, cell_inches=2.2)
 
 
 # --------------------------------------------------------------------------- the whole job
@@ -360,7 +355,7 @@ def feature_picture(runs: dict, heldout: Path, stride: int, path: Path, device, 
 def run_ablation(config: AblationConfig, say=print) -> list[dict]:
     """Train and evaluate every chosen attempt; write the tables and pictures; return the rows."""
     from fmapicon.data.davis import resolve_set
-    from fmapicon.experiments.demo import prepare_output, synthetic_pairs, write_heldout
+    from fmapicon.experiments.shared import prepare_output, synthetic_pairs, write_heldout
     from fmapicon.runtime import resolve_device
     from fmapicon.train import train
 
@@ -390,9 +385,9 @@ def run_ablation(config: AblationConfig, say=print) -> list[dict]:
 
 
 def write_outputs(out: Path, rows, baseline, runs, recipe, config, heldout, device, davis, seconds) -> None:
-    from fmapicon.experiments import report
     from fmapicon.bench import machine_info
-    from fmapicon.runtime import atomic_write
+    from fmapicon.experiments import figures, report
+    from fmapicon.runtime import atomic_write, write_json
 
     columns = CSV_COLUMNS + (["davis_jf_mean"] if davis else [])
     with atomic_write(out / "ablation.csv", "w") as handle:
@@ -403,12 +398,10 @@ def write_outputs(out: Path, rows, baseline, runs, recipe, config, heldout, devi
     with atomic_write(out / "ablation.md", "w") as handle:
         handle.write(markdown)
     machine = machine_info()
-    with atomic_write(out / "ablation.json", "w") as handle:
-        handle.write(json.dumps({"rows": rows, "copy": baseline, "verdict": verdict, "seconds": seconds,
-                                 "machine": machine,
-                                 "recipe": dataclasses.asdict(recipe), "config": dataclasses.asdict(config)},
-                                indent=2) + "\n")
-    curves = report.plot_log_p_comparison({f"attempt {name}": run for name, run in runs.items()},
+    write_json(out / "ablation.json", {"rows": rows, "copy": baseline, "verdict": verdict, "seconds": seconds,
+                                       "machine": machine, "recipe": dataclasses.asdict(recipe),
+                                       "config": dataclasses.asdict(config)})
+    curves = figures.plot_log_p_comparison({f"attempt {name}": run for name, run in runs.items()},
                                           out / "ablation_curves.png")
     features = feature_picture(runs, heldout, recipe.eval_stride, out / "ablation_features.png", device, davis)
     table = report.html_table(rows + [baseline], columns, best={"jf_mean": "max", "epe_mean": "min"},

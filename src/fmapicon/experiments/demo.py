@@ -54,8 +54,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fmapicon.errors import UserError
-from fmapicon.runtime import remove_entries
+from fmapicon.data.flow import FlowPair, flow_pairs
+from fmapicon.experiments.shared import (Recipe, match_pair, prepare_output, propagation_params, synthetic_pairs,
+                                         train_config, with_budget, write_heldout)
+from fmapicon.runtime import write_json
 
 #: the four models of the results, in the order of the table
 MODELS = ("trained", "copy", "pixels", "random")
@@ -69,52 +71,6 @@ _DESCRIPTIONS = {
     "pixels": "Lab colour patches (3 x 3 cells)",
     "random": "the same U-Net, untrained (random weights)",
 }
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """What the demo trains and evaluates with; the defaults fit ~10 minutes on 2 CPU cores.
-
-    size : training frames S x S (the loss costs O(S^4) per pair)
-    render : synthetic scenes are rendered at R x R; the training scale is S / R
-    batch, channels, lr, max_gap, lambda_init : as ``fmapicon train``
-    scenes, frames, objects : the synthetic training set (rendered on the fly)
-    minutes : wall-clock cap of training
-    steps : optimizer steps; held-out J&F peaks early while EPE keeps improving (see the module
-        docstring), so the demo stops at 300 steps, about 5 minutes on 2 idle cores
-    eval_sequences, eval_frames : the held-out synthetic sequences (rendered at R x R too)
-    epe_pairs, epe_gap : pairs (t, t + gap) per held-out sequence for the end-point error
-    workers : DataLoader processes rendering the scenes while the network trains
-    """
-
-    size: int = 32
-    render: int = 32
-    batch: int = 8
-    channels: int = 64
-    lr: float = 1e-3
-    max_gap: int = 4
-    lambda_init: float = 4.0
-    scenes: int = 64
-    frames: int = 40
-    objects: int = 3
-    minutes: float = 10.0
-    steps: int = 300
-    eval_sequences: int = 8
-    eval_frames: int = 30
-    epe_pairs: int = 5
-    epe_gap: int = 4
-    workers: int = 1
-    log_every: int = 10
-
-    @property
-    def scale(self) -> float:
-        """The training scale S / R at which the trained network is evaluated."""
-        return self.size / self.render
-
-    @property
-    def eval_stride(self) -> int:
-        """Feature cells on the held-out scenes: R / S pixels, one network output pixel each."""
-        return max(1, round(self.render / self.size))
 
 
 #: the whole pipeline in about a minute (tests, CI): tiny, but every stage runs
@@ -144,43 +100,7 @@ class DemoConfig:
         return with_budget(QUICK if self.quick else Recipe(), self.minutes, self.steps)
 
 
-def with_budget(recipe, minutes: float | None, steps: int | None):
-    """``recipe`` (a ``Recipe`` or a subclass) with the given ``minutes`` / ``steps``, where not None."""
-    budget = {"minutes": None if minutes is None else float(minutes), "steps": None if steps is None else int(steps)}
-    return dataclasses.replace(recipe, **{key: value for key, value in budget.items() if value is not None})
-
-
-# --------------------------------------------------------------------------- the output folder
-
-
-def prepare_output(out: Path, force: bool, outputs=OUTPUTS) -> None:
-    """Make ``out`` ready: refuse a folder that holds anything unless ``force``, which removes
-    only what an earlier run wrote (the names in ``outputs``), so that old and new results never mix."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder: choose a folder for the demo's outputs")
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if entries and not force:
-        raise UserError(f"{out} already holds {len(entries)} entries ({', '.join(entries[:6])}); two runs' "
-                        "results are never mixed: pass --force to replace the earlier outputs (other files "
-                        "are kept), or choose a new folder with --out")
-    remove_entries(out, outputs)
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def _write_json(path: Path, payload: dict) -> Path:
-    from fmapicon.runtime import atomic_write
-
-    with atomic_write(path, "w") as handle:
-        handle.write(json.dumps(payload, indent=2, allow_nan=False, default=_json_default) + "\n")
-    return path
-
-
-def _json_default(value):
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item"):  # numpy / torch scalars
-        return value.item()
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+# --------------------------------------------------------------------------- results
 
 
 def _finite(value):
@@ -192,42 +112,6 @@ def _finite(value):
 
 
 # --------------------------------------------------------------------------- stages
-
-
-def data_seeds(seed: int) -> tuple[int, int]:
-    """(training scenes' seed, held-out scenes' seed): odd and even, so they never coincide."""
-    return 2 * seed + 1, 2 * seed + 2
-
-
-def write_heldout(root: Path, recipe: Recipe, seed: int) -> list[str]:
-    """The held-out synthetic sequences, rendered at the training render size R."""
-    from fmapicon.data.synth_layout import write_scenes
-
-    return write_scenes(root, sequences=recipe.eval_sequences, frames=recipe.eval_frames,
-                        size=(recipe.render, recipe.render), objects=recipe.objects,
-                        seed=data_seeds(seed)[1], set_name="val", video=False)
-
-
-def train_config(config: DemoConfig, recipe: Recipe):
-    """The ``TrainConfig`` of the demo's run: the original's final recipe at the demo's size and budget."""
-    from fmapicon.train import TrainConfig
-
-    training_seed = data_seeds(config.seed)[0]
-    data = list(config.data) or [f"synth:scenes={recipe.scenes},frames={recipe.frames},size={recipe.render},"
-                                 f"objects={recipe.objects},seed={training_seed}"]
-    return dataclasses.replace(TrainConfig.for_recipe("original"), data=data, net="short", channels=recipe.channels, size=recipe.size, batch=recipe.batch,
-                       max_gap=recipe.max_gap, aug="roll+affine", center=True, lr=recipe.lr,
-                       lambda_init=recipe.lambda_init,
-                       steps=recipe.steps, minutes=recipe.minutes, workers=recipe.workers, seed=config.seed,
-                       device=config.device, log_every=recipe.log_every,
-                       save_every=max(recipe.steps, 1)).validate()
-
-
-def propagation_params(stride: int | None = None):
-    """The CRW protocol's defaults, with feature cells of ``stride`` pixels when given."""
-    from fmapicon.evaluation.propagate import PropagationParams
-
-    return PropagationParams() if stride is None else PropagationParams(stride=stride)
 
 
 def model_spec(name: str, run: Path) -> str:
@@ -254,67 +138,9 @@ def propagation_scores(run: Path, root: Path, set_name: str, out: Path, params, 
 # --------------------------------------------------------------------------- correspondence
 
 
-@dataclass
-class FlowPair:
-    """Two frames (``H x W x 3`` uint8) and the true flow from A to B (``H x W x 2``)."""
-
-    name: str
-    a: object
-    b: object
-    flow: object
-
-
-def synthetic_pairs(recipe: Recipe, seed: int) -> list[FlowPair]:
-    """Frames (t, t + ``recipe.epe_gap``) of the held-out scenes with their exact flow, evenly spread.
-
-    The scenes are rebuilt from their seeds (the same as ``write_heldout``'s), so that the flow
-    over a gap of several frames is exact (``scene_flow``), not a chain of per-frame flows.
-    """
-    import numpy as np
-
-    from fmapicon.data.synth import build_scene, scene_seed, sequence_name
-
-    gap = min(recipe.epe_gap, recipe.eval_frames - 1)
-    pairs = []
-    for index in range(recipe.eval_sequences):
-        model = build_scene(scene_seed(data_seeds(seed)[1], index), recipe.eval_frames,
-                            (recipe.render, recipe.render), recipe.objects)
-        starts = np.linspace(0, recipe.eval_frames - 1 - gap, min(recipe.epe_pairs, recipe.eval_frames - gap))
-        for t in sorted(set(starts.round().astype(int).tolist())):
-            pairs.append(FlowPair(f"{sequence_name(index)}/{t:05d}+{gap}", model.render(t)[0],
-                                  model.render(t + gap)[0], scene_flow(model, t, gap)))
-    return pairs
-
-
-def scene_flow(model, t: int, gap: int):
-    """The exact flow from frame t to frame t + gap of a ``fmapicon.data.synth.SceneModel``, ``H x W x 2``.
-
-    Each pixel x of frame t shows layer l (its id); its surface point is at
-    M_l(t + gap) M_l(t)^-1 x in frame t + gap (``Layer.to_screen`` are the M_l), as
-    ``SceneModel.flow`` computes for a gap of one frame.
-    """
-    import numpy as np
-
-    ids = model.ids(t)
-    height, width = model.size
-    rows, cols = np.mgrid[0:height, 0:width].astype(np.float64)
-    flow = np.zeros((height, width, 2), dtype=np.float32)
-    for layer_id in np.unique(ids):
-        layer = model.layers[layer_id]
-        step = layer.to_screen[t + gap] @ np.linalg.inv(layer.to_screen[t])
-        here = ids == layer_id
-        x, y = cols[here], rows[here]
-        flow[here, 0] = step[0, 0] * x + step[0, 1] * y + step[0, 2] - x
-        flow[here, 1] = step[1, 0] * x + step[1, 1] * y + step[1, 2] - y
-    return flow
-
-
 def chairs_pairs(folder) -> list[FlowPair]:
-    """FlyingChairs-style triples ``NNNNN-img0.ppm``, ``-img1.ppm``, ``-gt.flo`` in ``folder`` (``flow_triples``)."""
-    from fmapicon.data.davis import read_frame
-    from fmapicon.data.flow import flow_triples, read_flo
-
-    return [FlowPair(stem, read_frame(a), read_frame(b), read_flo(flow)) for stem, a, b, flow in flow_triples(folder)]
+    """The FlyingChairs-style pairs of ``folder`` (``flow_pairs``), read into memory."""
+    return [pair.load() for pair in flow_pairs(folder)]
 
 
 def load_feature_models(run: Path, stride: int, device) -> dict:
@@ -323,20 +149,6 @@ def load_feature_models(run: Path, stride: int, device) -> dict:
 
     return {"trained": load_model(str(run), device), "pixels": load_model("pixels", device, stride=stride),
             "random": load_model("random", device)}
-
-
-def _image_tensor(image, device):
-    import torch
-
-    return torch.tensor(image).permute(2, 0, 1)[None].float().div(255.0).to(device)  # a copy: frames may be read-only
-
-
-def match_pair(model, pair: FlowPair, stride: int):
-    """``fmapicon.evaluation.correspond.Match`` of a pair (argmax maps, as ``fmapicon match``'s default)."""
-    from fmapicon.evaluation.correspond import match_images
-
-    device = model.device
-    return match_images(model, _image_tensor(pair.a, device), _image_tensor(pair.b, device), stride=stride)
 
 
 def correspondence_scores(models: dict, pairs: list[FlowPair], stride: int) -> dict:
@@ -375,8 +187,8 @@ def run_demo(config: DemoConfig, say=print) -> dict:
         from fmapicon.data.davis import resolve_set
 
         davis_set = resolve_set(config.davis, config.davis_set, "--davis-set")
-    prepare_output(out, config.force)
-    _write_json(out / "demo.json", {"status": "running", "config": dataclasses.asdict(config),
+    prepare_output(out, config.force, OUTPUTS)
+    write_json(out / "demo.json", {"status": "running", "config": dataclasses.asdict(config),
                                     "recipe": dataclasses.asdict(recipe)})
     timings, started = {}, time.monotonic()
 
@@ -415,8 +227,8 @@ def run_demo(config: DemoConfig, say=print) -> dict:
     write_report(out, results, models, synth_pairs, davis_set if config.davis else None)
     stage("report_s")
     timings["total_s"] = round(time.monotonic() - started, 2)
-    _write_json(out / "results.json", results)
-    _write_json(out / "demo.json", {"status": "done", "config": dataclasses.asdict(config),
+    write_json(out / "results.json", results)
+    write_json(out / "demo.json", {"status": "done", "config": dataclasses.asdict(config),
                                     "recipe": dataclasses.asdict(recipe), "timings": timings})
     return results
 
@@ -424,7 +236,7 @@ def run_demo(config: DemoConfig, say=print) -> dict:
 def assemble_results(config, recipe, run, synth, davis, flow_synth, flow_chairs, timings) -> dict:
     """``{"models": {name: {...}}, ...}``; None where a figure does not apply or was not asked for."""
     from fmapicon.bench import machine_info
-    from fmapicon.experiments.report import read_metrics
+    from fmapicon.experiments.figures import read_metrics
 
     models = {}
     for name in MODELS:
@@ -466,13 +278,14 @@ def _run_config(run: Path) -> dict:
 
 def write_report(out: Path, results: dict, models: dict, pairs: list[FlowPair], davis_set: str | None) -> Path:
     """``DIR/report.html`` (self-contained) from the results and pictures written to ``DIR/figures``."""
+    from fmapicon.experiments import figures as pictures
     from fmapicon.experiments import report
 
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     run = Path(results["training"]["run"])
     sections = [report.Section("Results", text=_summary_text(results), html=results_table(results))]
-    curves = report.plot_training_curves(run, figures / "training_curves.png", title="training of the demo's run")
+    curves = pictures.plot_training_curves(run, figures / "training_curves.png", title="training of the demo's run")
     sections.append(report.Section("Training", text=_CURVES_TEXT, images=[(curves, "loss and log_p per step")]))
     heldout = out / "heldout"
     masks = [(mask_figure(heldout, "val", out / "eval" / "synth", figures / "masks_synthetic.png"),
@@ -578,8 +391,8 @@ def _sample_frames(count: int, length: int) -> list[int]:
 def mask_figure(root: Path, set_name: str, eval_dir: Path, path: Path, columns: int = 5) -> Path:
     """Rows: ground truth and each model's propagated masks over its frame; columns: frames of
     the first sequence of the set."""
-    from fmapicon.experiments import report
     from fmapicon.data.davis import annotation_paths, frame_paths, layout, read_annotation, read_frame, sequence_names
+    from fmapicon.experiments import figures
 
     images, annotations = layout(root)
     name = sequence_names(root, set_name)[0]
@@ -592,9 +405,9 @@ def mask_figure(root: Path, set_name: str, eval_dir: Path, path: Path, columns: 
             frame = read_frame(frames[index])
             ids = read_annotation(truths[index] if label == "ground truth"
                                   else eval_dir / label / name / f"{frames[index].stem}.png")
-            row.append(report.overlay_mask(frame, ids))
+            row.append(figures.overlay_mask(frame, ids))
         rows.append(row)
-    return report.picture_grid(rows, path, row_labels=labels, column_labels=[f"{name} #{i}" for i in chosen],
+    return figures.picture_grid(rows, path, row_labels=labels, column_labels=[f"{name} #{i}" for i in chosen],
                                cell_inches=2.4)
 
 
@@ -615,40 +428,32 @@ def _feature_frames(heldout: Path, davis_root: Path | None, davis_set: str | Non
 def feature_figure(models: dict, heldout: Path, davis_root, davis_set, stride: int, path: Path) -> Path:
     """One row per frame: the frame, then each model's PCA-colour features (the writeup's way of
     showing features), one PCA basis per model shared by its pictures."""
-    from fmapicon.experiments import report
-    from fmapicon.evaluation.correspond import features_at_stride
+    from fmapicon.experiments import figures
 
-    frames = _feature_frames(heldout, davis_root, davis_set)
+    frames = [(frame, cell or stride) for frame, cell in _feature_frames(heldout, davis_root, davis_set)]
     names = ("trained", "random", "pixels")
-    columns = {}
-    for name in names:
-        model = models[name]
-        maps = [features_at_stride(model, _image_tensor(frame, model.device), cell or stride)[0].cpu()
-                for frame, cell in frames]
-        columns[name] = [report.upscale(picture, *frame.shape[:2])
-                         for picture, (frame, _) in zip(report.pca_colors(maps), frames)]
+    columns = {name: figures.feature_pictures(models[name], frames) for name in names}
     rows = [[frame, *(columns[name][index] for name in names)] for index, (frame, _) in enumerate(frames)]
-    return report.picture_grid(rows, path, column_labels=["frame", *names], cell_inches=2.4)
+    return figures.picture_grid(rows, path, column_labels=["frame", *names], cell_inches=2.4)
 
 
 def correspondence_figures(models: dict, pair: FlowPair, stride: int, figures: Path):
     """A flow picture (A, B, true flow, each model's Phi^AB) and IC-error heat maps (trained, random)."""
     import numpy as np
 
-    from fmapicon.experiments import report
-    from fmapicon.data.flow import flow_to_color
+    from fmapicon.experiments import figures as pictures
 
     top = float((pair.flow ** 2).sum(-1).max() ** 0.5) or 1.0
-    row, labels, errors, matches = [pair.a, pair.b, flow_to_color(pair.flow, top)], ["A", "B", "true flow"], [], {}
+    row, labels, errors, matches = [pair.a, pair.b, pictures.flow_to_color(pair.flow, top)], ["A", "B", "true flow"], [], {}
     for name in ("trained", "pixels", "random"):
         matches[name] = match_pair(models[name], pair, stride)
-        row.append(flow_to_color(matches[name].flow_ab[0].permute(1, 2, 0).cpu().numpy(), top))
+        row.append(pictures.flow_to_color(matches[name].flow_ab[0].permute(1, 2, 0).cpu().numpy(), top))
         labels.append(f"{name} Phi^AB")
-    flows = report.picture_grid([row], figures / "flows.png", column_labels=labels, cell_inches=1.8)
+    flows = pictures.picture_grid([row], figures / "flows.png", column_labels=labels, cell_inches=1.8)
     # one colour scale for both maps, at the 99th percentile so that a few outliers do not blacken them
     vmax = max(float(np.percentile(m.ic_error.cpu().numpy(), 99)) for m in matches.values()) or 1.0
     for name in ("trained", "random"):
-        heat = report.plot_heatmap(matches[name].ic_error[0].cpu().numpy(), figures / f"ic_error_{name}.png",
+        heat = pictures.plot_heatmap(matches[name].ic_error[0].cpu().numpy(), figures / f"ic_error_{name}.png",
                                    f"{name}: inverse-consistency error", vmax=vmax)
         errors.append((heat, f"{name}: |Phi^AB(Phi^BA(y)) - y| on {pair.name}"))
     return flows, errors

@@ -1,0 +1,165 @@
+"""What the demo and the ablation share: the recipe (data, network, budget, held-out
+evaluation), the output folder, the held-out synthetic scenes and their flow pairs, the
+training config of a run, and matching one flow pair.
+
+The recipe's defaults were chosen by measurement: see ``docs/experiments.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from fmapicon.data.flow import FlowPair
+from fmapicon.errors import UserError
+from fmapicon.runtime import remove_entries
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What the demo trains and evaluates with; the defaults fit ~10 minutes on 2 CPU cores.
+
+    size : training frames S x S (the loss costs O(S^4) per pair)
+    render : synthetic scenes are rendered at R x R; the training scale is S / R
+    batch, channels, lr, max_gap, lambda_init : as ``fmapicon train``
+    scenes, frames, objects : the synthetic training set (rendered on the fly)
+    minutes : wall-clock cap of training
+    steps : optimizer steps; held-out J&F peaks early while EPE keeps improving (see
+        ``docs/experiments.md``), so the demo stops at 300 steps, about 5 minutes on 2 idle cores
+    eval_sequences, eval_frames : the held-out synthetic sequences (rendered at R x R too)
+    epe_pairs, epe_gap : pairs (t, t + gap) per held-out sequence for the end-point error
+    workers : DataLoader processes rendering the scenes while the network trains
+    """
+
+    size: int = 32
+    render: int = 32
+    batch: int = 8
+    channels: int = 64
+    lr: float = 1e-3
+    max_gap: int = 4
+    lambda_init: float = 4.0
+    scenes: int = 64
+    frames: int = 40
+    objects: int = 3
+    minutes: float = 10.0
+    steps: int = 300
+    eval_sequences: int = 8
+    eval_frames: int = 30
+    epe_pairs: int = 5
+    epe_gap: int = 4
+    workers: int = 1
+    log_every: int = 10
+
+    @property
+    def scale(self) -> float:
+        """The training scale S / R at which the trained network is evaluated."""
+        return self.size / self.render
+
+    @property
+    def eval_stride(self) -> int:
+        """Feature cells on the held-out scenes: R / S pixels, one network output pixel each."""
+        return max(1, round(self.render / self.size))
+
+
+def with_budget(recipe, minutes: float | None, steps: int | None):
+    """``recipe`` (a ``Recipe`` or a subclass) with the given ``minutes`` / ``steps``, where not None."""
+    budget = {"minutes": None if minutes is None else float(minutes), "steps": None if steps is None else int(steps)}
+    return dataclasses.replace(recipe, **{key: value for key, value in budget.items() if value is not None})
+
+
+# --------------------------------------------------------------------------- the output folder
+
+
+def prepare_output(out: Path, force: bool, outputs) -> None:
+    """Make ``out`` ready: refuse a folder that holds anything unless ``force``, which removes
+    only what an earlier run wrote (the names in ``outputs``), so that old and new results never mix."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder: choose a folder for the demo's outputs")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and not force:
+        raise UserError(f"{out} already holds {len(entries)} entries ({', '.join(entries[:6])}); two runs' "
+                        "results are never mixed: pass --force to replace the earlier outputs (other files "
+                        "are kept), or choose a new folder with --out")
+    remove_entries(out, outputs)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+# --------------------------------------------------------------------------- held-out scenes and runs
+
+
+def data_seeds(seed: int) -> tuple[int, int]:
+    """(training scenes' seed, held-out scenes' seed): odd and even, so they never coincide."""
+    return 2 * seed + 1, 2 * seed + 2
+
+
+def write_heldout(root: Path, recipe: Recipe, seed: int) -> list[str]:
+    """The held-out synthetic sequences, rendered at the training render size R."""
+    from fmapicon.data.synth_layout import write_scenes
+
+    return write_scenes(root, sequences=recipe.eval_sequences, frames=recipe.eval_frames,
+                        size=(recipe.render, recipe.render), objects=recipe.objects,
+                        seed=data_seeds(seed)[1], set_name="val", video=False)
+
+
+def train_config(config, recipe: Recipe):
+    """The ``TrainConfig`` of the demo's run: the original's final recipe at the demo's size and
+    budget; ``config`` gives ``data``, ``seed`` and ``device`` (a demo's or an ablation's config)."""
+    from fmapicon.train import TrainConfig
+
+    training_seed = data_seeds(config.seed)[0]
+    data = list(config.data) or [f"synth:scenes={recipe.scenes},frames={recipe.frames},size={recipe.render},"
+                                 f"objects={recipe.objects},seed={training_seed}"]
+    return dataclasses.replace(TrainConfig.for_recipe("original"), data=data, net="short", channels=recipe.channels, size=recipe.size, batch=recipe.batch,
+                       max_gap=recipe.max_gap, aug="roll+affine", center=True, lr=recipe.lr,
+                       lambda_init=recipe.lambda_init,
+                       steps=recipe.steps, minutes=recipe.minutes, workers=recipe.workers, seed=config.seed,
+                       device=config.device, log_every=recipe.log_every,
+                       save_every=max(recipe.steps, 1)).validate()
+
+
+def propagation_params(stride: int | None = None):
+    """The CRW protocol's defaults, with feature cells of ``stride`` pixels when given."""
+    from fmapicon.evaluation.propagate import PropagationParams
+
+    return PropagationParams() if stride is None else PropagationParams(stride=stride)
+
+
+# --------------------------------------------------------------------------- flow pairs
+
+
+def synthetic_pairs(recipe: Recipe, seed: int) -> list[FlowPair]:
+    """Frames (t, t + ``recipe.epe_gap``) of the held-out scenes with their exact flow, evenly spread.
+
+    The scenes are rebuilt from their seeds (the same as ``write_heldout``'s), so that the flow
+    over a gap of several frames is exact (``SceneModel.flow``), not a chain of per-frame flows.
+    """
+    import numpy as np
+
+    from fmapicon.data.synth import build_scene, scene_seed, sequence_name
+
+    gap = min(recipe.epe_gap, recipe.eval_frames - 1)
+    pairs = []
+    for index in range(recipe.eval_sequences):
+        model = build_scene(scene_seed(data_seeds(seed)[1], index), recipe.eval_frames,
+                            (recipe.render, recipe.render), recipe.objects)
+        starts = np.linspace(0, recipe.eval_frames - 1 - gap, min(recipe.epe_pairs, recipe.eval_frames - gap))
+        for t in sorted(set(starts.round().astype(int).tolist())):
+            pairs.append(FlowPair(f"{sequence_name(index)}/{t:05d}+{gap}", model.render(t)[0],
+                                  model.render(t + gap)[0], model.flow(t, model.ids(t), gap), "synth"))
+    return pairs
+
+
+def image_tensor(image, device):
+    """An ``H x W x 3`` uint8 frame as a ``1 x 3 x H x W`` float tensor in [0, 1] on ``device``."""
+    import torch
+
+    return torch.tensor(image).permute(2, 0, 1)[None].float().div(255.0).to(device)  # a copy: frames may be read-only
+
+
+def match_pair(model, pair: FlowPair, stride: int):
+    """``fmapicon.evaluation.correspond.Match`` of a pair (argmax maps, as ``fmapicon match``'s default)."""
+    from fmapicon.evaluation.correspond import match_images
+
+    device = model.device
+    return match_images(model, image_tensor(pair.a, device), image_tensor(pair.b, device), stride=stride)
