@@ -174,9 +174,12 @@ def _distributed_worker(rank, world, init_file, x, weight, out_dir):
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        center = PixelCenter(x.shape[1], tuple(x.shape[-2:])).train()
+        center = PixelCenter(x.shape[1], tuple(x.shape[-2:]), global_batch=True).train()
         # uneven shards (3 and 2 samples): the global mean must weight samples, not ranks
         part = slice(0, 3) if rank == 0 else slice(3, None)
+        # without the switch a process group changes nothing: the mean of this rank's batch
+        alone = PixelCenter(x.shape[1], tuple(x.shape[-2:])).train()
+        torch.testing.assert_close(alone(x[part]), x[part] - x[part].mean(0, keepdim=True))
         local = x[part].clone().requires_grad_(True)
         out = center(local)
         (out * weight[part]).sum().backward()
@@ -185,7 +188,7 @@ def _distributed_worker(rank, world, init_file, x, weight, out_dir):
         dist.destroy_process_group()
 
 
-def test_pixel_center_uses_the_global_batch_mean_under_torch_distributed(tmp_path):
+def test_pixel_center_global_batch_uses_the_mean_of_all_processes(tmp_path):
     """Two gloo processes holding 3 + 2 samples give the outputs, input gradients (of the
     summed loss) and running mean of one process holding all 5."""
     import torch.multiprocessing as mp

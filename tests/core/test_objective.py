@@ -243,6 +243,14 @@ def test_bad_input_raises_a_value_error_that_says_what_was_expected(change, mess
         assert "got" in str(info.value)
 
 
+def test_check_false_skips_only_the_finiteness_scan():
+    maps = [m.detach() for m in four_maps(2, 4, (3, 3), (2, 4))]
+    maps[1] = torch.full_like(maps[1], math.nan)
+    assert torch.isnan(log_p(*maps, check=False)).all()  # no scan: NaN in, NaN out
+    with pytest.raises(ValueError, match="must have the same shape"):
+        log_p(maps[0], maps[1], maps[2][:, :, :2], maps[3], check=False)  # shapes are still checked
+
+
 @pytest.mark.parametrize("options, message", [
     ({"eps": -1e-4}, "eps"), ({"eps": math.nan}, "eps"),
     ({"block_rows": 0}, "block_rows"), ({"block_cols": 2.5}, "block_cols"),

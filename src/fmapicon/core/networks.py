@@ -150,15 +150,6 @@ class NormScale(nn.Module):
 # --------------------------------------------------------------------------- PixelCenter
 
 
-def _distributed_world() -> int:
-    """The number of processes when torch.distributed is initialized, else 1."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
 class _AllReduceSum(torch.autograd.Function):
     """Sum over processes; backward sums the incoming gradients over processes too.
 
@@ -210,8 +201,8 @@ class PixelCenter(nn.Module):
 
     training
         ``out = x - m`` with ``m = mean_b x[b]`` (``1 x C x h x w``; the mean over the
-        batch dimension only, over the *global* batch under torch.distributed with world
-        size > 1, with gradients through m). The buffer ``running_mean`` is updated
+        batch dimension only, with gradients through m; with ``global_batch`` the mean over
+        the batch of all torch.distributed processes, see ``_global_batch_mean``). The buffer ``running_mean`` is updated
         without gradient: ``running = (1 - momentum) running + momentum m``. When x is not
         at the buffer's size, m is resampled bilinearly (align_corners=False) to the
         buffer's size for that update; the output always uses m at x's own size. A batch
@@ -221,26 +212,27 @@ class PixelCenter(nn.Module):
         At any other size, ``out = x - mean_{h,w} running_mean``: only the
         location-independent part of the mean is subtracted. Never raises for a size.
 
-        Why not resample the map: its location-dependent part is large (on the demo's
-        run, per-location norm 9.5 against 1.6 for its spatial average) and comes from
+        Why not resample the map: its location-dependent part is large and comes from
         the frame's borders at the training size (zero padding within the receptive
         field); stretched bilinearly to another frame size it no longer matches where
-        the borders are and writes a smooth positional code into every feature.
-        Measured on 3 DAVIS sequences (the demo's run, input scale 0.5, J&F): stretched
-        map 0.134 (= copy, 0.135), spatial average 0.297, no centering at all 0.291,
-        the map anchored to the nearest border 0.280.
+        the borders are and writes a smooth positional code into every feature (the
+        measurements: ``docs/experiments.md``).
 
     Parameters
     ----------
     channels : C
     size : (h, w) of the running mean, the training feature-map size (an int means square)
     momentum : weight of the new batch mean in the running mean (0.1 as the original)
+    global_batch : in training, centre over the global batch of all processes (needs an
+        initialized torch.distributed process group; every rank calls forward in step). Set
+        by the trainer for data-parallel runs; not saved with the weights.
     """
 
-    def __init__(self, channels: int, size=(120, 120), momentum: float = 0.1):
+    def __init__(self, channels: int, size=(120, 120), momentum: float = 0.1, global_batch: bool = False):
         super().__init__()
         size = (size, size) if isinstance(size, int) else tuple(size)
         self.momentum = float(momentum)
+        self.global_batch = bool(global_batch)
         self.register_buffer("running_mean", torch.zeros(1, channels, *size))
 
     def forward(self, x):
@@ -254,7 +246,7 @@ class PixelCenter(nn.Module):
             if tuple(x.shape[-2:]) != tuple(mean.shape[-2:]):
                 mean = mean.mean(dim=(2, 3), keepdim=True)
             return x - mean.to(x.dtype)
-        mean = _global_batch_mean(x) if _distributed_world() > 1 else x.mean(dim=0, keepdim=True)
+        mean = _global_batch_mean(x) if self.global_batch else x.mean(dim=0, keepdim=True)
         self._update(mean.detach())
         return x - mean
 
@@ -265,7 +257,7 @@ class PixelCenter(nn.Module):
 
     def extra_repr(self):
         channels, h, w = self.running_mean.shape[1:]
-        return f"channels={channels}, size=({h}, {w}), momentum={self.momentum}"
+        return f"channels={channels}, size=({h}, {w}), momentum={self.momentum}, global_batch={self.global_batch}"
 
 
 # --------------------------------------------------------------------------- FeatureNet
@@ -362,11 +354,9 @@ def calibrate_pixel_center(net, frames: torch.Tensor, batch: int = 16) -> bool:
 
     Why: in training PixelCenter subtracts each batch's own mean, and its running mean
     (momentum 0.1) trails the weights by about ten steps. The component it removes is large
-    (in our 32 x 32 runs its norm was about 8-10 against about 1 for the image-dependent
-    part), so that small lag leaves a positional residual that dominates the eval-mode
-    features: held-out J&F went from 0.51 to 0.77 by recomputing the mean at the final
-    weights (step 100 of the demo's recipe). Training therefore writes every weights file
-    with a calibrated mean (``fmapicon.train``).
+    against the image-dependent part, so that small lag leaves a positional residual that
+    dominates the eval-mode features (measured: ``docs/experiments.md``). Training therefore
+    writes every weights file with a calibrated mean (``fmapicon.train``).
     """
     if net.pixel_center is None:
         return False

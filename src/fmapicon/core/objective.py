@@ -46,11 +46,9 @@ but holds five N_A x N_B matrices and makes as many passes over them). Memory is
 O(B (N_A + N_B) C + B * block_rows * block_cols). (Three separate reductions, one
 autograd function each, would cost 16 products instead of 8.)
 
-Performance (``fmapicon bench loss``, 2 shared AVX-512 cores, C = 64, float32): at
-N = 4,096, B = 2 about 1.6x faster than the dense form; at N = 14,400, B = 1 about
-5 s and under 0.1 GB extra memory (the dense form: 8.6 s and 4 GB). On a CPU shared
-with other busy processes, OpenMP's default spin-waiting at the end of every parallel
-kernel can make this many-kernel computation several times slower (measured 10x);
+Performance: ``fmapicon bench loss`` (measured numbers: ``docs/experiments.md``). On a CPU
+shared with other busy processes, OpenMP's default spin-waiting at the end of every
+parallel kernel can make this many-kernel computation several times slower;
 ``OMP_WAIT_POLICY=PASSIVE`` in the environment before torch loads avoids it.
 
 Why float32
@@ -89,9 +87,9 @@ from torch.autograd.function import once_differentiable
 from fmapicon.errors import UserError
 
 # Tile budget (elements of one B x rows x cols tile) and the range of strip widths.
-# CPU: measured on a 2-core AVX-512 machine (N = 4,096 and 14,400): a 1 Mi-element
-# tile (4 MB in float32) stays in cache; strips wider than 256-512 were up to 2x slower.
-# GPU: larger tiles, fewer kernel launches (about 1.3 GB of tiles at B = 64, N = 14,400).
+# CPU: a 1 Mi-element tile (4 MB in float32) stays in cache; wider strips were slower
+# (docs/experiments.md). GPU: larger tiles, fewer kernel launches (about 1.3 GB of tiles
+# at B = 64, N = 14,400).
 _CPU_TILE = (1 << 20, 32, 512)
 _GPU_TILE = (1 << 26, 16, 4096)
 _MIN_BLOCK_ROWS = 16
@@ -106,7 +104,7 @@ __all__ = ["log_p", "log_p_dense", "default_blocks"]
 
 
 def log_p(a1, b2, a3, b4, *, eps: float = 0.0, block_rows: int | None = None,
-          block_cols: int | None = None) -> torch.Tensor:
+          block_cols: int | None = None, check: bool = True) -> torch.Tensor:
     """Exact FeatureMapICON objective per sample, in memory linear in the pixel counts.
 
     Parameters
@@ -119,6 +117,10 @@ def log_p(a1, b2, a3, b4, *, eps: float = 0.0, block_rows: int | None = None,
     block_rows, block_cols : int, optional
         Tile size: rows (A's pixels) x columns (B's pixels) of the implicit similarity
         matrix. Default: chosen per device and shape by ``default_blocks``.
+    check : bool
+        Scan the inputs for NaN and infinity (a ``UserError`` naming the map). The scan reads
+        every value once (and waits for the device); the trainer, which checks its features
+        and loss itself, turns it off.
 
     Returns
     -------
@@ -126,7 +128,7 @@ def log_p(a1, b2, a3, b4, *, eps: float = 0.0, block_rows: int | None = None,
     ``mean_i log(sum_j softmax_j(a1_i . b2_j) softmax_i(a3_i . b4_j) + eps)``.
     Differentiable (once) in all four inputs.
     """
-    dtype = _check_inputs(a1, b2, a3, b4)
+    dtype = _check_inputs(a1, b2, a3, b4, finite=check)
     _check_eps(eps)
     _check_block(block_rows, "block_rows")
     _check_block(block_cols, "block_cols")
@@ -366,8 +368,8 @@ def _autocast_off(device_type: str):
 _NAMES = ("a1", "b2", "a3", "b4")
 
 
-def _check_inputs(a1, b2, a3, b4) -> torch.dtype:
-    """Validate the four feature maps; return the accumulation dtype."""
+def _check_inputs(a1, b2, a3, b4, finite: bool = True) -> torch.dtype:
+    """Validate the four feature maps (their values too, when ``finite``); return the accumulation dtype."""
     maps = dict(zip(_NAMES, (a1, b2, a3, b4)))
     for name, x in maps.items():
         _check_one(name, x)
@@ -379,7 +381,7 @@ def _check_inputs(a1, b2, a3, b4) -> torch.dtype:
     devices = {str(x.device) for x in maps.values()}
     if len(devices) > 1:
         raise UserError(f"a1, b2, a3, b4 must be on one device, got {sorted(devices)}; move them with .to(device)")
-    for name, x in maps.items():
+    for name, x in maps.items() if finite else ():
         if not bool(torch.isfinite(x).all()):
             nan, inf = int(x.isnan().sum()), int(x.isinf().sum())
             raise UserError(f"{name} must be finite, got {nan} NaN and {inf} infinite values of {x.numel()}; "

@@ -4,6 +4,7 @@ and evaluates; ``StepResult`` is one step's record."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fmapicon.errors import UserError
+from fmapicon.runtime import json_text, write_json
 from fmapicon.train.config import TrainConfig
 from fmapicon.train.data_stream import DataStream, GlobalBatches, dataset_length, make_dataset
 from fmapicon.train.distributed import Processes, barrier
@@ -25,13 +27,22 @@ from fmapicon.train.run_folder import (BEST_WEIGHTS, CALIBRATION_FRAMES, CHECKPO
 
 @dataclass
 class StepResult:
-    """What one step produced: the mean loss over all processes, the gradient norm
-    before clipping (None when not computed), whether the step was bad (non-finite:
-    skipped and counted), and the detached feature maps (for the log_p diagnostics)."""
+    """The terms of one training step, averaged over all processes (as ICON's loss record).
+
+    loss : -mean log_p with the ``log_eps`` floor, the quantity minimized (non-finite on a bad step)
+    grad_norm : L2 norm of all gradients before clipping; None when not computed
+    bad : the step was non-finite: skipped (no update) and counted
+    log_p, log_p_shuffled : the exact objective (eps = 0) on the step's pairs and on
+        shuffled pairs (B rolled by one in the batch); None until measured (``Trainer.measured``,
+        on logged steps) and on bad steps
+    features : the detached feature maps (a1, b2, a3, b4) the diagnostics are measured on
+    """
 
     loss: float
     grad_norm: float | None
     bad: bool = False
+    log_p: float | None = None
+    log_p_shuffled: float | None = None
     features: tuple = ()
 
 
@@ -62,6 +73,8 @@ class Trainer:
         from fmapicon.core.networks import build_network
 
         self.net = build_network(network_config(self.config)).to(self.device)
+        if self.net.pixel_center is not None:
+            self.net.pixel_center.global_batch = self.processes.distributed  # centre over the global batch
         self.augmentation = make_augmentation(self.config.aug, stride=self.net.stride)
         self.model = distributed_model(four_draw_module(self.net, self.augmentation), self.processes,
                                         self.device)
@@ -83,14 +96,12 @@ class Trainer:
                                self.config.seed)
 
     def _resolved_config(self) -> dict:
-        import dataclasses as dc
-
         import torch
 
         from fmapicon import __version__
 
         return {**self.config.to_dict(), "input_scale": getattr(self.dataset, "input_scale", None),
-                "network": dc.asdict(network_config(self.config)), "stride": self.net.stride,
+                "network": dataclasses.asdict(network_config(self.config)), "stride": self.net.stride,
                 "world_size": self.processes.world, "fmapicon_version": __version__,
                 "git_commit": git_commit(), "torch_version": torch.__version__,
                 "data_summary": _jsonable(getattr(self.dataset, "summary", None))}
@@ -129,7 +140,7 @@ class Trainer:
         features = tuple(f.float() for f in features)
         if not all(bool(torch.isfinite(f).all()) for f in features):
             return features, torch.full((), math.nan, device=self.device)
-        return features, -objective.log_p(*features, eps=self.config.log_eps).mean()
+        return features, -objective.log_p(*features, eps=self.config.log_eps, check=False).mean()  # checked above
 
     def _mean_over_processes(self, value) -> float:
         if self.processes.distributed:
@@ -153,35 +164,30 @@ class Trainer:
 
     # ---------------------------------------------------------------- log
 
-    def diagnostics(self, features) -> dict:
-        """Exact log_p (eps = 0) on the step's pairs and on shuffled pairs (B rolled by one
-        in the batch: A with another video's B), averaged over processes."""
+    def measured(self, result: StepResult) -> StepResult:
+        """``result`` with its exact log_p (eps = 0) on the step's pairs and on shuffled pairs (B
+        rolled by one in the batch: A with another video's B), averaged over processes."""
         import torch
 
         from fmapicon.core import objective
 
-        a1, b2, a3, b4 = features
+        a1, b2, a3, b4 = result.features
         with torch.no_grad():
-            true = objective.log_p(a1, b2, a3, b4).mean()
-            shuffled = objective.log_p(a1, b2.roll(1, 0), a3, b4.roll(1, 0)).mean() if len(a1) > 1 else None
+            true = objective.log_p(a1, b2, a3, b4, check=False).mean()
+            shuffled = objective.log_p(a1, b2.roll(1, 0), a3, b4.roll(1, 0), check=False).mean() if len(a1) > 1 else None
         log_p = self._mean_over_processes(true)
         log_p_shuffled = None if shuffled is None else self._mean_over_processes(shuffled)
-        return {"log_p": log_p, "log_p_shuffled": log_p_shuffled}
+        return dataclasses.replace(result, log_p=log_p, log_p_shuffled=log_p_shuffled)
 
     def record(self, result: StepResult) -> dict:
-        """The metrics line of this step; pairs/s over the steps since the previous line."""
+        """The metrics line of this step: its terms and the run's counters; a bad step is marked
+        ``"event": "non_finite"``; pairs/s over the steps since the previous line."""
         steps, seconds = self.step - self.window[0], time.monotonic() - self.window[1]
-        return {"step": self.step, "loss": result.loss, **self.diagnostics(result.features),
+        rate = None if result.bad else steps * self.config.batch / max(seconds, 1e-9)
+        return {"step": self.step, **({"event": "non_finite"} if result.bad else {}), "loss": result.loss,
+                "log_p": result.log_p, "log_p_shuffled": result.log_p_shuffled,
                 "lambda": float(self.net.lambda_), "lr": self.optimizer.param_groups[0]["lr"],
-                "grad_norm": result.grad_norm, "pairs_per_s": steps * self.config.batch / max(seconds, 1e-9),
-                "bad_steps": self.bad_steps, "bad_steps_in_row": self.bad_in_row,
-                "amp_skipped_steps": self.amp_skipped, "epoch": self.data.epoch,
-                "elapsed_s": time.monotonic() - self.started}
-
-    def bad_record(self, result: StepResult) -> dict:
-        return {"step": self.step, "event": "non_finite", "loss": result.loss, "log_p": None,
-                "log_p_shuffled": None, "lambda": float(self.net.lambda_),
-                "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": result.grad_norm, "pairs_per_s": None,
+                "grad_norm": result.grad_norm, "pairs_per_s": rate,
                 "bad_steps": self.bad_steps, "bad_steps_in_row": self.bad_in_row,
                 "amp_skipped_steps": self.amp_skipped, "epoch": self.data.epoch,
                 "elapsed_s": time.monotonic() - self.started}
@@ -227,12 +233,12 @@ class Trainer:
         kept = center.running_mean.clone()
         try:
             calibrate_pixel_center(self.net, self.calibration)
-            yield {"pixel_center_calibration": json.dumps({"frames": len(self.calibration), "step": self.step})}
+            yield {"pixel_center_calibration": _metadata_json({"frames": len(self.calibration), "step": self.step})}
         finally:
             center.running_mean.copy_(kept)
 
     def weights_metadata(self) -> dict:
-        return {"fmapicon_config": json.dumps(self.resolved), "step": str(self.step)}
+        return {"fmapicon_config": _metadata_json(self.resolved), "step": str(self.step)}
 
     def state_dict(self) -> dict:
         return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -257,10 +263,7 @@ class Trainer:
 
     def write_config(self) -> None:
         if self.processes.main:
-            from fmapicon.runtime import atomic_write
-
-            with atomic_write(self.run / CONFIG_FILE, "w") as handle:
-                handle.write(json.dumps(self.resolved, indent=2) + "\n")
+            write_json(self.run / CONFIG_FILE, self.resolved)
 
     # ---------------------------------------------------------------- evaluate
 
@@ -318,7 +321,7 @@ class Trainer:
             self.save()
 
     def _log(self, result: StepResult, log, bar, evaluate: bool) -> None:
-        record = self.record(result)
+        record = self.record(self.measured(result))
         if evaluate:
             record.update(self._evaluate_on_rank_zero())
         if log is not None:
@@ -330,7 +333,7 @@ class Trainer:
         self.bad_steps += 1
         self.bad_in_row += 1
         if log is not None:
-            log.write(self.bad_record(result))
+            log.write(self.record(result))
         if self.bad_in_row >= self.config.max_bad_steps:
             raise TrainingDiverged(
                 f"{self.bad_in_row} non-finite steps in a row (loss {result.loss}, gradient norm "
@@ -359,6 +362,11 @@ class Trainer:
                 stops.signum = signal.SIGTERM  # another rank was signalled: save and stop with it
             wants = float(flag)
         return bool(wants)
+
+
+def _metadata_json(value) -> str:
+    """One line of strict JSON for a safetensors metadata entry."""
+    return json_text(value, indent=None).rstrip("\n")
 
 
 def _jsonable(value):

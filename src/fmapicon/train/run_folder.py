@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import subprocess
 from pathlib import Path
 
 from fmapicon.errors import UserError
-from fmapicon.runtime import remove_entries
+from fmapicon.runtime import json_text, remove_entries, strict_json_value
 from fmapicon.train.config import TrainConfig
 
 
@@ -92,13 +91,6 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _json_number(value):
-    """JSON has no NaN or infinity: write them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 class MetricsLog:
     """metrics.jsonl (one JSON object per line, flushed) and TensorBoard scalars when available."""
 
@@ -110,8 +102,8 @@ class MetricsLog:
         self.tensorboard = _tensorboard_writer(run, resume_step)
 
     def write(self, record: dict) -> None:
-        record = {key: _json_number(value) for key, value in record.items()}
-        self.file.write(json.dumps(record) + "\n")
+        record = strict_json_value(record)  # JSON has no NaN or infinity: null
+        self.file.write(json_text(record, indent=None))
         self.file.flush()
         if self.tensorboard is not None:
             for key, value in record.items():
