@@ -111,3 +111,15 @@ def test_skipped_file_message_is_one_line(tmp_path):
     with pytest.warns(SkippedFileWarning) as caught:
         ScanReport().skip(tmp_path / "a.mp4", "not_a_video", "Invalid data\nfound when processing input")
     assert str(caught[0].message) == f"skipping {tmp_path / 'a.mp4'}: not a video (Invalid data found when processing input)"
+
+
+def test_match_names_the_flag_of_a_library_parameter_error():
+    """The library says ``radius must be ...``; ``fmapicon match`` says ``--radius must be ...``."""
+    from fmapicon.cli.match import _flags_named
+    from fmapicon.errors import UserError
+
+    with pytest.raises(UserError, match="^--radius must be >= 0"), _flags_named():
+        raise ValueError("radius must be >= 0 feature cells, got -1")
+    with pytest.raises(ValueError, match="^another problem") as info, _flags_named():
+        raise ValueError("another problem")
+    assert not isinstance(info.value, UserError)  # anything else is a bug to show, not a user error

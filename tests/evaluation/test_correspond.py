@@ -154,10 +154,9 @@ def test_coarse_to_fine_with_covering_windows_is_the_flat_search(sizes, soft):
 
 def test_coarse_to_fine_checks_its_options():
     from fmapicon.evaluation.correspond import coarse_to_fine
-    from fmapicon.errors import UserError
 
     fa = unit_features(batch=1)
-    with pytest.raises(UserError, match="--levels must be >= 0"):
+    with pytest.raises(ValueError, match="^levels must be >= 0"):  # the parameter's name, not a flag
         coarse_to_fine(fa, fa, -1)
     assert torch.equal(correspondence(fa, fa, levels=3), torch.zeros(1, 2, 20, 24))  # identity pair, default radius
 

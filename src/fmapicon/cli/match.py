@@ -13,6 +13,7 @@ Writes, under ``--out``:
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 from fmapicon.cli._types import device_name, non_negative_int, positive_float, positive_int
 
@@ -70,9 +71,10 @@ def run(args) -> int:
     gt_flow = _read_gt(args.gt_flow, tuple(image_a.shape[-2:])) if args.gt_flow else None
     model = load_feature_model(args.model, device, args.stride)
     start = time.perf_counter()
-    match = match_images(model, image_a, image_b, stride=args.stride, soft=args.soft,
-                         temperature=args.temperature, radius=args.radius, input_scale=args.input_scale,
-                         levels=args.levels)
+    with _flags_named():
+        match = match_images(model, image_a, image_b, stride=args.stride, soft=args.soft,
+                             temperature=args.temperature, radius=args.radius, input_scale=args.input_scale,
+                             levels=args.levels)
     seconds = time.perf_counter() - start
     out = Path(args.out)
     flow_ab = match.flow_ab[0].permute(1, 2, 0).cpu().numpy()
@@ -85,6 +87,20 @@ def run(args) -> int:
     save_png(out / "match.png", match_picture(image_a, image_b, match, gt_flow))
     _print_summary(out, metrics)
     return 0
+
+
+@contextlib.contextmanager
+def _flags_named():
+    """The library names its parameters (``radius must be >= 0 ...``); the user knows the flags."""
+    from fmapicon.errors import UserError
+
+    try:
+        yield
+    except ValueError as error:
+        name = str(error).split(" ", 1)[0]
+        if isinstance(error, UserError) or name not in ("stride", "radius", "levels", "temperature"):
+            raise
+        raise UserError(f"--{error}") from error
 
 
 def _read_gt(path, size):

@@ -121,12 +121,11 @@ def coarse_to_fine(fa, fb, levels: int, *, radius: int | None = None, temperatur
     candidate nearest the predicted place.
 
     Why: with one flat search over the whole image, a cell whose best score lands on a
-    far-away look-alike is an outlier of hundreds of pixels (mean EPE on FlyingChairs
-    34 px for a DAVIS-trained model against 4.3 within radius 2); pooled features of the
-    coarse levels describe larger regions, which repeat less.
+    far-away look-alike is an outlier of hundreds of pixels (``docs/experiments.md``);
+    pooled features of the coarse levels describe larger regions, which repeat less.
     """
     if levels < 0:
-        raise UserError(f"--levels must be >= 0, got {levels}")
+        raise ValueError(f"levels must be >= 0, got {levels}")
     radius = REFINE_RADIUS if radius is None else radius
     pyramid_a, pyramid_b = [fa.float()], [fb.float()]
     for _ in range(levels):
@@ -262,7 +261,7 @@ def features_at_stride(model, images, stride: int = 4, input_scale: float | None
     from fmapicon.evaluation.features import extract
 
     if stride < 1:
-        raise UserError(f"--stride must be a positive number of pixels, got {stride}")
+        raise ValueError(f"stride must be a positive number of pixels, got {stride}")
     scale = float(getattr(model, "default_input_scale", 1.0) if input_scale is None else input_scale)
     return extract(model, images, scale=scale, stride=stride)
 
@@ -456,14 +455,14 @@ def _check_features(fa, fb) -> None:
 def _check_options(soft, temperature, radius, block):
     """The temperature to use (None for argmax), after checking the options."""
     if radius is not None and radius < 0:
-        raise UserError(f"--radius must be >= 0 feature cells, got {radius}")
+        raise ValueError(f"radius must be >= 0 feature cells, got {radius}")
     if block is not None and block < 1:
         raise ValueError(f"block must be >= 1 cell, got {block}")
     if not soft:
         return None
     temperature = DEFAULT_TEMPERATURE if temperature is None else float(temperature)
     if not temperature > 0:
-        raise UserError(f"--temperature must be positive, got {temperature}")
+        raise ValueError(f"temperature must be positive, got {temperature}")
     return temperature
 
 
