@@ -1,6 +1,6 @@
 """The few things every command needs from its environment: a device, seeds, atomic
 file writes, removing a job's own earlier outputs, optional packages with an actionable
-error, and where the shared data is.
+error, where the shared data is, and what machine this is (``machine_info``).
 """
 
 from __future__ import annotations
@@ -151,3 +151,23 @@ def write_json(path, payload, indent: int | None = 2) -> Path:
     with atomic_write(path, "w") as handle:
         handle.write(json_text(payload, indent))
     return path
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on (benchmarks, reports)."""
+    import platform
+    import time
+
+    import torch
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return info

@@ -9,27 +9,10 @@ for every benchmark.
 
 from __future__ import annotations
 
-import os
-import platform
 import time
 from pathlib import Path
 
-
-def machine_info() -> dict:
-    """What the numbers were measured on."""
-    import torch
-
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    return info
+from fmapicon.runtime import machine_info
 
 
 def format_table(rows: list[dict], columns: list[str] | None = None) -> str:

@@ -37,11 +37,8 @@ is a lower bound of its final k-th; of each short-term window only the affinitie
 are kept (one or two per query on DAVIS), and a full top-k runs only on the windows where
 more than k pass. Masking adds a precomputed 0 / -inf bias in place.
 
-``protocol="original"`` is the original FeatureMapICON code's evaluation: the centre square
-of each frame subsampled by 4 (``[::4]``), a hard nearest neighbour (argmax of the dot
-product, unit features here) in the first frame only, the first mask's label at the matched
-cell (sampled at pixel offset 2), repeated 4 x 4; outside the centre square the first mask
-is kept. ``protocol="copy"`` repeats the first mask.
+``protocol="original"`` is the original FeatureMapICON code's evaluation
+(``fmapicon.evaluation.original_protocol``); ``protocol="copy"`` repeats the first mask.
 """
 
 from __future__ import annotations
@@ -109,7 +106,7 @@ class PropagationParams:
 # --------------------------------------------------------------------------- features and labels
 
 
-def _to_images(frames: np.ndarray, device) -> torch.Tensor:
+def to_images(frames: np.ndarray, device) -> torch.Tensor:
     """uint8 ``T x H x W x 3`` -> float ``T x 3 x H x W`` in [0, 1] on ``device``."""
     tensor = torch.from_numpy(np.ascontiguousarray(frames)).to(device)
     return tensor.permute(0, 3, 1, 2).float() / 255.0
@@ -136,7 +133,7 @@ def sequence_features(model, frames: np.ndarray, input_scale: float, stride: int
 
     out = []
     for start in range(0, len(frames), batch_size):
-        images = _to_images(frames[start:start + batch_size], model.device)
+        images = to_images(frames[start:start + batch_size], model.device)
         out.append(extract(model, images, scale=input_scale, stride=stride))
         if on_batch is not None:
             on_batch(len(images))
@@ -446,48 +443,6 @@ def _propagate_crw(model, frames, first_ids, params, progress):
     return ids, {"features_s": feature_time, "propagation_s": time.perf_counter() - start}
 
 
-def _centre_square(width: int, height: int) -> tuple[int, int]:
-    """Columns ``[left, right)`` of the centre square (the whole width when not landscape)."""
-    crop = (width - height) // 2 if width > height else 0
-    return crop, width - crop
-
-
-def _nearest_first_frame(query: torch.Tensor, keys: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-    """Index of the best key (argmax dot product) for each query: ``N x C``, ``C x M`` -> N."""
-    return torch.cat([(query[i:i + chunk] @ keys).argmax(dim=1) for i in range(0, len(query), chunk)])
-
-
-def _propagate_original(model, frames, first_ids, progress):
-    """The original code's protocol (see the module docstring)."""
-    from fmapicon.evaluation.features import resize_maps
-
-    height, width = frames.shape[1:3]
-    left, right = _centre_square(width, height)
-    small = frames[:, ::4, left:right:4]
-    start = time.perf_counter()
-    features = []
-    for i in range(0, len(small)):
-        image = _to_images(small[i:i + 1], model.device)
-        features.append(F.normalize(resize_maps(model(image), image.shape[-2:]), dim=1)[0])
-        progress.update(1)
-    feature_time = time.perf_counter() - start
-    start = time.perf_counter()
-    rows, cols = small.shape[1:3]
-    # the first mask's label of each 1/4-scale cell, read at pixel offset 2 into the cell
-    label_rows = np.minimum(np.arange(rows) * 4 + 2, height - 1)
-    label_cols = np.minimum(left + np.arange(cols) * 4 + 2, right - 1)
-    cell_labels = torch.from_numpy(first_ids[np.ix_(label_rows, label_cols)].reshape(-1).astype(np.int64))
-    keys = features[0].reshape(features[0].shape[0], -1)
-    ids = np.repeat(first_ids[None], len(frames), axis=0)
-    for t in range(1, len(frames)):
-        match = _nearest_first_frame(features[t].reshape(keys.shape[0], -1).t(), keys).cpu()
-        small_ids = cell_labels[match].view(rows, cols).numpy().astype(np.uint8)
-        full = np.repeat(np.repeat(small_ids, 4, axis=0), 4, axis=1)
-        ids[t, :, left:right] = full[:height, : right - left]
-        progress.update(1)
-    return ids, {"features_s": feature_time, "propagation_s": time.perf_counter() - start}
-
-
 class _NoProgress:
     def update(self, n=1):
         pass
@@ -530,7 +485,9 @@ def propagate_sequence(model, frames: np.ndarray, first_ids: np.ndarray, params:
     try:
         with torch.no_grad():
             if params.protocol == "original":
-                return _propagate_original(model, frames, first_ids, bar)
+                from fmapicon.evaluation.original_protocol import propagate_original
+
+                return propagate_original(model, frames, first_ids, bar)
             return _propagate_crw(model, frames, first_ids, params, bar)
     finally:
         bar.close()

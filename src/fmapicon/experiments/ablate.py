@@ -385,7 +385,7 @@ def run_ablation(config: AblationConfig, say=print) -> list[dict]:
 
 
 def write_outputs(out: Path, rows, baseline, runs, recipe, config, heldout, device, davis, seconds) -> None:
-    from fmapicon.bench import machine_info
+    from fmapicon.runtime import machine_info
     from fmapicon.experiments import figures, report
     from fmapicon.runtime import atomic_write, write_json
 

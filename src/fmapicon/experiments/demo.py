@@ -18,25 +18,11 @@ One call of ``run_demo(DemoConfig(...))``:
    curves, the results table, propagated masks, PCA-colour features, the
    inverse-consistency error map), with the PNGs also kept in ``DIR/figures``.
 
-The recipe (``Recipe``) is sized for a 2-core CPU and was chosen by measurement (held-out
-synthetic J&F of label propagation and EPE at gap 4, 32 x 32 scenes; random features: J&F
-0.68, EPE 1.71; copy: J&F 0.37):
-
-- S = 32 on scenes rendered at R = 32: the exact loss costs O(S^4) per pair, so 32 is 16x
-  cheaper than 64; the training scale S / R = 1, so every model sees the held-out scenes
-  (rendered at R too) exactly as training frames, with feature cells of one pixel.
-- lambda_init = 4 instead of the original's 12: at 12 the logits reach 144, log_p stays below
-  chance for hundreds of steps and the features drift to near-uniform (J&F 0.48 after 300
-  steps); 8 gave 0.51 and 2 collapsed to constant features (0.36) after 100 steps; 4 gave 0.75.
-- max_gap = 4, the gap of the EPE pairs (the first runs used 10; not compared head to head).
-- 300 steps: J&F peaks early and then declines while the correspondence keeps improving
-  (steps 100 / 300 / 700: J&F 0.75 / 0.72 / 0.66, EPE 1.52 / 0.83 / 0.78); the shuffled-pair
-  log_p rises above chance meanwhile (-6.69 / -5.93 / -5.80, chance -6.93), the positional
-  code that the writeup's attempt 3 warns of (the net can detect the roll's seams).
-- PixelCenter's running mean in the weights file is the one recomputed at the final weights
-  (training does it for every weights file: ``networks.calibrate_pixel_center``): the
-  component it removes is large and moves while training, and the momentum-0.1 running mean
-  lags enough to leave a positional residual that swamps eval-mode features (J&F 0.51 -> 0.77).
+The recipe (``fmapicon.experiments.shared.Recipe``) is sized for a 2-core CPU: S = 32 on
+scenes rendered at R = 32 (training scale 1, feature cells of one pixel), lambda_init 4,
+max_gap 4, 300 steps; the measurements behind each choice are in ``docs/experiments.md``.
+PixelCenter's running mean in the weights file is the one recomputed at the final weights
+(``fmapicon.core.networks.calibrate_pixel_center``).
 
 ``copy`` repeats the first mask; as a correspondence it is the zero flow (nothing moves),
 which is what its EPE reports.
@@ -235,7 +221,7 @@ def run_demo(config: DemoConfig, say=print) -> dict:
 
 def assemble_results(config, recipe, run, synth, davis, flow_synth, flow_chairs, timings) -> dict:
     """``{"models": {name: {...}}, ...}``; None where a figure does not apply or was not asked for."""
-    from fmapicon.bench import machine_info
+    from fmapicon.runtime import machine_info
     from fmapicon.experiments.figures import read_metrics
 
     models = {}

@@ -113,7 +113,7 @@ def _data_uri(path: Path) -> str:
 
 
 def machine_line(machine: dict, seconds: float | None = None) -> str:
-    """The page's meta line: version, date, machine (``fmapicon.bench.machine_info()``) and,
+    """The page's meta line: version, date, machine (``fmapicon.runtime.machine_info()``) and,
     when given, how long the whole job took."""
     from fmapicon import __version__
 
