@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import dataclasses
 import io
 import json
 import re
@@ -82,57 +81,6 @@ def test_second_run_into_the_same_folder_refuses_and_mixes_nothing(quick_demo, c
     assert all(path.read_bytes() == data for path, data in before.items())
     with pytest.raises(UserError, match="--force"):
         demo.run_demo(demo.DemoConfig(out=str(quick_demo), quick=True, progress=False), say=lambda _: None)
-
-
-def test_synthetic_pairs_have_the_exact_flow_of_the_held_out_scenes(tmp_path):
-    """The pairs are the held-out frames (as written to disk), and a one-frame gap gives
-    exactly the scene's own per-frame flow (the file in Flow/)."""
-    from fmapicon.data.davis import read_frame
-    from fmapicon.data.flow import read_flo
-    from fmapicon.data.synth import build_scene, scene_seed
-
-    recipe = shared.Recipe(render=32, eval_sequences=1, eval_frames=6, epe_pairs=3, epe_gap=1)
-    shared.write_heldout(tmp_path, recipe, seed=4)
-    pairs = shared.synthetic_pairs(recipe, seed=4)
-    assert [p.name for p in pairs] == ["synth-0000/00000+1", "synth-0000/00002+1", "synth-0000/00004+1"]
-    written = read_frame(tmp_path / "JPEGImages" / "480p" / "synth-0000" / "00002.jpg").astype(int)
-    # the same frame, up to JPEG: far closer to it than to another frame of the sequence
-    assert np.abs(written - pairs[1].a.astype(int)).mean() < 0.5 * np.abs(written - pairs[0].a.astype(int)).mean()
-    assert np.allclose(pairs[1].flow, read_flo(tmp_path / "Flow" / "synth-0000" / "00002.flo"), atol=1e-4)
-    model = build_scene(scene_seed(shared.data_seeds(4)[1], 0), 6, (32, 32), 3)
-    assert np.abs(model.flow(1, model.ids(1), gap=0)).max() < 1e-9
-    # the frames of a gap-2 pair: the surface moves on, so the flow grows
-    two = shared.synthetic_pairs(dataclasses.replace(recipe, epe_gap=2, epe_pairs=1), seed=4)[0]
-    assert np.abs(two.flow).mean() > np.abs(pairs[0].flow).mean()
-
-
-def test_force_removes_only_the_demos_outputs(tmp_path):
-    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
-    (tmp_path / "results.json").write_text("{}")
-    (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="--force"):
-        shared.prepare_output(tmp_path, force=False, outputs=demo.OUTPUTS)
-    shared.prepare_output(tmp_path, force=True, outputs=demo.OUTPUTS)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
-    (tmp_path / "file").write_text("")
-    with pytest.raises(UserError, match="not a folder"):
-        shared.prepare_output(tmp_path / "file", force=True, outputs=demo.OUTPUTS)
-
-
-def test_training_and_held_out_scenes_never_share_a_seed():
-    seeds = [shared.data_seeds(s) for s in range(50)]
-    assert not {train for train, _ in seeds} & {held for _, held in seeds}
-
-
-def test_train_config_is_the_final_recipe_at_the_demo_size():
-    config = shared.train_config(demo.DemoConfig(seed=3), shared.Recipe())
-    assert (config.aug, config.center, config.net, config.optim) == ("roll+affine", True, "short", "rmsprop")
-    assert config.size == shared.Recipe().size and config.minutes == shared.Recipe().minutes
-    assert config.data == [f"synth:scenes=64,frames=40,size={shared.Recipe().render},objects=3,seed=7"]
-    custom = shared.train_config(demo.DemoConfig(data=["videos/"], minutes=2.5, steps=7), demo.DemoConfig().recipe())
-    assert custom.data == ["videos/"]
-    custom = shared.train_config(demo.DemoConfig(minutes=2.5, steps=7), demo.DemoConfig(minutes=2.5, steps=7).recipe())
-    assert (custom.minutes, custom.steps) == (2.5, 7)
 
 
 def test_flyingchairs_pairs_are_read(flyingchairs_dir, tmp_path):

@@ -1,5 +1,29 @@
 """The training processes: one, or data-parallel under torchrun (``WORLD_SIZE``, ``RANK``,
-``LOCAL_RANK`` from the environment; gloo on CPU, nccl on CUDA)."""
+``LOCAL_RANK`` from the environment; gloo on CPU, nccl on CUDA).
+
+Data-parallel training (``torchrun --nproc_per_node=K -m fmapicon train ...``):
+
+When ``WORLD_SIZE`` > 1 the process group is initialized from the environment (gloo on
+CPU, nccl on CUDA, device ``cuda:LOCAL_RANK``), ``batch`` is the global batch (each rank
+takes ``batch / world`` pairs of every global batch, so the global batches are the same
+as in a one-process run), PixelCenter centres over the global batch (``global_batch``), and
+DistributedDataParallel wraps a module whose one forward runs the four draws. On CUDA,
+BatchNorm becomes SyncBatchNorm; on CPU (gloo), where SyncBatchNorm is not supported,
+batch norm uses per-rank statistics (and the saved running statistics are rank 0's).
+Only rank 0 writes the run folder and shows progress; every rank reads
+``checkpoints/state.pt`` on ``--resume``, so the run folder must be on a file system all
+nodes share. torchrun forwards SIGTERM / SIGINT to the ranks, which finish the step and
+save (torchrun itself then exits non-zero with its own message).
+
+On a cluster, one torchrun per node with a rendezvous on the first node, e.g. 2 nodes
+of 8 GPUs under SLURM (one task per node; ``--signal=TERM@120`` asks SLURM for a SIGTERM
+two minutes before the time limit, enough to save)::
+
+    srun --nodes=2 --ntasks-per-node=1 torchrun --nnodes=2 --nproc_per_node=8 \
+        --rdzv-id=$SLURM_JOB_ID --rdzv-backend=c10d \
+        --rdzv-endpoint=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1):29500 \
+        -m fmapicon train --data /shared/videos --out /shared/runs/r1 --batch 64
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,18 @@
 """How a run ends early: stop requests from SIGINT / SIGTERM, ``TrainingInterrupted`` (saved,
-resumable) and ``TrainingDiverged`` (too many non-finite steps in a row)."""
+resumable) and ``TrainingDiverged`` (too many non-finite steps in a row).
+
+* SIGINT / SIGTERM: the current step finishes, a checkpoint is saved and
+  ``TrainingInterrupted`` is raised (the command line exits 130 / 143); a second
+  signal stops at once.
+* A non-finite loss (or feature map) or gradient norm skips the step: no optimizer
+  update, the gradients are dropped (under ``grad_accumulation="original"`` this clears
+  the accumulated sum), the step still counts and is logged. After ``max_bad_steps`` in a
+  row, ``TrainingDiverged`` is raised and the last checkpoint (the last good one) stays.
+  Under fp16, a non-finite gradient is the gradient scaler's business (it lowers its
+  scale and skips); those are counted as ``amp_skipped_steps``.
+* An unwritable output folder or less than ``MIN_FREE_BYTES`` free (or four
+  checkpoints' worth) is a ``UserError`` before any training.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,10 @@
-"""Named random streams (seeded from integer keys) and the global RNG states a resume restores."""
+"""Named random streams (seeded from integer keys) and the global RNG states a resume restores.
+
+Reproducibility: the augmentation draws of step s on rank r come from a generator seeded
+with (seed, r, s), and each epoch's data order from (seed, epoch); so a resumed run
+repeats the uninterrupted run's next steps (bitwise on CPU, with the same thread count
+and a dataset whose pairs depend only on its seed, epoch and index).
+"""
 
 from __future__ import annotations
 

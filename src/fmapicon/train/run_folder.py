@@ -1,5 +1,39 @@
 """The run folder: file names, checks before training (writable, free space, resume or
-force), the saved config, and the metrics log (``metrics.jsonl`` plus TensorBoard)."""
+force), the saved config, and the metrics log (``metrics.jsonl`` plus TensorBoard).
+
+``config.json``
+    the resolved ``TrainConfig`` plus ``input_scale`` (``FramePairs.input_scale``: the
+    scale at which evaluation shows frames to the model, that of the training crops),
+    ``network`` (the ``NetworkConfig``), ``stride``, ``world_size``, ``fmapicon_version``,
+    ``git_commit`` (when known), ``torch_version``.
+``metrics.jsonl``
+    one JSON object per logged step (every ``log_every`` steps, the last step always):
+    ``step`` (steps done, from 1), ``loss``, ``log_p`` (the exact objective, eps = 0, on
+    the step's batch), ``log_p_shuffled`` (the same features with B taken from another
+    pair of the batch: B rolled by one; ``log_p ~ log_p_shuffled`` means the features
+    are a positional code, attempt 0 of the writeup; null with a per-process batch of 1),
+    ``lambda``, ``lr``, ``grad_norm`` (before clipping), ``pairs_per_s`` (since the
+    previous line), ``bad_steps``, ``bad_steps_in_row``, ``epoch``, ``elapsed_s``; and
+    ``jf_mean`` on evaluation steps. A skipped step writes a line with ``"event":
+    "non_finite"``. Non-finite numbers are written as null.
+``tensorboard/``
+    the same scalars as TensorBoard events, when ``tensorboard`` is installed.
+``checkpoints/last.safetensors``
+    the network's weights and buffers, with the resolved config in the safetensors
+    metadata, so the file alone loads (``fmapicon.load``). PixelCenter's running mean in
+    it is recomputed at the saved weights on 128 fixed training frames (metadata
+    ``pixel_center_calibration``; see ``networks.calibrate_pixel_center``): the trailing
+    momentum mean left a positional residual that swamped eval-mode features.
+    ``checkpoints/best.safetensors``: the best ``jf_mean`` so far (evaluated calibrated).
+``checkpoints/state.pt``
+    everything ``--resume`` needs: weights, optimizer, gradient scaler, step, data
+    position (epoch, batches consumed), counters, RNG states of torch / numpy / python.
+    It holds the weights too, so that one atomic rename makes a consistent checkpoint.
+    Read back with ``torch.load(weights_only=True)``.
+
+Every file is written through a temporary file and renamed (``runtime.atomic_write``):
+a kill during a save leaves the previous checkpoint whole.
+"""
 
 from __future__ import annotations
 
