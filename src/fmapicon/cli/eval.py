@@ -23,8 +23,10 @@ def register(subparsers) -> None:
     parser.add_argument("--sequences", type=sequence_list, default=None, metavar="A,B,C",
                         help="these sequences instead of the set's list (default: the whole set)")
     parser.add_argument("--model", required=True, metavar="M",
-                        help="a run folder or checkpoint file, or a baseline: copy (first mask repeated), "
-                        "pixels (Lab colour patches), random (untrained short U-Net, fixed seed), xfeat "
+                        help="reference (the model shipped in the package, offline), a run folder or "
+                        "checkpoint file, or a baseline: copy (first mask repeated), pixels (Lab colour "
+                        "patches), random (untrained short U-Net, fixed seed; random:NET another backbone, "
+                        "e.g. random:resnet-s4), xfeat "
                         "(pretrained XFeat, needs the xfeat extra) (required)")
     parser.add_argument("--out", default="runs/eval", metavar="DIR",
                         help="output folder for predictions, CSVs and eval.json; must not exist or be empty "

@@ -28,8 +28,9 @@ def register(subparsers) -> None:
     parser.add_argument("image_a", metavar="A", help="the first image (PNG, JPEG or PPM)")
     parser.add_argument("image_b", metavar="B", help="the second image (PNG, JPEG or PPM)")
     parser.add_argument("--model", default="pixels",
-                        help="a run folder or checkpoint, or a baseline: pixels (Lab colour patches), "
-                        "random (untrained U-Net), xfeat (needs the xfeat extra) (default: %(default)s)")
+                        help="reference (the model shipped in the package), a run folder or checkpoint, or a "
+                        "baseline: pixels (Lab colour patches), random (untrained U-Net; random:NET another "
+                        "backbone), xfeat (needs the xfeat extra) (default: %(default)s)")
     parser.add_argument("--out", default="match", help="output folder (default: %(default)s)")
     parser.add_argument("--gt-flow", default=None, metavar="F.flo",
                         help="ground-truth flow A->B (.flo, A's size): adds epe_mean, epe_median, outliers_3px")

@@ -22,6 +22,8 @@ from fmapicon.errors import UserError
 from fmapicon.runtime import atomic_write
 
 WHICH = ("last", "best")
+# models whose weights ship in the package (src/fmapicon/weights/): name -> file
+SHIPPED_MODELS = {"reference": "reference.safetensors"}
 _CONFIG_KEY = "fmapicon_config"
 
 
@@ -65,7 +67,8 @@ def load(path, device="cpu", *, which: str = "last"):
 
     Parameters
     ----------
-    path : a run folder (uses ``checkpoints/<which>.safetensors``) or a ``.safetensors``
+    path : ``"reference"`` (the model shipped in the package, loaded offline), a run
+        folder (uses ``checkpoints/<which>.safetensors``) or a ``.safetensors``
         file whose config is in its metadata, or in ``config.json`` beside it or two
         levels up (the run folder of ``RUN/checkpoints/x.safetensors``)
     device : where to put it (``"cpu"``, ``"cuda"``, ``"auto"``, a ``torch.device``)
@@ -91,10 +94,25 @@ def load(path, device="cpu", *, which: str = "last"):
     return model
 
 
+def shipped_model_file(name: str) -> Path | None:
+    """The weights file of a model that ships inside the package (``SHIPPED_MODELS``), else None."""
+    if name not in SHIPPED_MODELS:
+        return None
+    return Path(__file__).resolve().parents[1] / "weights" / SHIPPED_MODELS[name]  # src/fmapicon/weights
+
+
 def weights_file(path, which: str = "last") -> Path:
-    """The ``.safetensors`` file that ``path`` (a run folder or a file) names."""
+    """The ``.safetensors`` file that ``path`` (a shipped model's name, a run folder or a
+    file) names. A shipped name wins over a folder of the same name: write ``./reference``
+    for the folder."""
     if which not in WHICH:
         raise UserError(f"which checkpoint: expected one of {', '.join(WHICH)}, got {which!r}")
+    shipped = shipped_model_file(str(path)) if isinstance(path, str) else None
+    if shipped is not None:
+        if not shipped.is_file():
+            raise UserError(f"the shipped model {path!r} is missing from this installation ({shipped}); "
+                            "reinstall fmapicon")
+        return shipped
     path = Path(path)
     if path.is_dir():
         file = path / "checkpoints" / f"{which}.safetensors"

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmapicon.core.checkpoint import SHIPPED_MODELS
 from fmapicon.errors import UserError
 
 BASELINES = ("pixels", "random", "xfeat")
@@ -242,8 +243,10 @@ def trained_model(path, device="cpu") -> FeatureModel:
 
 
 def load_model(spec, device="cpu", **kwargs) -> FeatureModel:
-    """A ``FeatureModel`` from a spec: a run folder or checkpoint file, ``pixels`` (kwargs
-    ``stride``, ``patch``: see ``pixels_model``), ``random`` (kwargs ``net``, ``seed``) or ``xfeat``.
+    """A ``FeatureModel`` from a spec: ``reference`` (the shipped model), a run folder or
+    checkpoint file, ``pixels`` (kwargs ``stride``, ``patch``: see ``pixels_model``),
+    ``random`` (kwargs ``net``, ``seed``; ``random:NET`` names the backbone, e.g.
+    ``random:resnet-s4``) or ``xfeat``.
 
     A ``FeatureModel`` passes through; an ``nn.Module`` (e.g. a network being trained) is
     wrapped, with its ``stride`` attribute (1 when absent) and kwarg ``input_scale``.
@@ -259,14 +262,15 @@ def load_model(spec, device="cpu", **kwargs) -> FeatureModel:
     spec = str(spec)
     if spec == "pixels":
         return pixels_model(kwargs.get("stride", 8), kwargs.get("patch")).to(device)
-    if spec == "random":
-        return random_model(kwargs.get("net", "short"), kwargs.get("seed", 0), device)
+    if spec == "random" or spec.startswith("random:"):
+        net = spec.partition(":")[2] or kwargs.get("net", "short")
+        return random_model(net, kwargs.get("seed", 0), device)
     if spec == "xfeat":
         return xfeat_model(device)
     if spec == "copy":
         raise UserError("'copy' repeats the first mask and has no features: use it as a propagation "
                         "mode (fmapicon eval --model copy), not with load_model")
-    if Path(spec).exists():
+    if spec in SHIPPED_MODELS or Path(spec).exists():
         return trained_model(spec, device)
     raise UserError(f"unknown model {spec!r}: expected a run folder, a checkpoint file, or one of "
                     f"copy, {', '.join(BASELINES)}")
