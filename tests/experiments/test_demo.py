@@ -31,7 +31,7 @@ def quick_demo(tmp_path_factory) -> Path:
 
 def test_quick_demo_writes_results_for_all_four_models(quick_demo):
     results = json.loads((quick_demo / "results.json").read_text())
-    assert list(results["models"]) == ["trained", "copy", "pixels", "random"]
+    assert list(results["models"]) == ["trained", "reference", "copy", "pixels", "random"]
     for name, figures in results["models"].items():
         assert 0.0 <= figures["jf_mean"] <= 1.0, name
         assert figures["epe_mean"] >= 0.0, name

@@ -45,14 +45,15 @@ from fmapicon.experiments.shared import (Recipe, match_pair, prepare_output, pro
                                          train_config, with_budget, write_heldout)
 from fmapicon.runtime import write_json
 
-#: the four models of the results, in the order of the table
-MODELS = ("trained", "copy", "pixels", "random")
+#: the models of the results, in the order of the table
+MODELS = ("trained", "reference", "copy", "pixels", "random")
 
 #: what the demo writes under DIR (and --force replaces)
 OUTPUTS = ("run", "heldout", "eval", "figures", "report.html", "results.json", "demo.json")
 
 _DESCRIPTIONS = {
     "trained": "short U-Net trained with FeatureMapICON (roll+affine, PixelCenter)",
+    "reference": "the model shipped in the package (resnet-s4, trained on DAVIS-2016 video; not retrained)",
     "copy": "first mask repeated; as a flow: zero motion",
     "pixels": "Lab colour patches (3 x 3 cells)",
     "random": "the same U-Net, untrained (random weights)",
@@ -134,7 +135,7 @@ def load_feature_models(run: Path, stride: int, device) -> dict:
     from fmapicon.evaluation.features import load_model
 
     return {"trained": load_model(str(run), device), "pixels": load_model("pixels", device, stride=stride),
-            "random": load_model("random", device)}
+            "random": load_model("random", device), "reference": load_model("reference", device)}
 
 
 def correspondence_scores(models: dict, pairs: list[FlowPair], stride: int) -> dict:
@@ -314,11 +315,17 @@ def _summary_text(results: dict) -> str:
              f"{results['recipe']['size']} x {results['recipe']['size']} pixels, batch {results['recipe']['batch']}; "
              f"final log_p {_fmt(training['log_p'])} on true pairs vs {_fmt(training['log_p_shuffled'])} on "
              f"shuffled pairs (chance is -log N = {-math.log(results['recipe']['size'] ** 2):.2f})."]
+    reference = results["models"].get("reference", {})
     if trained["jf_mean"] is not None and copy["jf_mean"] is not None:
         verdict = "above" if trained["jf_mean"] > max(copy["jf_mean"], random["jf_mean"] or 0) else "not above"
         lines.append(f"On {results['synthetic']['sequences']} held-out synthetic sequences the trained features "
                      f"reach J&F {_fmt(trained['jf_mean'])}, {verdict} copy ({_fmt(copy['jf_mean'])}) and random "
                      f"({_fmt(random['jf_mean'])}).")
+    if reference.get("jf_mean") is not None:
+        lines.append(f"The shipped reference model (trained on real video, not on these scenes) reaches "
+                     f"{_fmt(reference['jf_mean'])} on the same held-out sequences"
+                     + (f" and {_fmt(reference['davis_jf_mean'])} on DAVIS (trained: "
+                        f"{_fmt(trained['davis_jf_mean'])})." if reference.get("davis_jf_mean") is not None else "."))
     if trained["epe_mean"] is not None and random["epe_mean"] is not None:
         pixels = results["models"]["pixels"]
         lines.append(f"Their correspondence end-point error is {_fmt(trained['epe_mean'])} px, "
@@ -417,7 +424,7 @@ def feature_figure(models: dict, heldout: Path, davis_root, davis_set, stride: i
     from fmapicon.experiments import figures
 
     frames = [(frame, cell or stride) for frame, cell in _feature_frames(heldout, davis_root, davis_set)]
-    names = ("trained", "random", "pixels")
+    names = ("trained", "reference", "random", "pixels")
     columns = {name: figures.feature_pictures(models[name], frames) for name in names}
     rows = [[frame, *(columns[name][index] for name in names)] for index, (frame, _) in enumerate(frames)]
     return figures.picture_grid(rows, path, column_labels=["frame", *names], cell_inches=2.4)
@@ -427,11 +434,12 @@ def correspondence_figures(models: dict, pair: FlowPair, stride: int, figures: P
     """A flow picture (A, B, true flow, each model's Phi^AB) and IC-error heat maps (trained, random)."""
     import numpy as np
 
+    from fmapicon.data.flow import max_known_length
     from fmapicon.experiments import figures as pictures
 
-    top = float((pair.flow ** 2).sum(-1).max() ** 0.5) or 1.0
+    top = max_known_length(pair.flow) or 1.0
     row, labels, errors, matches = [pair.a, pair.b, pictures.flow_to_color(pair.flow, top)], ["A", "B", "true flow"], [], {}
-    for name in ("trained", "pixels", "random"):
+    for name in ("trained", "reference", "pixels", "random"):
         matches[name] = match_pair(models[name], pair, stride)
         row.append(pictures.flow_to_color(matches[name].flow_ab[0].permute(1, 2, 0).cpu().numpy(), top))
         labels.append(f"{name} Phi^AB")
