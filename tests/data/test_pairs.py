@@ -460,3 +460,14 @@ def test_rotation_and_sample_aspect_ratio_are_applied(tmp_path, cache):
     wide = _write_timed_video(tmp_path / "sar.mkv", frames, [0, 33, 67, 100], sar=Fraction(2, 1))
     image, _, _ = read_video_pair(wide, 0, 1)
     assert image.size == (64, 16)                       # square pixels: twice as wide
+
+
+def test_the_data_package_reexports_its_public_names():
+    """Scripts written against the flat layout keep working: fmapicon.data.FramePairs etc."""
+    import fmapicon.data as data
+    from fmapicon.data.pairs import FramePairs as pairs_class
+    from fmapicon.data.sources import read_video_pair as reader
+
+    assert data.FramePairs is pairs_class and data.read_video_pair is reader
+    with pytest.raises(AttributeError):
+        data.no_such_name  # noqa: B018
