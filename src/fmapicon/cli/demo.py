@@ -8,7 +8,8 @@ from fmapicon.cli._types import (device_name, existing_folder, non_negative_int,
                                   training_source)
 
 DESCRIPTION = """Train FeatureMapICON features on synthetic scenes (or your --data) for a wall-clock budget,
-then evaluate them against the copy, pixels and random baselines with the same protocol: label
+then evaluate them, the shipped `reference` model and the copy, pixels and random baselines with the
+same protocol: label
 propagation (J&F) on held-out synthetic sequences (and a DAVIS folder with --davis), and
 correspondence end-point error against exact flow (and FlyingChairs-style pairs with --pairs).
 Writes DIR/run (the training run), DIR/results.json and DIR/report.html (one self-contained page).

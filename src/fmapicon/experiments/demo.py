@@ -192,7 +192,7 @@ def run_demo(config: DemoConfig, say=print) -> dict:
     training = train_config(config, recipe)
     run = train(training, out / "run", progress=config.progress)
     stage("train_s")
-    say("[3/5] label propagation (J&F) on the held-out scenes: trained, copy, pixels, random")
+    say("[3/5] label propagation (J&F) on the held-out scenes: " + ", ".join(MODELS))
     synth = propagation_scores(run, out / "heldout", "val", out / "eval" / "synth",
                                propagation_params(recipe.eval_stride), device, config.progress)
     stage("propagation_synth_s")
