@@ -36,7 +36,7 @@ _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 # defaults are the reference recipe's (fmapicon.load("reference") was trained with them).
 RECIPE_VALUES = {
     "reference": dict(net="resnet-s4", size=128, batch=16, max_gap=10, crop="random", crop_min=0.4, crop_max=0.7,
-                      lambda_init=4.0, optim="adam", steps=4000),
+                      lambda_init=4.0, optim="adam", steps=1000),
     "original": dict(net="short", size=120, batch=64, max_gap=30, crop="center", crop_min=0.5, crop_max=1.0,
                      lambda_init=12.0, optim="rmsprop", steps=20000),
 }
