@@ -99,6 +99,25 @@ def shared_data_dir() -> Path | None:
     return None
 
 
+def claim_output_folder(out, force: bool, outputs, what: str) -> None:
+    """Make ``out`` ready for a command's outputs: refuse a folder that holds anything unless
+    ``force``, which removes only what an earlier run wrote (``outputs``: names, or a callable
+    ``outputs(out)`` returning them), so that two runs' results are never mixed. ``what``
+    names the outputs in the messages (e.g. "the demo's outputs"). Raises ``UserError``."""
+    from fmapicon.errors import UserError
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder: choose a folder for {what}")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and not force:
+        raise UserError(f"{out} already holds {len(entries)} entries ({', '.join(entries[:6])}); two runs' "
+                        f"results are never mixed: pass --force to replace {what} (other files are kept), "
+                        "or choose a new folder with --out")
+    if entries:
+        remove_entries(out, outputs(out) if callable(outputs) else outputs)
+
+
 def remove_entries(folder, names) -> None:
     """Remove ``folder/name`` for each of ``names`` (a file, or a folder with its contents)
     that exists; anything else in ``folder`` is left alone."""

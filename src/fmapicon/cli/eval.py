@@ -68,22 +68,10 @@ def register(subparsers) -> None:
 def _check_out(out, force: bool) -> None:
     """Refuse a non-empty output folder unless ``force``; with it, remove the earlier
     evaluation's outputs there (two runs' results are never mixed)."""
-    from pathlib import Path
-
-    from fmapicon.errors import UserError
     from fmapicon.evaluation.davis_eval import previous_outputs
-    from fmapicon.runtime import remove_entries
+    from fmapicon.runtime import claim_output_folder
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder: choose a folder for the evaluation's outputs")
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if entries and not force:
-        raise UserError(f"{out} already holds {len(entries)} entries ({', '.join(entries[:6])}); an earlier "
-                        "evaluation is never silently replaced: pass --force to replace it, or choose a new "
-                        "folder with --out")
-    if entries:
-        remove_entries(out, previous_outputs(out))
+    claim_output_folder(out, force, previous_outputs, "the earlier evaluation")
 
 
 def run(args) -> int:

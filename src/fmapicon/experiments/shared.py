@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fmapicon.data.flow import FlowPair
-from fmapicon.errors import UserError
-from fmapicon.runtime import remove_entries
+from fmapicon.runtime import claim_output_folder
 
 
 @dataclass(frozen=True)
@@ -72,16 +71,8 @@ def with_budget(recipe, minutes: float | None, steps: int | None):
 
 
 def prepare_output(out: Path, force: bool, outputs) -> None:
-    """Make ``out`` ready: refuse a folder that holds anything unless ``force``, which removes
-    only what an earlier run wrote (the names in ``outputs``), so that old and new results never mix."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder: choose a folder for the demo's outputs")
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if entries and not force:
-        raise UserError(f"{out} already holds {len(entries)} entries ({', '.join(entries[:6])}); two runs' "
-                        "results are never mixed: pass --force to replace the earlier outputs (other files "
-                        "are kept), or choose a new folder with --out")
-    remove_entries(out, outputs)
+    """Make ``out`` ready (``runtime.claim_output_folder``) and create it."""
+    claim_output_folder(out, force, outputs, "the earlier outputs")
     out.mkdir(parents=True, exist_ok=True)
 
 
