@@ -22,7 +22,6 @@ Upsampling is nearest-neighbour to the lateral's own size, so any H, W >= 1 work
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 

@@ -408,10 +408,10 @@ def propagate_labels(features: torch.Tensor, first_labels: torch.Tensor, params:
     store = features.new_zeros(frames * tiles.plane, first_labels.shape[0])  # labels of all frames
     tiles.store(store, 0, first_labels)
     pending = {t: [] for t in range(1, frames)}
-    first = None
-    if not params.restrict_first:
-        def first(t):
-            return _first_frame_topk(tiles, queries[:, :, t].reshape(-1, channels), first_keys, params.topk)
+    def whole_first_frame(t):
+        return _first_frame_topk(tiles, queries[:, :, t].reshape(-1, channels), first_keys, params.topk)
+
+    first = None if params.restrict_first else whole_first_frame
     yield first_labels
     for s in range(frames - 1):
         _meet_key_frame(pending, tiles, queries, keys, s, params, first)
