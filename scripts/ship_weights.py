@@ -11,14 +11,13 @@ source file, its step), and writes src/fmapicon/weights/NAME.safetensors atomica
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from fmapicon.core.checkpoint import weights_file
-from fmapicon.runtime import atomic_write
+from fmapicon.runtime import atomic_write, json_text
 
 LIMIT_BYTES = 10 * 2**20
 
@@ -34,19 +33,15 @@ def main() -> None:
         metadata = dict(handle.metadata() or {})
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     tensors = {key: value.half() if value.is_floating_point() else value for key, value in tensors.items()}
-    metadata["fmapicon_provenance"] = json.dumps({"note": args.note, "source": source.name,
-                                                  "step": metadata.get("step")})
+    metadata["fmapicon_provenance"] = json_text({"note": args.note, "source": source.name,
+                                                 "step": metadata.get("step")}, indent=None).strip()
     target = Path(__file__).resolve().parents[1] / "src" / "fmapicon" / "weights" / f"{args.name}.safetensors"
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = target.with_suffix(".tmp")
-    save_file(tensors, str(scratch), metadata=metadata)
-    size = scratch.stat().st_size
-    if size > LIMIT_BYTES:
-        scratch.unlink()
-        raise SystemExit(f"{args.name}: {size} bytes is over the 10 MB limit for the repository")
+    data = save(tensors, metadata=metadata)
+    if len(data) > LIMIT_BYTES:
+        raise SystemExit(f"{args.name}: {len(data)} bytes is over the 10 MB limit for the repository")
     with atomic_write(target) as out:
-        out.write(scratch.read_bytes())
-    scratch.unlink()
+        out.write(data)
     print(f"wrote {target} ({target.stat().st_size / 2**20:.1f} MiB, step {metadata.get('step')})")
 
 

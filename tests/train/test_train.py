@@ -254,6 +254,18 @@ def test_tiny_run_writes_the_run_folder(four_steps):
         assert any(p.name.startswith("events.out.tfevents") for p in (four_steps / "tensorboard").iterdir())
 
 
+def test_snapshot_every_keeps_the_weights_of_those_steps(tmp_path):
+    """--snapshot-every 2 over 5 steps keeps steps 2 and 4 (not 0, not 5), each the weights
+    of its step, loadable on its own."""
+    run = train(tiny(steps=5, save_every=100, snapshot_every=2), tmp_path / "run", progress=False)
+    folder = run / "checkpoints"
+    assert sorted(p.name for p in folder.glob("step-*")) == ["step-000002.safetensors", "step-000004.safetensors"]
+    steps = [read_metadata(folder / name)["step"] for name in ("step-000002.safetensors", "step-000004.safetensors")]
+    assert steps == ["2", "4"]
+    early, last = fmapicon.load(folder / "step-000002.safetensors"), fmapicon.load(run)
+    assert not torch.equal(early.net.backbone.head.weight, last.net.backbone.head.weight)
+
+
 def test_saved_weights_load_exactly(four_steps):
     """The weights file holds the training weights exactly, and PixelCenter's mean recomputed at
     them on the run's 128 calibration frames; state.pt keeps the live (trailing) training buffer."""

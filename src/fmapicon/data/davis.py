@@ -94,14 +94,11 @@ def _load_mask(path: Path) -> tuple[str, np.ndarray]:
     try:
         with Image.open(path) as image:
             mode = image.mode
-            if mode in ("P", "PA", "1", "RGB", "RGBA", "L", "LA"):
-                array = np.array(image)
-            elif mode in GREY_MODES:
-                array = np.array(image)
-            else:
+            if mode not in ("P", "PA", "1", "RGB", "RGBA", *GREY_MODES):
                 raise UserError(f"annotation {path} is a {mode!r} image: masks must be indexed (P) PNGs in the "
                                 "DAVIS palette, grayscale ids (L), 0/255 masks or RGB(A) colours; "
                                 "save it as an indexed PNG")
+            array = np.array(image)
     except OSError as error:
         raise UserError(f"cannot read annotation {path}: {error}") from error
     opaque = None

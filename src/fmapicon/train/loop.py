@@ -211,7 +211,7 @@ class Trainer:
         with self.calibrated() as calibration:
             metadata = {**self.weights_metadata(), **calibration}
             save_weights(self.net, folder / LAST_WEIGHTS, metadata)
-            if self.config.snapshot_every > 0 and self.step > 0 and self.step % self.config.snapshot_every == 0:
+            if self._snapshot_due():
                 save_weights(self.net, folder / SNAPSHOT_WEIGHTS.format(step=self.step), metadata)
 
     @contextlib.contextmanager
@@ -316,9 +316,13 @@ class Trainer:
         evaluate = self.config.eval_every > 0 and self.step % self.config.eval_every == 0
         if final or evaluate or self.step % self.config.log_every == 0:
             self._log(result, log, bar, evaluate)
-        snapshot = self.config.snapshot_every > 0 and self.step % self.config.snapshot_every == 0
-        if not final and (snapshot or self.step % self.config.save_every == 0):
+        if not final and (self._snapshot_due() or self.step % self.config.save_every == 0):
             self.save()
+
+    def _snapshot_due(self) -> bool:
+        """Whether this step's weights are kept as ``checkpoints/step-NNNNNN.safetensors``."""
+        every = self.config.snapshot_every
+        return every > 0 and self.step > 0 and self.step % every == 0
 
     def _log(self, result: StepResult, log, bar, evaluate: bool) -> None:
         record = self.record(self.measured(result))
