@@ -177,7 +177,8 @@ def pixels_model(stride: int = 8, patch: int | None = None) -> FeatureModel:
 
 
 def random_model(net: str = "short", seed: int = 0, device="cpu") -> FeatureModel:
-    """The untrained U-Net ``net`` with weights drawn from ``seed`` (the global RNG is left alone)."""
+    """The untrained network ``net`` (a U-Net preset or a strided backbone, ``networks.NETS``) with
+    weights drawn from ``seed`` (the global RNG is left alone)."""
     from fmapicon.core.networks import NetworkConfig, UnitFeatures, build_network
 
     with torch.random.fork_rng(devices=[]):

@@ -315,7 +315,7 @@ def _summary_text(results: dict) -> str:
              f"{results['recipe']['size']} x {results['recipe']['size']} pixels, batch {results['recipe']['batch']}; "
              f"final log_p {_fmt(training['log_p'])} on true pairs vs {_fmt(training['log_p_shuffled'])} on "
              f"shuffled pairs (chance is -log N = {-math.log(results['recipe']['size'] ** 2):.2f})."]
-    reference = results["models"].get("reference", {})
+    reference = results["models"]["reference"]
     if trained["jf_mean"] is not None and copy["jf_mean"] is not None:
         verdict = "above" if trained["jf_mean"] > max(copy["jf_mean"], random["jf_mean"] or 0) else "not above"
         lines.append(f"On {results['synthetic']['sequences']} held-out synthetic sequences the trained features "
