@@ -14,7 +14,7 @@ import torch
 
 from fmapicon.core import objective
 from fmapicon.errors import UserError
-from fmapicon.core.objective import default_blocks, log_p, log_p_dense
+from fmapicon.core.objective import default_blocks, log_p, log_p_dense, log_p_shuffled
 
 LAMBDA = 12.0  # NormScale's initial lambda: unit features times 12, logits up to 144
 
@@ -39,10 +39,10 @@ def value_and_grads(form, maps, **kwargs):
     return value.detach(), torch.autograd.grad((value * weights).sum(), maps)
 
 
-def assert_matches_dense(maps, atol, rtol=0.0, eps=0.0, **blocks):
-    value, grads = value_and_grads(log_p, maps, eps=eps, **blocks)
+def assert_matches_dense(maps, atol, rtol=0.0, eps=0.0, visible=None, **blocks):
+    value, grads = value_and_grads(log_p, maps, eps=eps, visible=visible, **blocks)
     value_ref, grads_ref = value_and_grads(log_p_dense, [m.detach().double().requires_grad_() for m in maps],
-                                           eps=eps)
+                                           eps=eps, visible=visible)
     torch.testing.assert_close(value.double(), value_ref, atol=atol, rtol=rtol)
     for name, g, g_ref in zip(("a1", "b2", "a3", "b4"), grads, grads_ref):
         torch.testing.assert_close(g.double(), g_ref, atol=atol, rtol=rtol, msg=lambda m: f"d/d{name}: {m}")
@@ -279,3 +279,68 @@ def test_loss_benchmark_writes_a_table_whose_forms_agree(tmp_path, capsys):
     assert "skipped" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         parser.parse_args(["--n", "0"])
+
+
+# ---------------------------------------------------------------- restricted to seen pixels
+
+
+def _masks(batch, size_a, size_b, seed=0):
+    """Random seen-pixel masks for a1, b2, a3 (b4 saw everything: a None entry)."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(batch, *size_a, generator=generator) > 0.3,
+            torch.rand(batch, *size_b, generator=generator) > 0.3,
+            torch.rand(batch, *size_a, generator=generator) > 0.3, None)
+
+
+@pytest.mark.parametrize("block_rows, block_cols, eps", [(None, None, 0.0), (8, 7, 0.0), (None, 5, 1e-4)])
+def test_visible_masks_match_the_dense_masked_softmaxes(block_rows, block_cols, eps):
+    maps = four_maps(3, 8, (6, 6), (9, 5))
+    assert_matches_dense(maps, atol=1e-9, eps=eps, visible=_masks(3, (6, 6), (9, 5)),
+                         block_rows=block_rows, block_cols=block_cols)
+
+
+def test_visible_is_the_objective_on_the_co_visible_pixels_alone():
+    """Unseen pixels change nothing: the masked value equals log_p of the seen pixels cut out."""
+    maps = four_maps(1, 4, (4, 6), (5, 4))
+    seen_a = torch.zeros(1, 4, 6, dtype=torch.bool)
+    seen_a[:, 1:3, 2:6] = True
+    seen_b = torch.zeros(1, 5, 4, dtype=torch.bool)
+    seen_b[:, 0:4, 1:3] = True
+    # garbage in the unseen pixels must not matter
+    noisy = [m.detach().clone() for m in maps]
+    for m, seen in zip(noisy, (seen_a, seen_b, seen_a, seen_b)):
+        m[~seen[:, None].expand_as(m)] = 50.0
+    masked = log_p(*noisy, visible=(seen_a, seen_b, seen_a, seen_b))
+    a1, b2, a3, b4 = (m.detach() for m in maps)
+    cut = log_p(a1[..., 1:3, 2:6], b2[..., 0:4, 1:3], a3[..., 1:3, 2:6], b4[..., 0:4, 1:3])
+    torch.testing.assert_close(masked, cut, atol=1e-12, rtol=0)
+
+
+def test_visible_without_masks_is_the_plain_objective():
+    maps = [m.detach() for m in four_maps(2, 4, (3, 3), (3, 3))]
+    torch.testing.assert_close(log_p(*maps, visible=(None,) * 4), log_p(*maps), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("visible, message", [
+    ((torch.ones(2, 3, 3, dtype=torch.bool),) * 3, "4-tuple"),
+    ((torch.ones(2, 4, 3, dtype=torch.bool), None, None, None), "must be B x H x W"),
+    ((torch.zeros(2, 3, 3, dtype=torch.bool), None, None, None), "no pixel of frame A"),
+])
+def test_bad_visible_masks_raise_a_clear_error(visible, message):
+    maps = [m.detach() for m in four_maps(2, 4, (3, 3), (3, 3))]
+    with pytest.raises(UserError, match=message):
+        log_p(*maps, visible=visible)
+
+
+def test_shuffled_pairs_a_with_the_next_samples_b_and_its_masks():
+    maps = [m.detach() for m in four_maps(3, 4, (3, 4), (4, 3))]
+    visible = _masks(3, (3, 4), (4, 3))
+    a1, b2, a3, b4 = maps
+    expected = log_p(a1, b2.roll(1, 0), a3, b4.roll(1, 0),
+                     visible=(visible[0], visible[1].roll(1, 0), visible[2], None))
+    torch.testing.assert_close(log_p_shuffled(*maps, visible=visible), expected, atol=0, rtol=0)
+    # a perfect positional code: as good on shuffled pairs as on true ones
+    code = torch.eye(9, dtype=torch.float64).reshape(9, 3, 3).expand(2, 9, 3, 3) * 20
+    torch.testing.assert_close(log_p_shuffled(code, code, code, code), log_p(code, code, code, code))
+    with pytest.raises(UserError, match="at least 2 pairs"):
+        log_p_shuffled(*(m[:1] for m in maps))

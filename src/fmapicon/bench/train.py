@@ -25,6 +25,7 @@ import argparse
 import time
 
 from fmapicon.cli._types import int_list, positive_int
+from fmapicon.train.config import AUGMENTATIONS
 
 HELP = "training throughput (pairs/s) per preset and size, with the time split into data, network and loss"
 
@@ -57,7 +58,7 @@ def add_arguments(parser) -> None:
                         "(default: auto)")
     parser.add_argument("--data", nargs="+", default=["synth"], metavar="SRC",
                         help="training sources as for `fmapicon train --data` (default: synth)")
-    parser.add_argument("--aug", default="roll+affine", choices=["none", "affine", "roll", "roll+affine"],
+    parser.add_argument("--aug", default="roll+affine", choices=AUGMENTATIONS,
                         help="augmentation of the four draws (default: roll+affine)")
 
 
@@ -109,7 +110,8 @@ class _Case:
         self.next_index = 0
         self.a, self.b = (t.to(self.device) for t in self.load())
         with torch.no_grad():  # the loss alone is timed on fixed feature maps
-            self.fixed_features = tuple(f.detach() for f in self.features())
+            maps, self.fixed_visible = self.features()
+            self.fixed_features = tuple(f.detach() for f in maps)
         self.step()  # warm-up: first-call allocations and kernel selection
 
     def load(self):
@@ -122,7 +124,7 @@ class _Case:
     def features(self):
         from fmapicon.core.augment import four_draws
 
-        return four_draws(self.net, self.a, self.b, self.augmentation, generator=self.generator)
+        return four_draws(self.net, self.a, self.b, self.augmentation, generator=self.generator, seen=True)
 
     def step(self) -> None:
         import torch
@@ -130,7 +132,8 @@ class _Case:
         from fmapicon.core.objective import log_p
 
         self.optimizer.zero_grad(set_to_none=True)
-        loss = -log_p(*self.features(), eps=1e-4).mean()
+        maps, visible = self.features()
+        loss = -log_p(*maps, eps=1e-4, visible=visible).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.net.parameters(), 20.0)
         self.optimizer.step()
@@ -138,14 +141,14 @@ class _Case:
     def network(self) -> None:
         import torch
 
-        features = self.features()
+        features, _ = self.features()
         torch.autograd.backward(features, [torch.ones_like(f) / f.numel() for f in features])
 
     def loss(self) -> None:
         from fmapicon.core.objective import log_p
 
         leaves = [f.clone().requires_grad_() for f in self.fixed_features]
-        (-log_p(*leaves, eps=1e-4).mean()).backward()
+        (-log_p(*leaves, eps=1e-4, visible=self.fixed_visible).mean()).backward()
 
 
 def measure(args, preset: str, size: int, device: str) -> dict:

@@ -28,9 +28,19 @@ roll
     [0, ceil(H / s))) and a feature map at the reduced resolution is un-rolled by
     (-ky, -kx) modulo its own size; this is an exact inverse of the network's shift when
     H and W are multiples of s.
+shift
+    Translation by crops instead of wrap-around: per sample, the network sees the view
+    ``image[oy : oy + H - M, ox : ox + W - M]`` (M = ``margin`` of the side, rounded to
+    the stride; offsets uniform on the multiples of the stride in [0, M]), and its feature
+    map is put back at the offset into a map of the whole frame's size, zero elsewhere.
+    There is no seam to locate, and a code of the position within the view disagrees
+    between two draws whose offsets differ, so it cannot bring a pixel home. ``seen``
+    gives the pixels a draw saw; ``log_p(..., visible=...)`` restricts the objective to
+    the pixels both draws of a frame see.
 order
     ``roll -> T -> network -> T^-1 -> un-roll`` for ``roll+affine`` (the original's final
-    version): ``Compose(Roll(), Affine())`` (the first part is the outermost).
+    version): ``Compose(Roll(), Affine())`` (the first part is the outermost). Likewise
+    ``shift+affine`` is ``Compose(Shift(), Affine())``: crop, then warp the view.
 borders
     Zero padding brings zeros in at the borders of the warped image and of the un-warped
     feature map. They are *not* renormalized and stay in the loss: the original notes that
@@ -51,7 +61,7 @@ import torch.nn.functional as F
 
 from fmapicon.errors import UserError
 
-AUGMENTATIONS = ("none", "affine", "roll", "roll+affine")
+AUGMENTATIONS = ("none", "affine", "roll", "roll+affine", "shift", "shift+affine")
 
 
 def _random_source(device, generator):
@@ -91,6 +101,20 @@ class Draw:
         _check_batch(features, self.batch, "unwarp")
         return features
 
+    crops = False  # whether the network sees only part of the frame (then ``seen`` is a mask)
+
+    def unwarp_seen(self, mask: torch.Tensor) -> torch.Tensor:
+        """Carry a ``B x 1 x h x w`` mask of seen pixels back through this draw's un-warp."""
+        return self.unwarp(mask)
+
+    def seen(self, features: torch.Tensor):
+        """The pixels of the un-warped map that the network saw: ``B x h' x w'`` bool (h' x w'
+        the un-warped size), or ``None`` when it saw every pixel (every draw but a crop)."""
+        if not self.crops:
+            return None
+        ones = features.new_ones(features.shape[0], 1, *features.shape[-2:])
+        return self.unwarp_seen(ones)[:, 0] > 0.5
+
 
 class AffineDraw(Draw):
     """Resample by ``forward`` (``B x 2 x 3``) before the network and by ``backward``
@@ -116,6 +140,9 @@ class AffineDraw(Draw):
     def unwarp(self, features):
         _check_batch(features, self.batch, "unwarp")
         return self._resample(features, self.backward)
+
+    def unwarp_seen(self, mask):
+        return mask  # the zero borders stay in the loss, as in the original
 
 
 def roll(tensor: torch.Tensor, shift_y: torch.Tensor, shift_x: torch.Tensor) -> torch.Tensor:
@@ -185,12 +212,68 @@ class RollDraw(Draw):
         return roll(features, -shift_y, -shift_x)
 
 
+class ShiftDraw(Draw):
+    """Crop a ``view_height x view_width`` view at ``stride * (ky, kx)`` from each image;
+    put the feature map back at that offset into a map of the whole frame, zero elsewhere.
+
+    Parameters
+    ----------
+    steps_y, steps_x : (B,) integer offsets in units of ``stride`` pixels
+    stride : input pixels per feature pixel of the backbone
+    height, width : the frame size the draw was sampled for
+    view_height, view_width : the view's size (multiples of ``stride``)
+    """
+
+    crops = True
+
+    def __init__(self, steps_y, steps_x, stride: int, height: int, width: int, view_height: int, view_width: int):
+        super().__init__(steps_y.shape[0])
+        self.steps_y, self.steps_x = steps_y, steps_x
+        self.stride, self.height, self.width = stride, height, width
+        self.view_height, self.view_width = view_height, view_width
+
+    def warp(self, images):
+        _check_batch(images, self.batch, "warp")
+        if tuple(images.shape[-2:]) != (self.height, self.width):
+            raise ValueError(
+                f"shift warp: the draw was sampled for {self.height} x {self.width} images, "
+                f"got {tuple(images.shape[-2:])}; sample a new draw for this size"
+            )
+        moved = roll(images, -self.steps_y * self.stride, -self.steps_x * self.stride)
+        return moved[..., : self.view_height, : self.view_width]
+
+    def _units(self, size: int, view: int) -> int:
+        """Input pixels per pixel of a feature side of ``size`` for a view side ``view``."""
+        if size == view:
+            return 1
+        if self.stride > 1 and size * self.stride == view:
+            return self.stride
+        raise ValueError(
+            f"shift unwarp: a feature side of {size} fits neither the view side {view} nor the "
+            f"view side divided by the stride {self.stride}; build the augmentation with the "
+            f"backbone's stride (make_augmentation(name, stride=net.stride))"
+        )
+
+    def unwarp(self, features):
+        _check_batch(features, self.batch, "unwarp")
+        h, w = features.shape[-2:]
+        per_y, per_x = self._units(h, self.view_height), self._units(w, self.view_width)
+        canvas = F.pad(features, (0, self.width // per_x - w, 0, self.height // per_y - h))
+        return roll(canvas, self.steps_y * (self.stride // per_y), self.steps_x * (self.stride // per_x))
+
+
 class ComposedDraw(Draw):
     """``parts[0]`` outermost: warps apply first to last, un-warps last to first."""
 
     def __init__(self, parts):
         super().__init__(parts[0].batch)
         self.parts = list(parts)
+        self.crops = any(part.crops for part in self.parts)
+
+    def unwarp_seen(self, mask):
+        for part in reversed(self.parts):
+            mask = part.unwarp_seen(mask)
+        return mask
 
     def warp(self, images):
         for part in self.parts:
@@ -272,6 +355,41 @@ class Roll(Augmentation):
         return f"Roll(stride={self.stride})"
 
 
+class Shift(Augmentation):
+    """Translation by crops: the network sees a view of ``1 - margin`` of each side at an
+    offset uniform on the multiples of ``stride`` in [0, margin x side] (module docstring).
+
+    ``margin`` (0 < margin < 1) is rounded to a multiple of ``stride`` pixels, at least one.
+    The frame's sides must be multiples of ``stride``.
+    """
+
+    def __init__(self, stride: int = 1, margin: float = 0.25):
+        if int(stride) < 1:
+            raise UserError(f"shift stride must be a positive integer, got {stride!r}")
+        if not 0 < float(margin) < 1:
+            raise UserError(f"shift margin must be a fraction of the side in (0, 1), got {margin!r}")
+        self.stride, self.margin = int(stride), float(margin)
+
+    def margin_pixels(self, side: int) -> int:
+        """M for a frame side of ``side`` pixels: the view's side is ``side - M``."""
+        if side % self.stride or side < 2 * self.stride:
+            raise UserError(f"shift: a frame side of {side} pixels is not a multiple (>= 2) of the "
+                            f"backbone's stride {self.stride}; use a training size that is")
+        steps = min(max(1, round(self.margin * side / self.stride)), side // self.stride - 1)
+        return steps * self.stride
+
+    def sample(self, batch, height, width, *, device, generator=None):
+        source = _random_source(device, generator)
+        margin_y, margin_x = self.margin_pixels(height), self.margin_pixels(width)
+        steps_y = torch.randint(0, margin_y // self.stride + 1, (batch,), **source)
+        steps_x = torch.randint(0, margin_x // self.stride + 1, (batch,), **source)
+        return ShiftDraw(steps_y.to(device), steps_x.to(device), self.stride, height, width,
+                         height - margin_y, width - margin_x)
+
+    def __repr__(self):
+        return f"Shift(stride={self.stride}, margin={self.margin})"
+
+
 class Compose(Augmentation):
     """Compose augmentations; the first is the outermost (warped first, un-warped last).
 
@@ -303,23 +421,32 @@ def make_augmentation(name: str, stride: int = 1) -> Augmentation:
         return Roll(stride)
     if name == "roll+affine":
         return Compose(Roll(stride), Affine())
+    if name == "shift":
+        return Shift(stride)
+    if name == "shift+affine":
+        return Compose(Shift(stride), Affine())
     raise UserError(f"unknown augmentation {name!r}: expected one of {', '.join(AUGMENTATIONS)}")
 
 
 # --------------------------------------------------------------------------- using draws
 
 
-def augmented_features(network, images: torch.Tensor, augmentation: Augmentation, generator=None) -> torch.Tensor:
+def augmented_features(network, images: torch.Tensor, augmentation: Augmentation, generator=None,
+                       *, seen: bool = False):
     """One draw: sample, warp ``images`` (B x 3 x H x W), run ``network``, un-warp.
 
-    Returns the un-warped feature map ``B x C x h x w``.
+    Returns the un-warped feature map ``B x C x h x w``; with ``seen=True`` the pair
+    (map, ``B x h x w`` bool mask of the pixels the network saw, or None: all of them).
     """
     batch, _, height, width = images.shape
     draw = augmentation.sample(batch, height, width, device=images.device, generator=generator)
-    return draw.unwarp(network(draw.warp(images)))
+    features = network(draw.warp(images))
+    maps = draw.unwarp(features)
+    return (maps, draw.seen(features)) if seen else maps
 
 
-def four_draws(network, a: torch.Tensor, b: torch.Tensor, augmentation: Augmentation, generator=None):
+def four_draws(network, a: torch.Tensor, b: torch.Tensor, augmentation: Augmentation, generator=None,
+               *, seen: bool = False):
     """The four independently augmented feature maps of the objective.
 
     Four separate network calls in the order A, B, A, B (each with its own draw), so
@@ -328,8 +455,22 @@ def four_draws(network, a: torch.Tensor, b: torch.Tensor, augmentation: Augmenta
 
     Returns
     -------
-    (a1, b2, a3, b4) : feature maps for ``log_p(a1, b2, a3, b4)``
+    (a1, b2, a3, b4) : feature maps for ``log_p(a1, b2, a3, b4)``; with ``seen=True``,
+        ``((a1, b2, a3, b4), visible)``: ``visible`` their four seen-pixel masks (None
+        entries where a draw saw every pixel) for ``log_p(..., visible=visible)``.
     """
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"four_draws: frames A and B need the same batch size, got {a.shape[0]} and {b.shape[0]}")
-    return tuple(augmented_features(network, frames, augmentation, generator) for frames in (a, b, a, b))
+    drawn = [augmented_features(network, frames, augmentation, generator, seen=True) for frames in (a, b, a, b)]
+    maps = tuple(m for m, _ in drawn)
+    return (maps, tuple(v for _, v in drawn)) if seen else maps
+
+
+def network_size(augmentation: Augmentation, height: int, width: int) -> tuple[int, int]:
+    """The input size the network sees in training for frames of ``height x width``: the
+    view's size for a crop (``Shift``, also inside ``Compose``), the frame's otherwise."""
+    parts = augmentation.parts if isinstance(augmentation, Compose) else [augmentation]
+    for part in parts:
+        if isinstance(part, Shift):
+            return height - part.margin_pixels(height), width - part.margin_pixels(width)
+    return height, width

@@ -72,6 +72,21 @@ is the exact objective (the tests' setting); training uses the original's 1e-4.
 this formula with the frames' roles exchanged, ``log_p(b4, a3, b2, a1)``, equal in
 distribution since the pair order and the draws are exchangeable.)
 
+Restricting to the pixels both views see
+-----------------------------------------
+An augmentation that shows the network only part of the frame (``Shift``: crops of the
+frame at random offsets) leaves pixels that a draw never saw. ``visible`` gives each map's
+seen pixels; with V_A the pixels of A seen by draws 1 and 3 and V_B those of B seen by
+draws 2 and 4, the objective becomes
+
+    L = mean_{i in V_A} log sum_{j in V_B} softmax_{j in V_B}(a1_i . b2_j) softmax_{i in V_A}(a3_i . b4_j):
+
+both soft maps run between the co-visible pixels only, and only those pixels are asked to
+come home. It is computed by the same tiled function with one more channel per map: a1
+and b4 get 1, b2 gets 0 on V_B and -10^4 elsewhere, a3 gets 0 on V_A and -10^4 elsewhere,
+so every score that involves an unseen pixel is -10^4 below the others (exp underflows
+to exactly 0) and the rows outside V_A get weight 0 in the mean.
+
 ``log_p_dense`` is the plain quadratic form (softmax, product, sum, log), kept as the
 reference for tests and benchmarks.
 """
@@ -95,8 +110,9 @@ _GPU_TILE = (1 << 26, 16, 4096)
 _MIN_BLOCK_ROWS = 16
 _LOG2E = 1.0 / math.log(2.0)
 _LN2 = math.log(2.0)
+_UNSEEN = -1.0e4  # the score offset of a pixel outside the co-visible set (exp2 gives 0)
 
-__all__ = ["log_p", "log_p_dense", "default_blocks"]
+__all__ = ["log_p", "log_p_shuffled", "log_p_dense", "default_blocks"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -104,7 +120,7 @@ __all__ = ["log_p", "log_p_dense", "default_blocks"]
 
 
 def log_p(a1, b2, a3, b4, *, eps: float = 0.0, block_rows: int | None = None,
-          block_cols: int | None = None, check: bool = True) -> torch.Tensor:
+          block_cols: int | None = None, check: bool = True, visible=None) -> torch.Tensor:
     """Exact FeatureMapICON objective per sample, in memory linear in the pixel counts.
 
     Parameters
@@ -121,6 +137,10 @@ def log_p(a1, b2, a3, b4, *, eps: float = 0.0, block_rows: int | None = None,
         Scan the inputs for NaN and infinity (a ``UserError`` naming the map). The scan reads
         every value once (and waits for the device); the trainer, which checks its features
         and loss itself, turns it off.
+    visible : optional 4-tuple of boolean masks (``B x HA x WA`` for a1 and a3, ``B x HB x
+        WB`` for b2 and b4; a ``None`` entry: that draw saw every pixel): restrict the
+        objective to the pixels both draws of a frame see (module docstring). Each sample
+        needs at least one such pixel in A and in B. ``None``: every pixel.
 
     Returns
     -------
@@ -132,29 +152,99 @@ def log_p(a1, b2, a3, b4, *, eps: float = 0.0, block_rows: int | None = None,
     _check_eps(eps)
     _check_block(block_rows, "block_rows")
     _check_block(block_cols, "block_cols")
+    seen_a, seen_b = _co_visible(visible, a1, b2)
     batch, n_a, n_b = a1.shape[0], a1.shape[2] * a1.shape[3], b2.shape[2] * b2.shape[3]
     default_rows, default_cols = default_blocks(a1.device, batch, n_a, n_b)
     blocks = (min(block_rows or default_rows, n_a), min(block_cols or default_cols, n_b))
     with _autocast_off(a1.device.type):
         pixels = [_pixels(x, dtype) for x in (a1, b2, a3, b4)]
+        if seen_a is not None:
+            pixels = _with_visibility_channel(pixels, seen_a, seen_b)
         log_cycle = _LogCycle.apply(*pixels, *blocks)  # B x N_A: t_i - r_i
-        return _pixel_terms(log_cycle, eps).mean(dim=1)
+        terms = _pixel_terms(log_cycle, eps)
+        if seen_a is None:
+            return terms.mean(dim=1)
+        weight = seen_a.to(terms.dtype)
+        return (terms * weight).sum(dim=1) / weight.sum(dim=1)
 
 
-def log_p_dense(a1, b2, a3, b4, *, eps: float = 0.0) -> torch.Tensor:
+def _co_visible(visible, a1, b2):
+    """(V_A, V_B) as ``B x N_A`` and ``B x N_B`` boolean masks, or (None, None) when every
+    pixel is seen; ``UserError`` for a mask of the wrong shape or an empty set."""
+    if visible is None or all(mask is None for mask in visible):
+        return None, None
+    if len(visible) != 4:
+        raise UserError(f"visible must be a 4-tuple of masks for a1, b2, a3, b4 (or None), got {len(visible)} entries")
+    combined = []
+    for frame, masks, feature_map in (("A", visible[0::2], a1), ("B", visible[1::2], b2)):
+        batch, _, height, width = feature_map.shape
+        seen = torch.ones(batch, height * width, dtype=torch.bool, device=feature_map.device)
+        for mask in masks:
+            if mask is None:
+                continue
+            if tuple(mask.shape) != (batch, height, width):
+                raise UserError(f"visible: a mask of frame {frame} must be B x H x W = {(batch, height, width)}, "
+                                f"like its feature map; got {tuple(mask.shape)}")
+            seen = seen & mask.to(device=feature_map.device, dtype=torch.bool).reshape(batch, -1)
+        if not bool(seen.any(dim=1).all()):
+            raise UserError(f"visible: a sample has no pixel of frame {frame} that both its draws see; "
+                            "the augmentation's views must overlap")
+        combined.append(seen)
+    return tuple(combined)
+
+
+def _with_visibility_channel(pixels, seen_a, seen_b):
+    """The four ``B x N x C`` pixel sets with the extra channel that puts every score of an
+    unseen pixel 10^4 below the others (module docstring)."""
+    a1, b2, a3, b4 = pixels
+
+    def channel(values):
+        return values.to(a1.dtype).unsqueeze(2)
+
+    penalty_a = channel(torch.where(seen_a, 0.0, _UNSEEN))
+    penalty_b = channel(torch.where(seen_b, 0.0, _UNSEEN))
+    return (torch.cat([a1, channel(torch.ones_like(seen_a))], 2), torch.cat([b2, penalty_b], 2),
+            torch.cat([a3, penalty_a], 2), torch.cat([b4, channel(torch.ones_like(seen_b))], 2))
+
+
+def log_p_shuffled(a1, b2, a3, b4, *, visible=None) -> torch.Tensor:
+    """The positional-code diagnostic: exact ``log_p`` (eps = 0) with each A paired with the
+    next sample's B (b2, b4 and their masks rolled by one along the batch: another video).
+
+    Features that match by content score near chance, -log N_B, here; a positional code
+    scores as well as on the true pairs. ``(B,)`` tensor; needs B >= 2 (``UserError``).
+    """
+    if len(a1) < 2:
+        raise UserError(f"log_p_shuffled needs at least 2 pairs in the batch, got {len(a1)}")
+    if visible is not None:
+        visible = tuple(None if mask is None else (mask.roll(1, 0) if k % 2 else mask)
+                        for k, mask in enumerate(visible))
+    return log_p(a1, b2.roll(1, 0), a3, b4.roll(1, 0), visible=visible, check=False)
+
+
+def log_p_dense(a1, b2, a3, b4, *, eps: float = 0.0, visible=None) -> torch.Tensor:
     """The quadratic reference: the formula of ``log_p`` written out with softmaxes.
 
     Builds ``B x N_A x N_B`` matrices (0.83 GB each per sample at N = 14,400 in
     float32); for tests and benchmarks only. Same arguments and result as ``log_p``;
-    computes in float32 (float64 when an input is float64).
+    computes in float32 (float64 when an input is float64). ``visible`` masks the
+    softmaxes with -inf and averages over the co-visible pixels of A.
     """
     dtype = _check_inputs(a1, b2, a3, b4)
     _check_eps(eps)
+    seen_a, seen_b = _co_visible(visible, a1, b2)
     a1, b2, a3, b4 = (_pixels(x, dtype) for x in (a1, b2, a3, b4))
-    a_to_b = torch.softmax(a1 @ b2.transpose(1, 2), dim=2)  # softmax over j, B's pixels
-    b_to_a = torch.softmax(a3 @ b4.transpose(1, 2), dim=1)  # softmax over i, A's pixels
+    s1, s2 = a1 @ b2.transpose(1, 2), a3 @ b4.transpose(1, 2)
+    if seen_a is not None:
+        s1 = s1.masked_fill(~seen_b[:, None, :], -math.inf)
+        s2 = s2.masked_fill(~seen_a[:, :, None], -math.inf)
+    a_to_b = torch.softmax(s1, dim=2)  # softmax over j, B's pixels
+    b_to_a = torch.softmax(s2, dim=1)  # softmax over i, A's pixels
     cycle = (a_to_b * b_to_a).sum(dim=2)  # P[x -> B -> x] for each pixel i of A
-    return torch.log(cycle + eps).mean(dim=1)
+    if seen_a is None:
+        return torch.log(cycle + eps).mean(dim=1)
+    terms = torch.log(cycle.masked_fill(~seen_a, 1.0) + eps)  # unseen rows: out of the mean
+    return terms.masked_fill(~seen_a, 0).sum(dim=1) / seen_a.sum(dim=1)
 
 
 def default_blocks(device, batch: int, n_a: int, n_b: int) -> tuple[int, int]:

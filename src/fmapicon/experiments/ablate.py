@@ -212,7 +212,7 @@ def pair_log_p(net, aug: str, pairs, seed: int) -> tuple[float, float]:
     import torch
 
     from fmapicon.core.augment import four_draws, make_augmentation
-    from fmapicon.core.objective import log_p
+    from fmapicon.core.objective import log_p, log_p_shuffled
 
     was_training = net.training
     net.eval()
@@ -221,9 +221,10 @@ def pair_log_p(net, aug: str, pairs, seed: int) -> tuple[float, float]:
     generator = torch.Generator().manual_seed(seed)
     try:
         with torch.no_grad():
-            a1, b2, a3, b4 = four_draws(net, a, b, make_augmentation(aug, stride=net.stride), generator=generator)
-            true = log_p(a1, b2, a3, b4).mean()
-            shuffled = log_p(a1, b2.roll(1, 0), a3, b4.roll(1, 0)).mean()
+            maps, visible = four_draws(net, a, b, make_augmentation(aug, stride=net.stride), generator=generator,
+                                       seen=True)
+            true = log_p(*maps, visible=visible).mean()
+            shuffled = log_p_shuffled(*maps, visible=visible).mean()
     finally:
         net.train(was_training)
     return float(true), float(shuffled)

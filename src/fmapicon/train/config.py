@@ -19,7 +19,7 @@ from fmapicon.errors import UserError
 
 NETS = ("short", "tall", "taller", "resnet-s4", "resnet-s8")  # = networks.NETS (kept torch-free here)
 RECIPES = ("reference", "original")
-AUGMENTATIONS = ("none", "affine", "roll", "roll+affine")
+AUGMENTATIONS = ("none", "affine", "roll", "roll+affine", "shift", "shift+affine")  # = augment.AUGMENTATIONS
 OPTIMIZERS = ("rmsprop", "adam", "adamw")
 AMP_MODES = ("off", "bf16", "fp16")
 GRAD_ACCUMULATION = ("off", "original")
@@ -83,7 +83,9 @@ class TrainConfig:
     crop_max: float = _knob(_REFERENCE["crop_max"], "with --crop random: the largest crop side as a fraction of the short side",
                             above=0.0)
     aug: str = _knob("roll+affine", "equivariant augmentation: none (attempt 0: the net collapses to a "
-                     "positional code), affine (attempt 1), roll, roll+affine (the final recipe)",
+                     "positional code), affine (attempt 1), roll, roll+affine (the final recipe), shift, "
+                     "shift+affine (translation by crops of 3/4 of each side, the objective on the pixels both "
+                     "views see: no seam)",
                      choices=AUGMENTATIONS)
     center: bool = _knob(True, "PixelCenter (attempt 2): subtract the per-location batch mean of the features")
     lambda_init: float = _knob(_REFERENCE["lambda_init"], "initial lambda of NormScale: features are unit vectors times lambda, "

@@ -36,6 +36,7 @@ class StepResult:
         shuffled pairs (B rolled by one in the batch); None until measured (``Trainer.measured``,
         on logged steps) and on bad steps
     features : the detached feature maps (a1, b2, a3, b4) the diagnostics are measured on
+    visible : their seen-pixel masks (``four_draws(..., seen=True)``; None entries: all seen)
     """
 
     loss: float
@@ -44,6 +45,7 @@ class StepResult:
     log_p: float | None = None
     log_p_shuffled: float | None = None
     features: tuple = ()
+    visible: tuple | None = None
 
 
 class Trainer:
@@ -114,7 +116,8 @@ class Trainer:
 
         if self.config.grad_accumulation == "off":
             self.optimizer.zero_grad(set_to_none=True)
-        features, loss = self._forward(a.to(self.device, non_blocking=True), b.to(self.device, non_blocking=True))
+        features, visible, loss = self._forward(a.to(self.device, non_blocking=True),
+                                                b.to(self.device, non_blocking=True))
         mean_loss = self._mean_over_processes(loss.detach())
         if not math.isfinite(mean_loss):  # agreed by all ranks: none runs backward
             return self._skip(mean_loss, None)
@@ -125,10 +128,11 @@ class Trainer:
         if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
             return self._skip(mean_loss, grad_norm)
         self._update(grad_norm)
-        return StepResult(mean_loss, grad_norm, features=tuple(f.detach() for f in features))
+        return StepResult(mean_loss, grad_norm, features=tuple(f.detach() for f in features), visible=visible)
 
     def _forward(self, a, b):
-        """The four feature maps (float32) and the loss; a NaN loss when a map is not finite."""
+        """The four feature maps (float32), their seen-pixel masks and the loss; a NaN loss when
+        a map is not finite."""
         import torch
 
         from fmapicon.core import objective
@@ -136,11 +140,12 @@ class Trainer:
         self.generator.manual_seed(stream_seed(self.config.seed, AUGMENT_STREAM, self.processes.rank,
                                                self.step + 1))
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            features = self.model(a, b, self.generator)
+            features, visible = self.model(a, b, self.generator)
         features = tuple(f.float() for f in features)
         if not all(bool(torch.isfinite(f).all()) for f in features):
-            return features, torch.full((), math.nan, device=self.device)
-        return features, -objective.log_p(*features, eps=self.config.log_eps, check=False).mean()  # checked above
+            return features, visible, torch.full((), math.nan, device=self.device)
+        log_p = objective.log_p(*features, eps=self.config.log_eps, check=False, visible=visible)  # checked above
+        return features, visible, -log_p.mean()
 
     def _mean_over_processes(self, value) -> float:
         if self.processes.distributed:
@@ -171,10 +176,10 @@ class Trainer:
 
         from fmapicon.core import objective
 
-        a1, b2, a3, b4 = result.features
+        features, visible = result.features, result.visible
         with torch.no_grad():
-            true = objective.log_p(a1, b2, a3, b4, check=False).mean()
-            shuffled = objective.log_p(a1, b2.roll(1, 0), a3, b4.roll(1, 0), check=False).mean() if len(a1) > 1 else None
+            true = objective.log_p(*features, check=False, visible=visible).mean()
+            shuffled = objective.log_p_shuffled(*features, visible=visible).mean() if len(features[0]) > 1 else None
         log_p = self._mean_over_processes(true)
         log_p_shuffled = None if shuffled is None else self._mean_over_processes(shuffled)
         return dataclasses.replace(result, log_p=log_p, log_p_shuffled=log_p_shuffled)

@@ -18,7 +18,8 @@ def network_config(config: TrainConfig):
 
 def four_draw_module(net, augmentation):
     """A module whose one forward runs the four augmented draws, so that DDP sees one
-    forward per backward (defined here to keep this module's import free of torch)."""
+    forward per backward (defined here to keep this module's import free of torch). It
+    returns ``((a1, b2, a3, b4), visible)`` (``four_draws(..., seen=True)``)."""
     import torch
 
     from fmapicon.core.augment import four_draws
@@ -29,7 +30,7 @@ def four_draw_module(net, augmentation):
             self.net = net
 
         def forward(self, a, b, generator):
-            return four_draws(self.net, a, b, augmentation, generator=generator)
+            return four_draws(self.net, a, b, augmentation, generator=generator, seen=True)
 
     return FourDraws()
 
