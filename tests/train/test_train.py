@@ -354,10 +354,12 @@ def test_bf16_autocast_trains_and_fp16_needs_cuda(tmp_path):
 # --------------------------------------------------------------------------- learning
 
 
-def test_tiny_run_on_synthetic_scenes_learns(tmp_path):
-    """The final recipe on synthetic scenes: within 16 steps log_p rises well above its
-    start, and true pairs score well above shuffled pairs (they did not at the start)."""
-    lines = metrics(train(tiny(steps=16, save_every=100), tmp_path / "run", progress=False))
+@pytest.mark.parametrize("aug", ["roll+affine", "shift+affine"])
+def test_tiny_run_on_synthetic_scenes_learns(tmp_path, aug):
+    """The final recipe (and translation by crops) on synthetic scenes: within 16 steps log_p
+    rises well above its start, and true pairs score well above shuffled pairs (they did not
+    at the start)."""
+    lines = metrics(train(tiny(steps=16, save_every=100, aug=aug), tmp_path / "run", progress=False))
     first = sum(line["log_p"] for line in lines[:2]) / 2
     last = sum(line["log_p"] for line in lines[-6:]) / 6
     gap_first = lines[0]["log_p"] - lines[0]["log_p_shuffled"]
