@@ -226,3 +226,19 @@ def test_eval_applies_the_models_recorded_input_scale(tmp_path):
     evaluate_davis(model, root, tmp_path / "out2", params=PropagationParams(stride=4, input_scale=0.25),
                    progress=False)
     assert set(probe.seen) == {(8, 12)}                       # an explicit --input-scale wins
+
+
+def test_positional_share_is_one_for_a_code_of_position_and_zero_for_content():
+    from fmapicon.evaluation.features import positional_share
+
+    generator = torch.Generator().manual_seed(0)
+    code = torch.randn(1, 8, 5, 6, generator=generator).expand(10, 8, 5, 6)  # the same map in every frame
+    assert positional_share(code) == pytest.approx(1.0)
+    # content only: each cell's feature a function of a random "what it shows", the same law everywhere
+    content = torch.randn(4000, 8, 2, 3, generator=generator)
+    assert positional_share(content) < 0.01
+    # half and half: share about 1/2
+    mixed = code[:1].expand(4000, 8, 5, 6) + torch.randn(4000, 8, 5, 6, generator=generator) * code.std()
+    assert positional_share(mixed) == pytest.approx(0.5, abs=0.05)
+    with pytest.raises(ValueError, match="K >= 2"):
+        positional_share(code[:1])

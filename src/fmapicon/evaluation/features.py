@@ -337,3 +337,26 @@ def extract(model, images: torch.Tensor, *, scale: float, stride: int) -> torch.
         covered = features.shape[axis - 2] * (model_stride or input_size[axis] / features.shape[axis - 2])
         extent.append(max(cells[axis], round(cells[axis] * covered / input_size[axis])))
     return F.normalize(resize_maps(features, extent)[:, :, : cells[0], : cells[1]], dim=1)
+
+
+def positional_share(maps: torch.Tensor) -> float:
+    """How much of a set of feature maps is a code of position: the share of their variance
+    that the cell's location explains (a one-way analysis of variance, location the factor).
+
+    With ``maps`` f_k(x), ``K x C x h x w`` (K frames of many videos, one size) and m their
+    mean over frames and cells,
+
+        share = mean_x |mean_k f_k(x) - m|^2 / mean_{k,x} |f_k(x) - m|^2
+
+    in [0, 1]: 0 when a cell's feature depends only on what it shows, 1 for a pure code of
+    where it is. Scenes have a layout of their own (sky above, the subject in the middle),
+    so raw colour patches (``pixels_model``) give the share that content alone explains.
+    ``ValueError`` for fewer than 2 maps or features that do not vary.
+    """
+    if maps.dim() != 4 or maps.shape[0] < 2:
+        raise ValueError(f"positional_share: expected K x C x h x w maps with K >= 2, got {tuple(maps.shape)}")
+    centred = maps.double() - maps.double().mean(dim=(0, 2, 3), keepdim=True)
+    total = centred.pow(2).sum(1).mean()
+    if total == 0:
+        raise ValueError("positional_share: the features do not vary over frames and cells")
+    return float(centred.mean(dim=0).pow(2).sum(0).mean() / total)

@@ -1,0 +1,52 @@
+"""How much of a model's features is a code of position, on frames of many videos.
+
+    python scripts/positional_share.py DAVIS_ROOT MODEL... [--every 8] [--json OUT]
+
+Every ``--every``-th frame of each sequence of the root's list, features as ``fmapicon
+eval`` computes them (the model at its recorded input scale, cells of ``--stride``), then
+``fmapicon.evaluation.features.positional_share`` (the share of the feature variance that
+the cell's location explains: 0 content only, 1 a pure positional code; ``pixels`` gives
+what the scenes' own layout explains). Prints a table; ``--json`` writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from fmapicon.data.davis import frame_paths, layout, read_frame, sequence_names
+from fmapicon.evaluation.features import extract, load_model, positional_share
+from fmapicon.runtime import write_json
+
+
+def model_share(model, frames: torch.Tensor, stride: int = 8) -> float:
+    """``positional_share`` of ``model``'s features of ``frames`` (K x 3 x H x W in [0, 1])."""
+    scale = model.default_input_scale
+    return positional_share(torch.cat([extract(model, chunk, scale=scale, stride=stride) for chunk in frames.split(8)]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("davis", help="a DAVIS root (480p frames of one size)")
+    parser.add_argument("models", nargs="+", help="model specs as fmapicon eval --model takes them")
+    parser.add_argument("--every", type=int, default=8, help="every N-th frame of each sequence (default: 8)")
+    parser.add_argument("--stride", type=int, default=8, help="feature cell size in pixels (default: 8, as eval)")
+    parser.add_argument("--json", help="write the table here as JSON")
+    args = parser.parse_args()
+    images_dir, _ = layout(args.davis)
+    paths = [p for name in sequence_names(args.davis) for p in frame_paths(images_dir, name)[:: args.every]]
+    frames = torch.stack([torch.from_numpy(read_frame(p).copy()).permute(2, 0, 1).float() / 255 for p in paths])
+    rows = []
+    print(f"{len(paths)} frames of {tuple(frames.shape[-2:])}")
+    print(f"{'model':<48} {'positional share':>16}")
+    for spec in args.models:
+        share = model_share(load_model(spec), frames, args.stride)
+        rows.append({"model": spec, "positional_share": share, "frames": len(paths), "stride": args.stride})
+        print(f"{spec:<48} {share:>16.3f}")
+    if args.json:
+        write_json(args.json, rows)
+
+
+if __name__ == "__main__":
+    main()
