@@ -82,6 +82,28 @@ def _check_batch(tensor: torch.Tensor, batch: int, what: str) -> None:
 # --------------------------------------------------------------------------- draws
 
 
+def _check_size(images: torch.Tensor, height: int, width: int, what: str) -> None:
+    if tuple(images.shape[-2:]) != (height, width):
+        raise ValueError(
+            f"{what} warp: the draw was sampled for {height} x {width} images, "
+            f"got {tuple(images.shape[-2:])}; sample a new draw for this size"
+        )
+
+
+def _feature_units(size: int, full: int, stride: int, what: str) -> int:
+    """How many input pixels one feature pixel spans along a feature side of ``size`` when
+    the network's input side was ``full``: 1 (full resolution) or the stride."""
+    if size == full:
+        return 1
+    if stride > 1 and size in (full // stride, -(-full // stride)):
+        return stride
+    raise ValueError(
+        f"{what} unwarp: a feature side of {size} fits neither the input side {full} nor "
+        f"the input side divided by the stride {stride}; build the augmentation "
+        f"with the backbone's stride (make_augmentation(name, stride=net.stride))"
+    )
+
+
 class Draw:
     """One draw's per-sample parameters for a batch; this base class is the identity.
 
@@ -182,30 +204,14 @@ class RollDraw(Draw):
 
     def warp(self, images):
         _check_batch(images, self.batch, "warp")
-        if tuple(images.shape[-2:]) != (self.height, self.width):
-            raise ValueError(
-                f"roll warp: the draw was sampled for {self.height} x {self.width} images, "
-                f"got {tuple(images.shape[-2:])}; sample a new draw for this size"
-            )
+        _check_size(images, self.height, self.width, "roll")
         return roll(images, self.steps_y * self.stride, self.steps_x * self.stride)
-
-    def _feature_units(self, size: int, full: int) -> int:
-        """How many input pixels one feature pixel along a side of ``size`` spans."""
-        if size == full:
-            return 1
-        if self.stride > 1 and size in (full // self.stride, -(-full // self.stride)):
-            return self.stride
-        raise ValueError(
-            f"roll unwarp: a feature side of {size} fits neither the input side {full} nor "
-            f"the input side divided by the stride {self.stride}; build the augmentation "
-            f"with the backbone's stride (make_augmentation(name, stride=net.stride))"
-        )
 
     def unwarp(self, features):
         _check_batch(features, self.batch, "unwarp")
         h, w = features.shape[-2:]
-        per_y = self._feature_units(h, self.height)
-        per_x = self._feature_units(w, self.width)
+        per_y = _feature_units(h, self.height, self.stride, "roll")
+        per_x = _feature_units(w, self.width, self.stride, "roll")
         # a full-resolution map un-rolls by the pixel shift, a strided one by the step count
         shift_y = self.steps_y * (self.stride // per_y)
         shift_x = self.steps_x * (self.stride // per_x)
@@ -234,30 +240,15 @@ class ShiftDraw(Draw):
 
     def warp(self, images):
         _check_batch(images, self.batch, "warp")
-        if tuple(images.shape[-2:]) != (self.height, self.width):
-            raise ValueError(
-                f"shift warp: the draw was sampled for {self.height} x {self.width} images, "
-                f"got {tuple(images.shape[-2:])}; sample a new draw for this size"
-            )
+        _check_size(images, self.height, self.width, "shift")
         moved = roll(images, -self.steps_y * self.stride, -self.steps_x * self.stride)
         return moved[..., : self.view_height, : self.view_width]
-
-    def _units(self, size: int, view: int) -> int:
-        """Input pixels per pixel of a feature side of ``size`` for a view side ``view``."""
-        if size == view:
-            return 1
-        if self.stride > 1 and size * self.stride == view:
-            return self.stride
-        raise ValueError(
-            f"shift unwarp: a feature side of {size} fits neither the view side {view} nor the "
-            f"view side divided by the stride {self.stride}; build the augmentation with the "
-            f"backbone's stride (make_augmentation(name, stride=net.stride))"
-        )
 
     def unwarp(self, features):
         _check_batch(features, self.batch, "unwarp")
         h, w = features.shape[-2:]
-        per_y, per_x = self._units(h, self.view_height), self._units(w, self.view_width)
+        per_y = _feature_units(h, self.view_height, self.stride, "shift")
+        per_x = _feature_units(w, self.view_width, self.stride, "shift")
         canvas = F.pad(features, (0, self.width // per_x - w, 0, self.height // per_y - h))
         return roll(canvas, self.steps_y * (self.stride // per_y), self.steps_x * (self.stride // per_x))
 
