@@ -23,7 +23,6 @@ from fmapicon.core.augment import (
     augmented_features,
     four_draws,
     make_augmentation,
-    network_size,
 )
 from fmapicon.errors import UserError
 
@@ -335,11 +334,6 @@ def test_shift_plus_affine_crops_then_warps_and_masks_only_the_crop():
     seen = draw.seen(view)
     assert seen.shape == (3, 32, 32) and int(seen[0].sum()) == 24 * 24  # the affine's borders stay in the loss
     assert make_augmentation("roll+affine").sample(3, 32, 32, device="cpu").seen(images) is None
-
-
-def test_network_size_is_the_views_under_shift():
-    assert network_size(make_augmentation("shift+affine", stride=4), 128, 96) == (96, 72)
-    assert network_size(make_augmentation("roll+affine", stride=4), 128, 96) == (128, 96)
 
 
 def test_shift_refuses_sides_that_are_not_multiples_of_the_stride():

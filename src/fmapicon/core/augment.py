@@ -6,7 +6,7 @@ If the network were equivariant to the warp, a draw would change nothing; where 
 not, the FeatureMapICON objective punishes it. Four independent draws give the four
 feature maps of the objective (``four_draws``).
 
-Conventions (as the original code, and tested in tests/test_augment.py)
+Conventions (as the original code, and tested in tests/core/test_augment.py)
 -------------------------------------------------------------------------
 affine
     ``T = I + scale * N(0, 1)`` on the top two rows of a 3 x 3 matrix (per sample;
@@ -456,12 +456,3 @@ def four_draws(network, a: torch.Tensor, b: torch.Tensor, augmentation: Augmenta
     maps = tuple(m for m, _ in drawn)
     return (maps, tuple(v for _, v in drawn)) if seen else maps
 
-
-def network_size(augmentation: Augmentation, height: int, width: int) -> tuple[int, int]:
-    """The input size the network sees in training for frames of ``height x width``: the
-    view's size for a crop (``Shift``, also inside ``Compose``), the frame's otherwise."""
-    parts = augmentation.parts if isinstance(augmentation, Compose) else [augmentation]
-    for part in parts:
-        if isinstance(part, Shift):
-            return height - part.margin_pixels(height), width - part.margin_pixels(width)
-    return height, width
