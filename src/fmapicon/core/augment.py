@@ -90,6 +90,12 @@ def _check_size(images: torch.Tensor, height: int, width: int, what: str) -> Non
         )
 
 
+def _positive_stride(stride, what: str) -> int:
+    if int(stride) < 1:
+        raise UserError(f"{what} stride must be a positive integer, got {stride!r}")
+    return int(stride)
+
+
 def _feature_units(size: int, full: int, stride: int, what: str) -> int:
     """How many input pixels one feature pixel spans along a feature side of ``size`` when
     the network's input side was ``full``: 1 (full resolution) or the stride."""
@@ -332,9 +338,7 @@ class Roll(Augmentation):
     [0, H) x [0, W), independent per sample."""
 
     def __init__(self, stride: int = 1):
-        if int(stride) < 1:
-            raise UserError(f"roll stride must be a positive integer, got {stride!r}")
-        self.stride = int(stride)
+        self.stride = _positive_stride(stride, "roll")
 
     def sample(self, batch, height, width, *, device, generator=None):
         source = _random_source(device, generator)
@@ -355,11 +359,9 @@ class Shift(Augmentation):
     """
 
     def __init__(self, stride: int = 1, margin: float = 0.25):
-        if int(stride) < 1:
-            raise UserError(f"shift stride must be a positive integer, got {stride!r}")
         if not 0 < float(margin) < 1:
             raise UserError(f"shift margin must be a fraction of the side in (0, 1), got {margin!r}")
-        self.stride, self.margin = int(stride), float(margin)
+        self.stride, self.margin = _positive_stride(stride, "shift"), float(margin)
 
     def margin_pixels(self, side: int) -> int:
         """M for a frame side of ``side`` pixels: the view's side is ``side - M``."""
@@ -455,4 +457,3 @@ def four_draws(network, a: torch.Tensor, b: torch.Tensor, augmentation: Augmenta
     drawn = [augmented_features(network, frames, augmentation, generator, seen=True) for frames in (a, b, a, b)]
     maps = tuple(m for m, _ in drawn)
     return (maps, tuple(v for _, v in drawn)) if seen else maps
-

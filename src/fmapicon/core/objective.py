@@ -207,19 +207,21 @@ def _with_visibility_channel(pixels, seen_a, seen_b):
             torch.cat([a3, penalty_a], 2), torch.cat([b4, channel(torch.ones_like(seen_b))], 2))
 
 
-def log_p_shuffled(a1, b2, a3, b4, *, visible=None) -> torch.Tensor:
+def log_p_shuffled(a1, b2, a3, b4, *, visible=None, check: bool = True) -> torch.Tensor:
     """The positional-code diagnostic: exact ``log_p`` (eps = 0) with each A paired with the
     next sample's B (b2, b4 and their masks rolled by one along the batch: another video).
 
-    Features that match by content score near chance, -log N_B, here; a positional code
-    scores as well as on the true pairs. ``(B,)`` tensor; needs B >= 2 (``UserError``).
+    A positional code scores as well here as on the true pairs. Content features score
+    lower, though not down to chance (-log N_B): another video's B still works as a code
+    book that sends a distinctive pixel of A home (measured: ``docs/experiments.md``).
+    ``check`` as in ``log_p``. ``(B,)`` tensor; needs B >= 2 (``UserError``).
     """
     if len(a1) < 2:
         raise UserError(f"log_p_shuffled needs at least 2 pairs in the batch, got {len(a1)}")
     if visible is not None:
         visible = tuple(None if mask is None else (mask.roll(1, 0) if k % 2 else mask)
                         for k, mask in enumerate(visible))
-    return log_p(a1, b2.roll(1, 0), a3, b4.roll(1, 0), visible=visible, check=False)
+    return log_p(a1, b2.roll(1, 0), a3, b4.roll(1, 0), visible=visible, check=check)
 
 
 def log_p_dense(a1, b2, a3, b4, *, eps: float = 0.0, visible=None) -> torch.Tensor:

@@ -179,7 +179,7 @@ class Trainer:
         features, visible = result.features, result.visible
         with torch.no_grad():
             true = objective.log_p(*features, check=False, visible=visible).mean()
-            shuffled = objective.log_p_shuffled(*features, visible=visible).mean() if len(features[0]) > 1 else None
+            shuffled = objective.log_p_shuffled(*features, visible=visible, check=False).mean() if len(features[0]) > 1 else None
         log_p = self._mean_over_processes(true)
         log_p_shuffled = None if shuffled is None else self._mean_over_processes(shuffled)
         return dataclasses.replace(result, log_p=log_p, log_p_shuffled=log_p_shuffled)
