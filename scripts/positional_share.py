@@ -1,4 +1,5 @@
-"""How much of a model's features is a code of position, on frames of many videos.
+"""How much of a model's features is a code of position, and how alike neighbouring cells
+are, on frames of many videos.
 
     python scripts/positional_share.py DAVIS_ROOT MODEL... [--every 8] [--json OUT]
 
@@ -6,7 +7,9 @@ Every ``--every``-th frame of each sequence of the root's list, features as ``fm
 eval`` computes them (the model at its recorded input scale, cells of ``--stride``), then
 ``fmapicon.evaluation.features.positional_share`` (the share of the feature variance that
 the cell's location explains: 0 content only, 1 a pure positional code; ``pixels`` gives
-what the scenes' own layout explains). Prints a table; ``--json`` writes it.
+what the scenes' own layout explains) and ``feature_geometry`` (the mean cosine of adjacent
+cells and of any two cells of a frame, and the features' effective rank). Prints a table;
+``--json`` writes it.
 """
 
 from __future__ import annotations
@@ -16,14 +19,14 @@ import argparse
 import torch
 
 from fmapicon.data.davis import frame_paths, layout, read_frame, sequence_names
-from fmapicon.evaluation.features import extract, load_model, positional_share
+from fmapicon.evaluation.features import extract, feature_geometry, load_model, positional_share
 from fmapicon.runtime import write_json
 
 
-def model_share(model, frames: torch.Tensor, stride: int = 8) -> float:
-    """``positional_share`` of ``model``'s features of ``frames`` (K x 3 x H x W in [0, 1])."""
+def model_features(model, frames: torch.Tensor, stride: int = 8) -> torch.Tensor:
+    """``model``'s unit features of ``frames`` (K x 3 x H x W in [0, 1]) as ``fmapicon eval`` sees them."""
     scale = model.default_input_scale
-    return positional_share(torch.cat([extract(model, chunk, scale=scale, stride=stride) for chunk in frames.split(8)]))
+    return torch.cat([extract(model, chunk, scale=scale, stride=stride) for chunk in frames.split(8)])
 
 
 def main() -> None:
@@ -39,11 +42,14 @@ def main() -> None:
     frames = torch.stack([torch.from_numpy(read_frame(p).copy()).permute(2, 0, 1).float() / 255 for p in paths])
     rows = []
     print(f"{len(paths)} frames of {tuple(frames.shape[-2:])}")
-    print(f"{'model':<48} {'positional share':>16}")
+    print(f"{'model':<48} {'positional share':>16} {'adjacent cos':>12} {'pair cos':>8} {'eff. rank':>9}")
     for spec in args.models:
-        share = model_share(load_model(spec), frames, args.stride)
-        rows.append({"model": spec, "positional_share": share, "frames": len(paths), "stride": args.stride})
-        print(f"{spec:<48} {share:>16.3f}")
+        maps = model_features(load_model(spec), frames, args.stride)
+        row = {"model": spec, "positional_share": positional_share(maps), **feature_geometry(maps),
+               "frames": len(paths), "stride": args.stride}
+        rows.append(row)
+        print(f"{spec:<48} {row['positional_share']:>16.3f} {row['adjacent_cosine']:>12.3f} "
+              f"{row['pair_cosine']:>8.3f} {row['effective_rank']:>9.1f}")
     if args.json:
         write_json(args.json, rows)
 

@@ -39,10 +39,10 @@ def value_and_grads(form, maps, **kwargs):
     return value.detach(), torch.autograd.grad((value * weights).sum(), maps)
 
 
-def assert_matches_dense(maps, atol, rtol=0.0, eps=0.0, visible=None, **blocks):
-    value, grads = value_and_grads(log_p, maps, eps=eps, visible=visible, **blocks)
+def assert_matches_dense(maps, atol, rtol=0.0, eps=0.0, visible=None, home_radius=0, **blocks):
+    value, grads = value_and_grads(log_p, maps, eps=eps, visible=visible, home_radius=home_radius, **blocks)
     value_ref, grads_ref = value_and_grads(log_p_dense, [m.detach().double().requires_grad_() for m in maps],
-                                           eps=eps, visible=visible)
+                                           eps=eps, visible=visible, home_radius=home_radius)
     torch.testing.assert_close(value.double(), value_ref, atol=atol, rtol=rtol)
     for name, g, g_ref in zip(("a1", "b2", "a3", "b4"), grads, grads_ref):
         torch.testing.assert_close(g.double(), g_ref, atol=atol, rtol=rtol, msg=lambda m: f"d/d{name}: {m}")
@@ -344,3 +344,51 @@ def test_shuffled_pairs_a_with_the_next_samples_b_and_its_masks():
     torch.testing.assert_close(log_p_shuffled(code, code, code, code), log_p(code, code, code, code))
     with pytest.raises(UserError, match="at least 2 pairs"):
         log_p_shuffled(*(m[:1] for m in maps))
+
+
+# ---------------------------------------------------------------- near home (home_radius)
+
+
+@pytest.mark.parametrize("radius, block_cols, eps, masked", [
+    (1, None, 0.0, False), (1, 5, 0.0, False), (2, 7, 1e-4, False), (1, 4, 1e-4, True), (3, None, 0.0, True)])
+def test_home_radius_matches_the_dense_sum_over_the_neighbourhood(radius, block_cols, eps, masked):
+    """The tiled box-sum form against P[x -> B -> y] summed over |y - x| <= r, written out
+    densely: values and all four gradients, with ragged strips, eps and seen-pixel masks."""
+    maps = four_maps(3, 8, (6, 7), (5, 6), scale=4.0)
+    visible = _masks(3, (6, 7), (5, 6)) if masked else None
+    assert_matches_dense(maps, atol=1e-9, eps=eps, visible=visible, home_radius=radius, block_cols=block_cols)
+
+
+def test_home_radius_is_the_probability_of_landing_in_the_window():
+    """Known answers: r = 0 is the plain objective; the value grows with r; a window that
+    covers the whole map always holds the pixel (log 1 = 0); the dense reference's r = 1
+    equals summing P[x -> B -> y] over the 3 x 3 window by hand."""
+    maps = [m.detach() for m in four_maps(2, 4, (4, 5), (3, 3), scale=3.0)]
+    values = [log_p(*maps, home_radius=r) for r in range(5)]
+    torch.testing.assert_close(values[0], log_p(*maps), atol=0, rtol=0)
+    assert all(bool((later > earlier).all()) for earlier, later in zip(values[:3], values[1:4]))
+    torch.testing.assert_close(values[4], torch.zeros(2, dtype=torch.float64), atol=1e-12, rtol=0)
+    a1, b2, a3, b4 = (m.flatten(2).transpose(1, 2) for m in maps)
+    trips = torch.softmax(a1 @ b2.transpose(1, 2), 2) @ torch.softmax(a3 @ b4.transpose(1, 2), 1).transpose(1, 2)
+    trips = trips.view(2, 4, 5, 4, 5)
+    by_hand = torch.stack([torch.stack([trips[:, y, x, max(y - 1, 0):y + 2, max(x - 1, 0):x + 2].sum(dim=(1, 2))
+                                        for x in range(5)], 1) for y in range(4)], 1).log().mean(dim=(1, 2))
+    torch.testing.assert_close(values[1], by_hand, atol=1e-12, rtol=0)
+
+
+def test_home_radius_in_float32_with_large_logits():
+    maps = four_maps(2, 16, (8, 8), (8, 8), dtype=torch.float32)  # lambda 12: logits up to 144
+    value = log_p(*maps, home_radius=1)
+    reference = log_p_dense(*[m.detach().double() for m in maps], home_radius=1)
+    torch.testing.assert_close(value.double(), reference, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(home_radius=-1), "home_radius must be an integer >= 0"),
+    (dict(home_radius=1.5), "home_radius must be an integer >= 0"),
+    (dict(home_radius=1, block_rows=4), "needs every row of A in one tile"),
+])
+def test_bad_home_radius_raises_a_clear_error(kwargs, message):
+    maps = [m.detach() for m in four_maps(1, 4, (3, 3), (3, 3))]
+    with pytest.raises(UserError, match=message):
+        log_p(*maps, **kwargs)

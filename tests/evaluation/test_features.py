@@ -242,3 +242,24 @@ def test_positional_share_is_one_for_a_code_of_position_and_zero_for_content():
     assert positional_share(mixed) == pytest.approx(0.5, abs=0.05)
     with pytest.raises(ValueError, match="K >= 2"):
         positional_share(code[:1])
+
+
+def test_feature_geometry_known_answers():
+    from fmapicon.evaluation.features import feature_geometry
+
+    e1, e2 = torch.eye(4)[0], torch.eye(4)[1]
+    board = torch.stack([torch.stack([e1, e2]), torch.stack([e2, e1])]).permute(2, 0, 1)[None]  # 1 x 4 x 2 x 2
+    geometry = feature_geometry(board)
+    assert geometry["adjacent_cosine"] == pytest.approx(0.0)  # every neighbour is the other vector
+    assert geometry["pair_cosine"] == pytest.approx(1 / 3)  # 2 of the 6 pairs are equal
+    assert geometry["effective_rank"] == pytest.approx(1.0)  # two points: one direction of spread
+    flat = e1[None, :, None, None].expand(3, 4, 5, 5)
+    assert feature_geometry(flat) == {"adjacent_cosine": pytest.approx(1.0), "pair_cosine": pytest.approx(1.0),
+                                      "effective_rank": 0.0}
+    generator = torch.Generator().manual_seed(0)
+    spread = torch.nn.functional.normalize(torch.randn(50, 16, 8, 8, generator=generator, dtype=torch.float64), dim=1)
+    geometry = feature_geometry(spread)
+    assert abs(geometry["adjacent_cosine"]) < 0.02 and abs(geometry["pair_cosine"]) < 0.02
+    assert geometry["effective_rank"] > 15.5
+    with pytest.raises(ValueError, match="h \\* w >= 2"):
+        feature_geometry(spread[:, :, :1, :1])

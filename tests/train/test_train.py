@@ -368,6 +368,19 @@ def test_tiny_run_on_synthetic_scenes_learns(tmp_path, aug):
     assert gap_last > 5 and gap_last > gap_first + 4, (gap_first, gap_last)
 
 
+def test_home_radius_and_learn_lambda_reach_the_objective_and_the_optimizer(tmp_path):
+    """Probes: with home_radius 1 the minimized loss is the near-home one (far above the exact
+    log_p logged on the same features; with 0 they agree); with --no-learn-lambda
+    lambda stays exactly at --lambda-init while the default run moves it."""
+    plain = metrics(train(tiny(steps=2, save_every=100, log_eps=0.0), tmp_path / "plain", progress=False))
+    near = metrics(train(tiny(steps=2, save_every=100, log_eps=0.0, home_radius=1, learn_lambda=False),
+                         tmp_path / "near", progress=False))
+    assert abs(plain[0]["loss"] + plain[0]["log_p"]) < 1e-4
+    assert near[0]["loss"] < -near[0]["log_p"] - 1.0, near[0]
+    assert all(line["lambda"] == 12.0 for line in near)
+    assert plain[-1]["lambda"] != 12.0
+
+
 def test_no_augmentation_collapses_to_a_positional_code(tmp_path):
     """Attempt 0 of the writeup (no augmentation, no PixelCenter): log_p goes to 0 and
     shuffled pairs score the same: the features encode pixel position, not content.

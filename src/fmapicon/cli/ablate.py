@@ -17,9 +17,12 @@ DIR/report.html. The defaults take under an hour on 2 CPU cores; --quick a few m
 
 
 def _attempt_list(text: str) -> list:
+    """``0,1,2,3`` -> the names; ``none`` -> [] (only the --extra configurations run)."""
+    if text.strip().lower() == "none":
+        return []
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
-        raise argparse.ArgumentTypeError(f"expected attempts such as 0,1,2,3, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected attempts such as 0,1,2,3 (or none), got {text!r}")
     return names
 
 
@@ -38,7 +41,7 @@ def register(subparsers) -> None:
                         help="output folder; an existing non-empty one needs --force (default: %(default)s)")
     parser.add_argument("--attempts", type=_attempt_list, default=["0", "1", "2", "3"],
                         help="comma-separated attempts to run: 0 none, 1 affine, 2 affine + PixelCenter, "
-                        "3 roll+affine + PixelCenter (default: 0,1,2,3)")
+                        "3 roll+affine + PixelCenter; none: only the --extra ones (default: 0,1,2,3)")
     parser.add_argument("--extra", metavar="NAME:K=V,...", type=_extra, action="append", default=[],
                         help="add a configuration of your own, with keys of fmapicon train, e.g. "
                         "roll-only:aug=roll,center=false (repeatable; default: none)")

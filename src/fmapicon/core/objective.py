@@ -87,6 +87,20 @@ and b4 get 1, b2 gets 0 on V_B and -10^4 elsewhere, a3 gets 0 on V_A and -10^4 e
 so every score that involves an unseen pixel is -10^4 below the others (exp underflows
 to exactly 0) and the rows outside V_A get weight 0 in the mean.
 
+Near home
+---------
+``home_radius = r`` asks less: the pixel must come back within r pixels of the feature map
+(on both axes) of where it started,
+
+    L = mean_i log sum_{y : |y - x_i| <= r} sum_j softmax_j(a1_i . b2_j) softmax_y(a3_y . b4_j).
+
+r = 0 is the writeup's objective. It rewards telling every pixel from its neighbours,
+though two neighbouring pixels of one surface look alike and belong together for label
+propagation; r = 1 stops paying for that last step. Each offset y - x = d is one call of
+the tiled function with a3's rows permuted (a roll of the map by -d, with the pairs that
+wrap around the border dropped), so r costs (2 r + 1)^2 times r = 0 in time and nothing
+in memory beyond one B x N_A term per offset.
+
 ``log_p_dense`` is the plain quadratic form (softmax, product, sum, log), kept as the
 reference for tests and benchmarks.
 """
@@ -120,7 +134,8 @@ __all__ = ["log_p", "log_p_shuffled", "log_p_dense", "default_blocks"]
 
 
 def log_p(a1, b2, a3, b4, *, eps: float = 0.0, block_rows: int | None = None,
-          block_cols: int | None = None, check: bool = True, visible=None) -> torch.Tensor:
+          block_cols: int | None = None, check: bool = True, visible=None,
+          home_radius: int = 0) -> torch.Tensor:
     """Exact FeatureMapICON objective per sample, in memory linear in the pixel counts.
 
     Parameters
@@ -141,6 +156,11 @@ def log_p(a1, b2, a3, b4, *, eps: float = 0.0, block_rows: int | None = None,
         WB`` for b2 and b4; a ``None`` entry: that draw saw every pixel): restrict the
         objective to the pixels both draws of a frame see (module docstring). Each sample
         needs at least one such pixel in A and in B. ``None``: every pixel.
+    home_radius : int >= 0
+        0 (default): the writeup's objective, the pixel must come back to itself. r > 0: it
+        must come back within r pixels (of the feature map, the max over both axes) of
+        itself, log sum_{|y - x| <= r} P[x -> B -> y] (module docstring, "Near home"). Costs
+        (2 r + 1)^2 times the computation of r = 0.
 
     Returns
     -------
@@ -153,14 +173,18 @@ def log_p(a1, b2, a3, b4, *, eps: float = 0.0, block_rows: int | None = None,
     _check_block(block_rows, "block_rows")
     _check_block(block_cols, "block_cols")
     seen_a, seen_b = _co_visible(visible, a1, b2)
+    _check_home_radius(home_radius)
     batch, n_a, n_b = a1.shape[0], a1.shape[2] * a1.shape[3], b2.shape[2] * b2.shape[3]
+    if home_radius and block_rows is not None and block_rows < n_a:
+        raise UserError(f"home_radius > 0 needs every row of A in one tile (block_rows >= N_A = {n_a}), "
+                        f"got block_rows={block_rows}; leave block_rows unset")
     default_rows, default_cols = default_blocks(a1.device, batch, n_a, n_b)
-    blocks = (min(block_rows or default_rows, n_a), min(block_cols or default_cols, n_b))
+    blocks = (n_a if home_radius else min(block_rows or default_rows, n_a), min(block_cols or default_cols, n_b))
     with _autocast_off(a1.device.type):
         pixels = [_pixels(x, dtype) for x in (a1, b2, a3, b4)]
         if seen_a is not None:
             pixels = _with_visibility_channel(pixels, seen_a, seen_b)
-        log_cycle = _LogCycle.apply(*pixels, *blocks)  # B x N_A: t_i - r_i
+        log_cycle = _log_near_home(pixels, blocks, home_radius, a1.shape[2:])  # B x N_A
         terms = _pixel_terms(log_cycle, eps)
         if seen_a is None:
             return terms.mean(dim=1)
@@ -224,7 +248,7 @@ def log_p_shuffled(a1, b2, a3, b4, *, visible=None, check: bool = True) -> torch
     return log_p(a1, b2.roll(1, 0), a3, b4.roll(1, 0), visible=visible, check=check)
 
 
-def log_p_dense(a1, b2, a3, b4, *, eps: float = 0.0, visible=None) -> torch.Tensor:
+def log_p_dense(a1, b2, a3, b4, *, eps: float = 0.0, visible=None, home_radius: int = 0) -> torch.Tensor:
     """The quadratic reference: the formula of ``log_p`` written out with softmaxes.
 
     Builds ``B x N_A x N_B`` matrices (0.83 GB each per sample at N = 14,400 in
@@ -235,6 +259,7 @@ def log_p_dense(a1, b2, a3, b4, *, eps: float = 0.0, visible=None) -> torch.Tens
     dtype = _check_inputs(a1, b2, a3, b4)
     _check_eps(eps)
     seen_a, seen_b = _co_visible(visible, a1, b2)
+    a3_shape = a3.shape[2:]
     a1, b2, a3, b4 = (_pixels(x, dtype) for x in (a1, b2, a3, b4))
     s1, s2 = a1 @ b2.transpose(1, 2), a3 @ b4.transpose(1, 2)
     if seen_a is not None:
@@ -242,7 +267,12 @@ def log_p_dense(a1, b2, a3, b4, *, eps: float = 0.0, visible=None) -> torch.Tens
         s2 = s2.masked_fill(~seen_a[:, :, None], -math.inf)
     a_to_b = torch.softmax(s1, dim=2)  # softmax over j, B's pixels
     b_to_a = torch.softmax(s2, dim=1)  # softmax over i, A's pixels
-    cycle = (a_to_b * b_to_a).sum(dim=2)  # P[x -> B -> x] for each pixel i of A
+    if home_radius:
+        _check_home_radius(home_radius)
+        trips = a_to_b @ b_to_a.transpose(1, 2)  # P[x -> B -> y], B x N_A x N_A
+        cycle = (trips * _near(*a3_shape, home_radius).to(trips)).sum(dim=2)
+    else:
+        cycle = (a_to_b * b_to_a).sum(dim=2)  # P[x -> B -> x] for each pixel i of A
     if seen_a is None:
         return torch.log(cycle + eps).mean(dim=1)
     terms = torch.log(cycle.masked_fill(~seen_a, 1.0) + eps)  # unseen rows: out of the mean
@@ -262,6 +292,27 @@ def default_blocks(device, batch: int, n_a: int, n_b: int) -> tuple[int, int]:
     block_cols = min(max_cols, max(min_cols, budget // (batch * n_a)))
     block_rows = min(n_a, max(_MIN_BLOCK_ROWS, budget // (batch * block_cols)))
     return block_rows, min(block_cols, n_b)
+
+
+def _log_near_home(pixels, blocks, radius: int, shape):
+    """``B x N_A``: log P[x -> B -> x] (radius 0), or log sum_{|y - x| <= radius} P[x -> B -> y]
+    (``_LogCycle`` with a box sum over A's rows; module docstring, "Near home")."""
+    near = None if radius == 0 else (*shape, radius)
+    return _LogCycle.apply(*pixels, *blocks, near)
+
+
+def _near(height: int, width: int, radius: int):
+    """``N x N`` boolean: True where two pixels of an H x W map are within ``radius`` on both axes."""
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    rows, cols = rows.flatten(), cols.flatten()
+    near = ((rows[:, None] - rows[None]).abs() <= radius) & ((cols[:, None] - cols[None]).abs() <= radius)
+    return near
+
+
+def _check_home_radius(radius):
+    if isinstance(radius, bool) or not isinstance(radius, int) or radius < 0:
+        raise UserError(f"home_radius must be an integer >= 0 (0: the pixel must come back to itself), "
+                        f"got {radius!r}")
 
 
 def _pixel_terms(log_cycle, eps: float):
@@ -284,12 +335,15 @@ class _LogCycle(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, a1, b2, a3, b4, block_rows, block_cols):
+    def forward(ctx, a1, b2, a3, b4, block_rows, block_cols, near=None):
         with _autocast_off(a1.device.type):
             a1, a3 = a1 * _LOG2E, a3 * _LOG2E
-            r, t, c = _cycle_forward(a1, b2, a3, b4, block_rows, block_cols)
+            if near is None:
+                r, t, c = _cycle_forward(a1, b2, a3, b4, block_rows, block_cols)
+            else:
+                r, t, c = _near_forward(a1, b2, a3, b4, block_cols, near)
         ctx.save_for_backward(a1, b2, a3, b4, r, t, c)
-        ctx.blocks = (block_rows, block_cols)
+        ctx.blocks, ctx.near = (block_rows, block_cols), near
         return (t - r) * _LN2
 
     @staticmethod
@@ -302,11 +356,14 @@ class _LogCycle(torch.autograd.Function):
         block_rows, block_cols = ctx.blocks
         with _autocast_off(a1.device.type):
             for cols in _blocks(b2.shape[1], block_cols):
-                strip.backward(cols, _blocks(a1.shape[1], block_rows))
+                if ctx.near is None:
+                    strip.backward(cols, _blocks(a1.shape[1], block_rows))
+                else:
+                    strip.backward_near(cols, ctx.near)
         for db in grads[1::2]:  # db2, db4 were accumulated from the base-2 a1, a3
             if db is not None:
                 db.mul_(_LN2)
-        return (*grads, None, None)
+        return (*grads, None, None, None)
 
 
 def _cycle_forward(a1, b2, a3, b4, block_rows, block_cols):
@@ -328,6 +385,39 @@ def _cycle_forward(a1, b2, a3, b4, block_rows, block_cols):
             rt.add(tile, dim=3, index=(slice(None), slice(None), rows))
     r, t = rt.result()
     return r, t, c
+
+
+def _near_forward(a1, b2, a3, b4, block_cols, near):
+    """r, t, c as ``_cycle_forward``, with t_i = LSE_j (S1_ij + log2 M_ij) and M_ij = sum of
+    the column softmax Q_yj over A's pixels y within the radius of i (a box sum over the
+    H x W grid of A's rows; each strip holds all of them)."""
+    batch, n_a, n_b = a1.shape[0], a1.shape[1], b2.shape[1]
+    rt = _RunningLSE(a1.new_full((2, batch, n_a), -math.inf))
+    c = a1.new_empty(batch, n_b)
+    for cols in _blocks(n_b, block_cols):
+        s2 = _column_lse(a3, b4[:, cols], [slice(0, n_a)], out=c[:, cols])
+        near_home = _box_sum(_exp2_(s2.sub_(c[:, cols].unsqueeze(1))), near).log2_()
+        tile = a1.new_empty((2, *s2.shape))  # [S1, S1 + log2 M]
+        _scores(a1, b2[:, cols], out=tile[0])
+        torch.add(tile[0], near_home, out=tile[1])
+        rt.add(tile, dim=3)
+    r, t = rt.result()
+    return r, t, c
+
+
+def _box_sum(tile, near):
+    """``B x N_A x cols`` -> the sum over each row's neighbours within ``radius`` on both axes
+    of A's ``height x width`` grid (zero outside the grid)."""
+    height, width, radius = near
+    grid = tile.view(tile.shape[0], height, width, tile.shape[2])
+    total = grid
+    for axis in (2, 1):  # along x, then along y
+        summed = total.clone()
+        for d in range(1, radius + 1):
+            summed.narrow(axis, d, max(total.shape[axis] - d, 0)).add_(total.narrow(axis, 0, max(total.shape[axis] - d, 0)))
+            summed.narrow(axis, 0, max(total.shape[axis] - d, 0)).add_(total.narrow(axis, d, max(total.shape[axis] - d, 0)))
+        total = summed
+    return total.view(tile.shape)
 
 
 def _column_lse(a3, b4_cols, chunks, out):
@@ -405,6 +495,26 @@ class _Strip:
             for rows in chunks:
                 q = _exp2_(_scores(self.a3[:, rows], b4).sub_(c))  # column softmax Q
                 self._accumulate(rows, cols, None, q.mul_(column_weight).neg_())
+
+    def backward_near(self, cols, near):
+        """The strip's gradients for ``home_radius`` > 0 (all of A's rows at once). With M the
+        box sum of Q, W_ij = exp(S1_ij - t_i) M_ij and K the neighbourhood (symmetric):
+
+            dL/dS1_ij = g_i (W_ij - P_ij)
+            dL/dS2_yj = Q_yj (sum_i K_iy g_i W_ij / M_ij - sum_i g_i W_ij).
+        """
+        b2, b4, c = self.b2[:, cols], self.b4[:, cols], self.c[:, cols].unsqueeze(1)
+        tile = b2.new_empty((3, b2.shape[0], self.a1.shape[1], b2.shape[1]))
+        p, w, q = tile
+        _scores(self.a1, b2, out=p)
+        near_home = _box_sum(_exp2_(_scores(self.a3, b4, out=q).sub_(c)), near)
+        torch.add(p, near_home.log2(), out=w)
+        _exp2_(tile[:2].sub_(self.shift))
+        gw = w.mul_(self.grad)  # g_i W_ij
+        d1 = torch.addcmul(gw, p, self.grad, value=-1)
+        column_weight = gw.sum(dim=1, keepdim=True)
+        d2 = _box_sum(near_home.reciprocal_().mul_(gw), near).sub_(column_weight).mul_(q)
+        self._accumulate(slice(None), cols, d1, d2)
 
     def _accumulate(self, rows, cols, d1, d2):
         """dL/da1 += dS1 b2, dL/db2 += dS1^T a1 (and the same for a3, b4 with dS2)."""

@@ -360,3 +360,37 @@ def positional_share(maps: torch.Tensor) -> float:
     if total == 0:
         raise ValueError("positional_share: the features do not vary over frames and cells")
     return float(centred.mean(dim=0).pow(2).sum(0).mean() / total)
+
+
+def feature_geometry(maps: torch.Tensor) -> dict:
+    """How a set of unit feature maps fills its space, and how alike neighbouring cells are.
+
+    ``maps``: ``K x C x h x w`` (K frames, one size; each cell a unit vector, as ``extract``
+    returns). Returns
+
+    - ``adjacent_cosine``: the mean cosine of two cells next to each other (horizontally or
+      vertically), over all frames. Label propagation carries a label to the cells most
+      like the labelled ones, so it wants cells of one surface alike.
+    - ``pair_cosine``: the mean cosine of two different cells of one frame (exact, over all
+      pairs: (|sum u|^2 - n) / (n (n - 1)) per frame): near 0 when the features spread over
+      the sphere, near 1 when a frame's cells all look the same.
+    - ``effective_rank``: exp of the entropy of the covariance's normalized eigenvalues
+      (Roy and Vetterli, 2007): 1 for features on one line, C for isotropic ones, 0 for
+      features that do not vary.
+
+    ``ValueError`` for maps that are not ``K x C x h x w`` with h * w >= 2.
+    """
+    if maps.dim() != 4 or maps.shape[2] * maps.shape[3] < 2:
+        raise ValueError(f"feature_geometry: expected K x C x h x w maps with h * w >= 2, got {tuple(maps.shape)}")
+    maps = maps.double()
+    pairs = [(maps[..., 1:] * maps[..., :-1]).sum(1).flatten(1), (maps[..., 1:, :] * maps[..., :-1, :]).sum(1).flatten(1)]
+    adjacent = torch.cat(pairs, dim=1).mean()
+    n = maps.shape[2] * maps.shape[3]
+    sums = maps.flatten(2).sum(2)
+    pair = ((sums.pow(2).sum(1) - maps.pow(2).sum(dim=(1, 2, 3))) / (n * (n - 1))).mean()
+    cells = maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1])
+    cells = cells - cells.mean(0)
+    eigenvalues = torch.linalg.eigvalsh(cells.T @ cells / len(cells)).clamp(min=0)
+    share = eigenvalues / eigenvalues.sum().clamp(min=1e-300)
+    rank = (-(share * torch.log(share.clamp(min=1e-300))).sum()).exp() if eigenvalues.sum() > 0 else maps.new_zeros(())
+    return {"adjacent_cosine": float(adjacent), "pair_cosine": float(pair), "effective_rank": float(rank)}

@@ -90,6 +90,13 @@ class TrainConfig:
     center: bool = _knob(True, "PixelCenter (attempt 2): subtract the per-location batch mean of the features")
     lambda_init: float = _knob(_REFERENCE["lambda_init"], "initial lambda of NormScale: features are unit vectors times lambda, "
                                "logits reach lambda^2; larger values give sharper matches", above=0.0)
+    learn_lambda: bool = _knob(True, "train NormScale's lambda (the writeup's trainable radius); "
+                               "--no-learn-lambda keeps it at --lambda-init, so the objective's softmaxes do not "
+                               "sharpen as training goes on")
+    home_radius: int = _knob(0, "0: a pixel must come back to itself (the writeup's objective); r > 0: anywhere "
+                             "within r feature cells of itself on both axes, so neighbouring cells of one surface "
+                             "are not pushed apart; costs (2 r + 1)^2 times the loss of r = 0 (the logged log_p "
+                             "stays the exact r = 0 one)", minimum=0)
     log_eps: float = _knob(1e-4, "eps in log(sum + eps) of the loss: the original's 1e-4 floors an occluded "
                            "pixel's term at about -9.2 (robust); 0 trains the exact log_p", minimum=0.0)
     optim: str = _knob(_REFERENCE["optim"], "optimizer: rmsprop (the original's: alpha 0.99, eps 1e-8), adam, adamw "

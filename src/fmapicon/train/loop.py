@@ -75,6 +75,7 @@ class Trainer:
         from fmapicon.core.networks import build_network
 
         self.net = build_network(network_config(self.config)).to(self.device)
+        self.net.norm_scale.scale.requires_grad_(self.config.learn_lambda)
         if self.net.pixel_center is not None:
             self.net.pixel_center.global_batch = self.processes.distributed  # centre over the global batch
         self.augmentation = make_augmentation(self.config.aug, stride=self.net.stride)
@@ -144,7 +145,8 @@ class Trainer:
         features = tuple(f.float() for f in features)
         if not all(bool(torch.isfinite(f).all()) for f in features):
             return features, visible, torch.full((), math.nan, device=self.device)
-        log_p = objective.log_p(*features, eps=self.config.log_eps, check=False, visible=visible)  # checked above
+        log_p = objective.log_p(*features, eps=self.config.log_eps, check=False, visible=visible,  # checked above
+                                home_radius=self.config.home_radius)
         return features, visible, -log_p.mean()
 
     def _mean_over_processes(self, value) -> float:
