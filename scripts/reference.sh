@@ -8,7 +8,8 @@
 # The 10 validation sequences below are never trained on; the other 20 are training video
 # (unlabeled). Writes runs/reference (training), runs/reference-val (a DAVIS root of
 # symbolic links to the validation sequences) and runs/reference-eval-* (J&F).
-# Environment: STEPS (default 1000, the shipped model), DEVICE (default auto).
+# Environment: STEPS (default 1000, the shipped model), DEVICE (default auto), EXTRA (more
+# training sources for --data, space-separated: e.g. the clips of scripts/extra_video.sh).
 set -euo pipefail
 VALIDATION="bmx-bumps bus dog-agility flamingo horsejump-low mallard-fly motorbike rollerblade stroller tennis"
 roots=(); extra=()
@@ -32,7 +33,8 @@ for root in "${roots[@]}"; do
   done
 done
 echo "training on ${#train[@]} sequences, validating on $(wc -l < "$val/ImageSets/val.txt")"
-fmapicon train --data "${train[@]}" --out runs/reference --steps "${STEPS:-1000}" --device "${DEVICE:-auto}" \
+# shellcheck disable=SC2086  # EXTRA: several sources, split on spaces
+fmapicon train --data "${train[@]}" ${EXTRA:-} --out runs/reference --steps "${STEPS:-1000}" --device "${DEVICE:-auto}" \
     --snapshot-every 1000 "${extra[@]}"
 for model in runs/reference pixels; do
   fmapicon eval --davis "$val" --model "$model" --out "runs/reference-eval-$(basename "$model")" --force
