@@ -281,6 +281,21 @@ def test_loss_benchmark_writes_a_table_whose_forms_agree(tmp_path, capsys):
         parser.parse_args(["--n", "0"])
 
 
+def test_loss_benchmark_times_home_radius_against_the_plain_form(tmp_path):
+    from fmapicon.bench import loss
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json")
+    loss.add_arguments(parser)
+    out = tmp_path / "loss.json"
+    args = parser.parse_args(["--n", "64", "--channels", "8", "--scale", "4", "--repeat", "1", "--device", "cpu",
+                              "--home-radius", "1", "--json", str(out)])
+    assert loss.main(args) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["dense"] == "ran" and row["value_diff"] < 1e-4 and row["grad_diff"] < 1e-4  # dense at r = 1 too
+    assert row["plain_s"] > 0 and row["fast_over_plain"] == pytest.approx(row["fast_s"] / row["plain_s"])
+
+
 # ---------------------------------------------------------------- restricted to seen pixels
 
 

@@ -95,7 +95,7 @@ class TrainConfig:
                                "sharpen as training goes on")
     home_radius: int = _knob(0, "0: a pixel must come back to itself (the writeup's objective); r > 0: anywhere "
                              "within r feature cells of itself on both axes, so neighbouring cells of one surface "
-                             "are not pushed apart; costs (2 r + 1)^2 times the loss of r = 0 (the logged log_p "
+                             "are not pushed apart; the loss costs about 1.3 times r = 0 (the logged log_p "
                              "stays the exact r = 0 one)", minimum=0)
     log_eps: float = _knob(1e-4, "eps in log(sum + eps) of the loss: the original's 1e-4 floors an occluded "
                            "pixel's term at about -9.2 (robust); 0 trains the exact log_p", minimum=0.0)
