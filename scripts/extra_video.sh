@@ -12,6 +12,9 @@
 set -euo pipefail
 [ $# -eq 1 ] || { echo "usage: $0 OUT_DIR" >&2; exit 2; }
 out=$1
+for tool in apt-get dpkg-deb unzip gunzip python3; do
+  command -v "$tool" >/dev/null || { echo "$0: needs $tool (Debian's package tools, unzip, python3 with pip); not found" >&2; exit 2; }
+done
 work=$(mktemp -d)
 chmod 777 "$work"  # apt-get download drops root to its own user to write there
 trap 'rm -rf "$work"' EXIT

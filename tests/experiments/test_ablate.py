@@ -55,6 +55,15 @@ def test_extra_configurations_are_parsed_and_checked():
     assert [a.name for a in chosen] == ["3", "0", "mine"]
     with pytest.raises(UserError, match="unknown attempt"):
         ablate.select_attempts(["4"], [])
+    # --attempts none: only the extra configurations (and an error when there are none)
+    from fmapicon.cli.ablate import _attempt_list
+
+    assert _attempt_list("none") == [] and _attempt_list("3, 0") == ["3", "0"]
+    assert [a.name for a in ablate.select_attempts(_attempt_list("none"), ["home1:home_radius=1"])] == ["home1"]
+    assert ablate.parse_extra("home1:home_radius=1,learn_lambda=false").options == {"home_radius": 1,
+                                                                                    "learn_lambda": False}
+    with pytest.raises(UserError, match="no attempts to run"):
+        ablate.select_attempts([], [])
 
 
 def test_eval_log_p_sees_a_positional_code_under_its_own_augmentation():

@@ -383,8 +383,9 @@ def feature_geometry(maps: torch.Tensor) -> dict:
     if maps.dim() != 4 or maps.shape[2] * maps.shape[3] < 2:
         raise ValueError(f"feature_geometry: expected K x C x h x w maps with h * w >= 2, got {tuple(maps.shape)}")
     maps = maps.double()
-    pairs = [(maps[..., 1:] * maps[..., :-1]).sum(1).flatten(1), (maps[..., 1:, :] * maps[..., :-1, :]).sum(1).flatten(1)]
-    adjacent = torch.cat(pairs, dim=1).mean()
+    across = (maps[..., 1:] * maps[..., :-1]).sum(1).flatten(1)  # each cell with its right neighbour
+    down = (maps[..., 1:, :] * maps[..., :-1, :]).sum(1).flatten(1)  # and with the one below
+    adjacent = torch.cat([across, down], dim=1).mean()
     n = maps.shape[2] * maps.shape[3]
     sums = maps.flatten(2).sum(2)
     pair = ((sums.pow(2).sum(1) - maps.pow(2).sum(dim=(1, 2, 3))) / (n * (n - 1))).mean()
