@@ -261,6 +261,7 @@ def log_p_dense(a1, b2, a3, b4, *, eps: float = 0.0, visible=None, home_radius: 
     dtype = _check_inputs(a1, b2, a3, b4)
     _check_eps(eps)
     seen_a, seen_b = _co_visible(visible, a1, b2)
+    _check_home_radius(home_radius)
     a3_shape = a3.shape[2:]
     a1, b2, a3, b4 = (_pixels(x, dtype) for x in (a1, b2, a3, b4))
     s1, s2 = a1 @ b2.transpose(1, 2), a3 @ b4.transpose(1, 2)
@@ -270,7 +271,6 @@ def log_p_dense(a1, b2, a3, b4, *, eps: float = 0.0, visible=None, home_radius: 
     a_to_b = torch.softmax(s1, dim=2)  # softmax over j, B's pixels
     b_to_a = torch.softmax(s2, dim=1)  # softmax over i, A's pixels
     if home_radius:
-        _check_home_radius(home_radius)
         trips = a_to_b @ b_to_a.transpose(1, 2)  # P[x -> B -> y], B x N_A x N_A
         cycle = (trips * _near(*a3_shape, home_radius).to(trips)).sum(dim=2)
     else:

@@ -392,6 +392,8 @@ def feature_geometry(maps: torch.Tensor) -> dict:
     cells = maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1])
     cells = cells - cells.mean(0)
     eigenvalues = torch.linalg.eigvalsh(cells.T @ cells / len(cells)).clamp(min=0)
-    share = eigenvalues / eigenvalues.sum().clamp(min=1e-300)
-    rank = (-(share * torch.log(share.clamp(min=1e-300))).sum()).exp() if eigenvalues.sum() > 0 else maps.new_zeros(())
-    return {"adjacent_cosine": float(adjacent), "pair_cosine": float(pair), "effective_rank": float(rank)}
+    rank = 0.0  # features that do not vary
+    if eigenvalues.sum() > 0:
+        share = eigenvalues / eigenvalues.sum()
+        rank = float((-(share * torch.log(share.clamp(min=1e-300))).sum()).exp())
+    return {"adjacent_cosine": float(adjacent), "pair_cosine": float(pair), "effective_rank": rank}
