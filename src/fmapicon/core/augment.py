@@ -439,7 +439,7 @@ def augmented_features(network, images: torch.Tensor, augmentation: Augmentation
 
 
 def four_draws(network, a: torch.Tensor, b: torch.Tensor, augmentation: Augmentation, generator=None,
-               *, seen: bool = False):
+               *, seen: bool = False, jitter=None, jitter_generator=None):
     """The four independently augmented feature maps of the objective.
 
     Four separate network calls in the order A, B, A, B (each with its own draw), so
@@ -451,9 +451,17 @@ def four_draws(network, a: torch.Tensor, b: torch.Tensor, augmentation: Augmenta
     (a1, b2, a3, b4) : feature maps for ``log_p(a1, b2, a3, b4)``; with ``seen=True``,
         ``((a1, b2, a3, b4), visible)``: ``visible`` their four seen-pixel masks (None
         entries where a draw saw every pixel) for ``log_p(..., visible=visible)``.
+
+    ``jitter`` (a ``fmapicon.core.photometric.ColorJitter``, or None) distorts each draw's
+    colours on its own, before the warp, with draws from ``jitter_generator`` (a stream
+    apart from ``generator``'s, so turning it on leaves the geometric draws as they were).
     """
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"four_draws: frames A and B need the same batch size, got {a.shape[0]} and {b.shape[0]}")
-    drawn = [augmented_features(network, frames, augmentation, generator, seen=True) for frames in (a, b, a, b)]
+    if jitter is not None:
+        a1, b2, a3, b4 = (jitter(frames, jitter_generator) for frames in (a, b, a, b))
+    else:
+        a1, b2, a3, b4 = a, b, a, b
+    drawn = [augmented_features(network, frames, augmentation, generator, seen=True) for frames in (a1, b2, a3, b4)]
     maps = tuple(m for m, _ in drawn)
     return (maps, tuple(v for _, v in drawn)) if seen else maps

@@ -97,6 +97,10 @@ class TrainConfig:
                              "within r feature cells of itself on both axes, so neighbouring cells of one surface "
                              "are not pushed apart; the loss costs about 1.3 times r = 0 (the logged log_p "
                              "stays the exact r = 0 one)", minimum=0)
+    color_jitter: float = _knob(0.0, "strength s of SimCLR's colour distortion, drawn independently for each of the "
+                                "four draws (brightness, contrast, saturation by up to 0.8 s, hue by up to 0.2 s of a "
+                                "turn, with probability 0.8; grey with probability 0.2): the features must match "
+                                "across colour changes, not by exact colour; 0 turns it off", minimum=0.0)
     log_eps: float = _knob(1e-4, "eps in log(sum + eps) of the loss: the original's 1e-4 floors an occluded "
                            "pixel's term at about -9.2 (robust); 0 trains the exact log_p", minimum=0.0)
     optim: str = _knob(_REFERENCE["optim"], "optimizer: rmsprop (the original's: alpha 0.99, eps 1e-8), adam, adamw "

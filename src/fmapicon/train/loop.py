@@ -20,7 +20,7 @@ from fmapicon.train.data_stream import DataStream, GlobalBatches, dataset_length
 from fmapicon.train.distributed import Processes, barrier
 from fmapicon.train.faults import StopRequests, TrainingDiverged
 from fmapicon.train.model import amp_dtype, distributed_model, four_draw_module, make_optimizer, network_config
-from fmapicon.train.random_streams import AUGMENT_STREAM, rng_state, set_rng_state, stream_seed
+from fmapicon.train.random_streams import AUGMENT_STREAM, JITTER_STREAM, rng_state, set_rng_state, stream_seed
 from fmapicon.train.run_folder import (BEST_WEIGHTS, CALIBRATION_FRAMES, CHECKPOINT_DIR, CONFIG_FILE, LAST_WEIGHTS,
                                        SNAPSHOT_WEIGHTS, STATE_FILE, MetricsLog, git_commit)
 
@@ -73,13 +73,15 @@ class Trainer:
 
         from fmapicon.core.augment import make_augmentation
         from fmapicon.core.networks import build_network
+        from fmapicon.core.photometric import ColorJitter
 
         self.net = build_network(network_config(self.config)).to(self.device)
         self.net.norm_scale.scale.requires_grad_(self.config.learn_lambda)
         if self.net.pixel_center is not None:
             self.net.pixel_center.global_batch = self.processes.distributed  # centre over the global batch
         self.augmentation = make_augmentation(self.config.aug, stride=self.net.stride)
-        self.model = distributed_model(four_draw_module(self.net, self.augmentation), self.processes,
+        self.jitter = ColorJitter(self.config.color_jitter) if self.config.color_jitter > 0 else None
+        self.model = distributed_model(four_draw_module(self.net, self.augmentation, self.jitter), self.processes,
                                         self.device)
         if self.processes.distributed and self.device.type == "cuda":
             self.net = self.model.module.net  # the SyncBatchNorm copy
@@ -87,6 +89,7 @@ class Trainer:
         self.amp_dtype = amp_dtype(self.config, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.config.amp == "fp16")
         self.generator = torch.Generator()  # reseeded every step: see stream_seed
+        self.jitter_generator = torch.Generator()  # likewise, its own stream
 
     def _build_data(self) -> None:
         world = self.processes.world
@@ -138,10 +141,10 @@ class Trainer:
 
         from fmapicon.core import objective
 
-        self.generator.manual_seed(stream_seed(self.config.seed, AUGMENT_STREAM, self.processes.rank,
-                                               self.step + 1))
+        for generator, stream in ((self.generator, AUGMENT_STREAM), (self.jitter_generator, JITTER_STREAM)):
+            generator.manual_seed(stream_seed(self.config.seed, stream, self.processes.rank, self.step + 1))
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            features, visible = self.model(a, b, self.generator)
+            features, visible = self.model(a, b, self.generator, self.jitter_generator)
         features = tuple(f.float() for f in features)
         if not all(bool(torch.isfinite(f).all()) for f in features):
             return features, visible, torch.full((), math.nan, device=self.device)

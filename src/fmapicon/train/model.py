@@ -16,10 +16,11 @@ def network_config(config: TrainConfig):
                          center=config.center, size=(side, side))
 
 
-def four_draw_module(net, augmentation):
+def four_draw_module(net, augmentation, jitter=None):
     """A module whose one forward runs the four augmented draws, so that DDP sees one
     forward per backward (defined here to keep this module's import free of torch). It
-    returns ``((a1, b2, a3, b4), visible)`` (``four_draws(..., seen=True)``)."""
+    returns ``((a1, b2, a3, b4), visible)`` (``four_draws(..., seen=True)``); ``jitter``:
+    the photometric augmentation of each draw (``four_draws(..., jitter=)``) or None."""
     import torch
 
     from fmapicon.core.augment import four_draws
@@ -29,8 +30,9 @@ def four_draw_module(net, augmentation):
             super().__init__()
             self.net = net
 
-        def forward(self, a, b, generator):
-            return four_draws(self.net, a, b, augmentation, generator=generator, seen=True)
+        def forward(self, a, b, generator, jitter_generator=None):
+            return four_draws(self.net, a, b, augmentation, generator=generator, seen=True, jitter=jitter,
+                              jitter_generator=jitter_generator)
 
     return FourDraws()
 
