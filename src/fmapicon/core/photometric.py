@@ -16,8 +16,9 @@ with probability 0.2 conversion to grey. Each operation is torchvision's
 luma, 0.299 R + 0.587 G + 0.114 B; contrast blends with the image's mean grey; values
 clamped to [0, 1] after each operation), in a fixed order (brightness, contrast,
 saturation, hue) where torchvision permutes it, and with the hue turned as a rotation
-of the chroma plane of YIQ instead of a shift of HSV's hue: linear, and equal to it for
-greys and to first order elsewhere.
+of the chroma plane of YIQ instead of a shift of HSV's hue: a linear map that keeps each
+pixel's luma and chroma magnitude (where HSV's shift keeps value and saturation) and, like
+it, leaves greys alone.
 """
 
 from __future__ import annotations
