@@ -458,10 +458,9 @@ def four_draws(network, a: torch.Tensor, b: torch.Tensor, augmentation: Augmenta
     """
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"four_draws: frames A and B need the same batch size, got {a.shape[0]} and {b.shape[0]}")
+    inputs = (a, b, a, b)
     if jitter is not None:
-        a1, b2, a3, b4 = (jitter(frames, jitter_generator) for frames in (a, b, a, b))
-    else:
-        a1, b2, a3, b4 = a, b, a, b
-    drawn = [augmented_features(network, frames, augmentation, generator, seen=True) for frames in (a1, b2, a3, b4)]
+        inputs = tuple(jitter(frames, jitter_generator) for frames in inputs)
+    drawn = [augmented_features(network, frames, augmentation, generator, seen=True) for frames in inputs]
     maps = tuple(m for m, _ in drawn)
     return (maps, tuple(v for _, v in drawn)) if seen else maps

@@ -27,6 +27,7 @@ import math
 
 import torch
 
+from fmapicon.core.augment import _random_source
 from fmapicon.errors import UserError
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as torchvision's rgb_to_grayscale
@@ -88,9 +89,8 @@ class ColorJitter:
         if self.strength == 0:
             return images
         batch = images.shape[0]
-        source = {"device": generator.device, "generator": generator} if generator is not None \
-            else {"device": images.device}
-        uniform = torch.rand(batch, 6, dtype=torch.float64, **source).to(images.device)
+        uniform = torch.rand(batch, 6, dtype=torch.float64, **_random_source(images.device, generator))
+        uniform = uniform.to(images.device)
         span = 0.8 * self.strength
         low = max(0.0, 1.0 - span)
         factors = (low + (1.0 + span - low) * uniform[:, :3]).to(images.dtype)
