@@ -21,6 +21,21 @@ def test_output_is_at_the_stride_with_ceil_sides(stride, size):
     assert out.shape == (2, 16, math.ceil(size[0] / stride), math.ceil(size[1] / stride))
 
 
+@pytest.mark.parametrize("stride", [4, 8])
+def test_levels_sit_at_their_strides_and_end_in_the_output(stride):
+    torch.manual_seed(0)
+    net = StridedResNet(stride, out_channels=16).eval()
+    images = torch.rand(1, 3, 61, 97)
+    found = net.levels(images)
+    assert list(found) == ["stage1", "stage2", "stage3", "decoder", "head"]
+    for name, level in found.items():
+        step = net.level_stride(name)
+        assert level.shape[-2:] == (math.ceil(61 / step), math.ceil(97 / step)), name
+    assert [found[k].shape[1] for k in found] == [64, 128, 256, 128, 16]
+    assert torch.equal(found["head"], net(images))
+    assert found["decoder"].min() >= 0  # after its ReLU, as the head sees it
+
+
 def test_every_parameter_gets_a_gradient():
     net = StridedResNet(4, out_channels=8)
     net(torch.rand(2, 3, 48, 40)).square().mean().backward()
