@@ -34,6 +34,8 @@ def test_levels_sit_at_their_strides_and_end_in_the_output(stride):
     assert [found[k].shape[1] for k in found] == [64, 128, 256, 128, 16]
     assert torch.equal(found["head"], net(images))
     assert found["decoder"].min() >= 0  # after its ReLU, as the head sees it
+    with pytest.raises(ValueError, match="stage4"):
+        net.level_stride("stage4")
 
 
 def test_every_parameter_gets_a_gradient():

@@ -99,8 +99,13 @@ class StridedResNet(nn.Module):
         return found
 
     def level_stride(self, level: str) -> int:
-        """Input pixels per cell of the map ``levels(...)[level]``."""
-        return LEVEL_STRIDES.get(level) or self.stride
+        """Input pixels per cell of the map ``levels(...)[level]``; ValueError for a name
+        that ``levels`` does not give."""
+        if level in ("decoder", "head"):
+            return self.stride
+        if level not in LEVEL_STRIDES:
+            raise ValueError(f"unknown level {level!r}: expected one of {[*LEVEL_STRIDES, 'decoder', 'head']}")
+        return LEVEL_STRIDES[level]
 
     def forward(self, images):
         return self.levels(images)["head"]
