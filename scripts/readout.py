@@ -18,10 +18,9 @@ import argparse
 
 from torch import nn
 
+from fmapicon.core.resnet import LEVELS
 from fmapicon.evaluation.davis_eval import evaluate_davis
 from fmapicon.evaluation.features import FeatureModel, load_model
-
-LEVELS = ("head", "decoder", "stage1", "stage2", "stage3")
 
 
 class Level(nn.Module):
@@ -30,7 +29,8 @@ class Level(nn.Module):
     def __init__(self, model: FeatureModel, level: str):
         super().__init__()
         self.net, self.level = model.net, level
-        self.backbone = model.net.net.backbone  # UnitFeatures -> FeatureNet -> StridedResNet
+        # a trained model loads as UnitFeatures -> FeatureNet -> backbone; a baseline has none
+        self.backbone = getattr(getattr(model.net, "net", None), "backbone", None)
         if not hasattr(self.backbone, "levels"):
             raise SystemExit(f"{model.name}: levels need a strided backbone (resnet-s4, resnet-s8)")
         self.stride = self.backbone.level_stride(level)

@@ -9,7 +9,7 @@ import torch
 
 from fmapicon.core.augment import make_augmentation, roll
 from fmapicon.core.networks import NETS, build_network, feature_size, net_stride
-from fmapicon.core.resnet import StridedResNet
+from fmapicon.core.resnet import LEVELS, StridedResNet
 from fmapicon.train.config import NETS as TRAIN_NETS
 
 
@@ -27,7 +27,7 @@ def test_levels_sit_at_their_strides_and_end_in_the_output(stride):
     net = StridedResNet(stride, out_channels=16).eval()
     images = torch.rand(1, 3, 61, 97)
     found = net.levels(images)
-    assert list(found) == ["stage1", "stage2", "stage3", "decoder", "head"]
+    assert list(found) == ["stage1", "stage2", "stage3", "decoder", "head"] == list(LEVELS)
     for name, level in found.items():
         step = net.level_stride(name)
         assert level.shape[-2:] == (math.ceil(61 / step), math.ceil(97 / step)), name

@@ -29,6 +29,7 @@ STRIDES = (4, 8)
 DECODER_CHANNELS = 128
 # the fixed strides of the encoder's levels; decoder and head sit at the network's own stride
 LEVEL_STRIDES = {"stage1": 4, "stage2": 8, "stage3": 16}
+LEVELS = (*LEVEL_STRIDES, "decoder", "head")  # the names StridedResNet.levels gives, in order
 
 
 def _conv_bn(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
@@ -104,7 +105,7 @@ class StridedResNet(nn.Module):
         if level in ("decoder", "head"):
             return self.stride
         if level not in LEVEL_STRIDES:
-            raise ValueError(f"unknown level {level!r}: expected one of {[*LEVEL_STRIDES, 'decoder', 'head']}")
+            raise ValueError(f"unknown level {level!r}: expected one of {list(LEVELS)}")
         return LEVEL_STRIDES[level]
 
     def forward(self, images):
