@@ -64,7 +64,7 @@ from fmapicon.errors import UserError
 AUGMENTATIONS = ("none", "affine", "roll", "roll+affine", "shift", "shift+affine")
 
 
-def _random_source(device, generator):
+def random_source(device, generator):
     """Where to draw: the generator's own device when one is given, else ``device``."""
     if generator is None:
         return {"device": torch.device(device)}
@@ -316,7 +316,7 @@ class Affine(Augmentation):
         self.scale, self.swap = float(scale), bool(swap)
 
     def sample(self, batch, height, width, *, device, generator=None):
-        source = _random_source(device, generator)
+        source = random_source(device, generator)
         noise = torch.randn(batch, 2, 3, dtype=torch.float64, **source)
         flip = torch.rand(batch, **source) < 0.5
         matrix = torch.eye(3, dtype=torch.float64, device=noise.device).repeat(batch, 1, 1)
@@ -341,7 +341,7 @@ class Roll(Augmentation):
         self.stride = _positive_stride(stride, "roll")
 
     def sample(self, batch, height, width, *, device, generator=None):
-        source = _random_source(device, generator)
+        source = random_source(device, generator)
         steps_y = torch.randint(0, math.ceil(height / self.stride), (batch,), **source)
         steps_x = torch.randint(0, math.ceil(width / self.stride), (batch,), **source)
         return RollDraw(steps_y.to(device), steps_x.to(device), self.stride, height, width)
@@ -372,7 +372,7 @@ class Shift(Augmentation):
         return steps * self.stride
 
     def sample(self, batch, height, width, *, device, generator=None):
-        source = _random_source(device, generator)
+        source = random_source(device, generator)
         margin_y, margin_x = self.margin_pixels(height), self.margin_pixels(width)
         steps_y = torch.randint(0, margin_y // self.stride + 1, (batch,), **source)
         steps_x = torch.randint(0, margin_x // self.stride + 1, (batch,), **source)

@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from fmapicon.core.augment import _random_source
+from fmapicon.core.augment import random_source
 from fmapicon.errors import UserError
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as torchvision's rgb_to_grayscale
@@ -89,7 +89,7 @@ class ColorJitter:
         if self.strength == 0:
             return images
         batch = images.shape[0]
-        uniform = torch.rand(batch, 6, dtype=torch.float64, **_random_source(images.device, generator))
+        uniform = torch.rand(batch, 6, dtype=torch.float64, **random_source(images.device, generator))
         uniform = uniform.to(images.device)
         span = 0.8 * self.strength
         low = max(0.0, 1.0 - span)
