@@ -157,6 +157,31 @@ def test_crop_range_reaches_the_dataset_and_is_checked():
             TrainConfig.from_mapping(bad)
 
 
+def test_weighting_reaches_the_dataset():
+    """Probe: two synthetic sources of 4 and 24 frames per scene; by default (frames) the long
+    one gets about 23/26 of the draws, with --weighting clips each scene gets an equal share."""
+    from collections import Counter
+
+    from fmapicon.data import pairs
+    from fmapicon.train import config as config_module
+    from fmapicon.train.data_stream import make_dataset
+
+    assert config_module.WEIGHTINGS == pairs.WEIGHTINGS
+    sources = ["synth:scenes=1,frames=4,size=32", "synth:scenes=1,frames=24,size=32,seed=2"]
+    shares = {}
+    for flag in ([], ["--weighting", "clips"]):
+        args = build_parser().parse_args(["train", "--data", *sources, "--size", "16", *flag])
+        config, _, _ = config_from_args(args)
+        dataset = make_dataset(config)
+        counts = Counter(dataset.pair_indices(i)[0] for i in range(2000))
+        assert len(counts) == 2
+        shares[config.weighting] = max(counts.values()) / 2000
+    assert abs(shares["frames"] - 23 / 26) < 0.03, shares
+    assert abs(shares["clips"] - 0.5) < 0.04, shares
+    with pytest.raises(UserError, match="weighting"):
+        TrainConfig.from_mapping(dict(weighting="seconds"))
+
+
 def test_random_crop_runs_record_the_scale_of_their_crops(tmp_path):
     """Crops of 20-30% of a 64-pixel synthetic frame shown at 16 pixels: the network sees the
     scene at 16 / (64 x sqrt(0.2 x 0.3)) = 1.02 of its size, not the centre crop's 0.25."""

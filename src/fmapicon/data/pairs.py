@@ -43,6 +43,7 @@ from fmapicon.data.sources import (Clip, FrameIndex, ScanReport, SkippedFileWarn
                                    read_video_pair, scan_path)
 from fmapicon.errors import UserError
 
+WEIGHTINGS = ("frames", "clips")  # how FramePairs draws its sources (see its docstring)
 MAX_ATTEMPTS = 32
 SYNTH_DEFAULTS = {"scenes": 64, "frames": 40, "size": None, "objects": 3, "seed": 1}
 
@@ -307,8 +308,8 @@ def _check_options(size, max_gap, crop, crop_scale, weighting, length, seed) -> 
     low, high = crop_scale
     if not 0 < low <= high <= 1:
         raise UserError(f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {crop_scale}")
-    if weighting not in ("frames", "clips"):
-        raise UserError(f"weighting must be 'frames' or 'clips', got {weighting!r}")
+    if weighting not in WEIGHTINGS:
+        raise UserError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
     if length is not None and int(length) < 1:
         raise UserError(f"length must be at least 1, got {length}")
 

@@ -19,6 +19,7 @@ from fmapicon.errors import UserError
 
 NETS = ("short", "tall", "taller", "resnet-s4", "resnet-s8")  # = networks.NETS (kept torch-free here)
 RECIPES = ("reference", "original")
+WEIGHTINGS = ("frames", "clips")  # = data.pairs.WEIGHTINGS
 AUGMENTATIONS = ("none", "affine", "roll", "roll+affine", "shift", "shift+affine")  # = augment.AUGMENTATIONS
 OPTIMIZERS = ("rmsprop", "adam", "adamw")
 AMP_MODES = ("off", "bf16", "fp16")
@@ -75,6 +76,9 @@ class TrainConfig:
                        "over this batch, so small batches make it noisy", minimum=1)
     max_gap: int = _knob(_REFERENCE["max_gap"], "B is 1..max_gap frames after A: larger gaps teach larger motions, but pairs "
                          "lose correspondence", minimum=1)
+    weighting: str = _knob("frames", "how often each training source is drawn: frames (in proportion to its "
+                           "length, every frame equally likely) or clips (every clip and frame folder equally "
+                           "often, so a few long videos do not outweigh many short ones)", choices=WEIGHTINGS)
     crop: str = _knob(_REFERENCE["crop"], "center: the largest centred square of each frame, as the original (evaluation "
                       "runs at the recorded scale); random: a random square of --crop-min to --crop-max of the short "
                       "side, shared by A and B (more scales, but no single training scale)", choices=CROPS)
