@@ -27,9 +27,10 @@ from torch import nn
 
 STRIDES = (4, 8)
 DECODER_CHANNELS = 128
-# the fixed strides of the encoder's levels; decoder and head sit at the network's own stride
+# the fixed strides of the encoder's levels; the decoder's levels sit at the network's own stride
 LEVEL_STRIDES = {"stage1": 4, "stage2": 8, "stage3": 16}
-LEVELS = (*LEVEL_STRIDES, "decoder", "head")  # the names StridedResNet.levels gives, in order
+OWN_STRIDE_LEVELS = ("decoder", "head")
+LEVELS = (*LEVEL_STRIDES, *OWN_STRIDE_LEVELS)  # the names StridedResNet.levels gives, in order
 
 
 def _conv_bn(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
@@ -102,7 +103,7 @@ class StridedResNet(nn.Module):
     def level_stride(self, level: str) -> int:
         """Input pixels per cell of the map ``levels(...)[level]``; ValueError for a name
         that ``levels`` does not give."""
-        if level in ("decoder", "head"):
+        if level in OWN_STRIDE_LEVELS:
             return self.stride
         if level not in LEVEL_STRIDES:
             raise ValueError(f"unknown level {level!r}: expected one of {list(LEVELS)}")
