@@ -44,6 +44,20 @@ def test_cli_eval_copy(synth_root, tmp_path, capsys):
     assert main(["eval", "--davis", str(tmp_path / "e"), "--model", "copy", "--out", str(tmp_path / "f")]) == 2
 
 
+def test_cli_eval_pixels_weight_is_applied_and_recorded(synth_root, tmp_path, capsys):
+    from fmapicon.cli import main
+
+    common = ["eval", "--davis", str(synth_root), "--model", "random", "--device", "cpu", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "alone")]) == 0
+    assert main([*common, "--pixels-weight", "0.4", "--out", str(tmp_path / "fused")]) == 0
+    alone, fused = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("alone", "fused"))
+    assert alone["params"]["pixels_weight"] == 0 and fused["params"]["pixels_weight"] == 0.4
+    assert fused["jf_mean"] != alone["jf_mean"]
+    capsys.readouterr()
+    assert main([*common, "--pixels-weight", "1", "--out", str(tmp_path / "bad")]) == 2
+    assert "use --model pixels" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 @pytest.mark.slow
 def test_pixels_beat_copy_on_a_real_sequence(davis2016_root, tmp_path):
     """Real DAVIS frames (dog-agility, 25 frames 854 x 480): Lab patches propagated with the

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fmapicon.errors import UserError
-from fmapicon.evaluation.features import FeatureModel, load_model, rgb_to_lab
+from fmapicon.evaluation.features import FeatureModel, fuse_features, load_model, rgb_to_lab
 
 
 def _images(batch=2, height=37, width=53, seed=0):
@@ -226,6 +226,21 @@ def test_eval_applies_the_models_recorded_input_scale(tmp_path):
     evaluate_davis(model, root, tmp_path / "out2", params=PropagationParams(stride=4, input_scale=0.25),
                    progress=False)
     assert set(probe.seen) == {(8, 12)}                       # an explicit --input-scale wins
+
+
+def test_fused_cosines_are_the_weighted_sum_of_the_two():
+    generator = torch.Generator().manual_seed(3)
+    first = F.normalize(torch.randn(2, 5, 4, 6, generator=generator), dim=1)
+    second = F.normalize(torch.randn(2, 9, 4, 6, generator=generator), dim=1)
+    fused = fuse_features(first, second, 0.3)
+    _check_unit(fused, 14, 4, 6)
+    cosines = [torch.einsum("bcq,bck->bqk", m.flatten(2), m.flatten(2)) for m in (first, second, fused)]
+    assert torch.allclose(cosines[2], 0.7 * cosines[0] + 0.3 * cosines[1], atol=1e-6)
+    assert torch.equal(fuse_features(first, second, 0.0)[:, :5], first)
+    with pytest.raises(ValueError, match="weight must be in"):
+        fuse_features(first, second, 1.5)
+    with pytest.raises(ValueError, match="different frames or cells"):
+        fuse_features(first, second[:, :, :3], 0.5)
 
 
 def test_positional_share_is_one_for_a_code_of_position_and_zero_for_content():

@@ -131,6 +131,33 @@ def test_original_protocol_matches_each_cell_to_itself():
     assert set(timings) == {"features_s", "propagation_s"}
 
 
+class _Constant(torch.nn.Module):
+    """The same feature everywhere: every affinity ties."""
+
+    def forward(self, x):
+        return torch.ones(x.shape[0], 4, *x.shape[-2:], dtype=x.dtype)
+
+
+def test_pixels_weight_fuses_the_pixels_affinity_into_the_models():
+    from fmapicon.evaluation.features import pixels_model
+
+    rng = np.random.default_rng(4)
+    scene = rng.integers(0, 256, size=(48, 96, 3), dtype=np.uint8)
+    frames = np.stack([np.roll(scene, 3 * t, axis=1)[:, :64] for t in range(5)])   # a texture sliding right
+    first = np.zeros((48, 64), np.uint8)
+    first[8:40, 16:40] = 1
+    constant = FeatureModel(_Constant(), stride=1, name="constant")
+    # with a constant model, 0.5 cos(model) + 0.5 cos(pixels) = 0.5 + 0.5 cos(pixels): the same
+    # top-k as pixels alone, and the softmax of pixels at twice the temperature
+    fused, _ = propagate_sequence(constant, frames, first, PropagationParams(stride=4, pixels_weight=0.5),
+                                  progress=False)
+    alone, _ = propagate_sequence(pixels_model(4), frames, first, PropagationParams(stride=4, temperature=0.1),
+                                  progress=False)
+    blind, _ = propagate_sequence(constant, frames, first, PropagationParams(stride=4), progress=False)
+    assert np.mean(fused == alone) > 0.999
+    assert np.mean(fused != blind) > 0.01                   # the knob changed the result
+
+
 def test_copy_repeats_the_first_mask_without_void():
     first = np.array([[0, 1], [255, 2]], np.uint8)
     ids, _ = propagate_sequence(None, np.zeros((3, 2, 2, 3), np.uint8), first, PropagationParams(protocol="copy"),
@@ -143,6 +170,10 @@ def test_bad_parameters_and_roots_are_clear_errors(tmp_path):
         PropagationParams(radius=0).checked()
     with pytest.raises(UserError, match="protocol must be one of"):
         PropagationParams(protocol="dino").checked()
+    with pytest.raises(UserError, match="use --model pixels"):
+        PropagationParams(pixels_weight=1).checked()
+    with pytest.raises(UserError, match="not of 'original'"):
+        PropagationParams(protocol="original", pixels_weight=0.5).checked()
     with pytest.raises(UserError, match="JPEGImages"):
         evaluate_davis("copy", tmp_path, tmp_path / "out", progress=False)
 

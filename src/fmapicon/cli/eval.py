@@ -50,6 +50,9 @@ def register(subparsers) -> None:
                         help="affinities kept per query cell over all context keys (default: 10)")
     parser.add_argument("--temperature", type=positive_float, default=0.05,
                         help="softmax temperature on cosine affinities (default: 0.05)")
+    parser.add_argument("--pixels-weight", type=float, default=0.0, metavar="W",
+                        help="fuse the affinities with the pixels baseline's: (1 - W) cos(model) + W "
+                        "cos(Lab colour patches), W in [0, 1) (default: 0, the model alone)")
     parser.add_argument("--restrict-first", action="store_true", default=False,
                         help="apply the radius to the first frame too (CRW leaves it global; default: off)")
     parser.add_argument("--tile", type=positive_int, default=4,
@@ -83,7 +86,7 @@ def run(args) -> int:
     params = PropagationParams(
         protocol=args.protocol, input_scale=args.input_scale, stride=args.stride, context=args.context,
         radius=args.radius, topk=args.topk, temperature=args.temperature,
-        restrict_first=args.restrict_first, tile=args.tile, batch_size=args.batch_size)
+        pixels_weight=args.pixels_weight, restrict_first=args.restrict_first, tile=args.tile, batch_size=args.batch_size)
     result = evaluate_davis(args.model, args.davis, args.out, args.set_name, args.sequences, params,
                             device=args.device, exclude_void=args.exclude_void, progress=args.progress)
     totals = result["totals"]

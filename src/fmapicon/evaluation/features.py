@@ -339,6 +339,24 @@ def extract(model, images: torch.Tensor, *, scale: float, stride: int) -> torch.
     return F.normalize(resize_maps(features, extent)[:, :, : cells[0], : cells[1]], dim=1)
 
 
+def fuse_features(first: torch.Tensor, second: torch.Tensor, weight: float) -> torch.Tensor:
+    """Two unit feature maps of the same cells as one whose cosines are their weighted sum.
+
+    ``first`` ``B x C1 x h x w`` and ``second`` ``B x C2 x h x w``, each L2-normalized per
+    cell -> ``B x (C1 + C2) x h x w`` unit cells ``[sqrt(1 - weight) first, sqrt(weight) second]``,
+    so that ``<u_q, u_k> = (1 - weight) <first_q, first_k> + weight <second_q, second_k>``:
+    a convex combination of the two affinities (cue fusion, as colour and motion cues are
+    combined in classical label propagation). ``ValueError`` for a weight outside [0, 1] or
+    maps of different batch or grid.
+    """
+    if not 0 <= weight <= 1:
+        raise ValueError(f"fuse_features: weight must be in [0, 1], got {weight}")
+    if first.shape[0] != second.shape[0] or first.shape[-2:] != second.shape[-2:]:
+        raise ValueError(f"fuse_features: maps of different frames or cells, {tuple(first.shape)} and "
+                         f"{tuple(second.shape)}")
+    return torch.cat([math.sqrt(1 - weight) * first, math.sqrt(weight) * second.to(first.dtype)], dim=1)
+
+
 def positional_share(maps: torch.Tensor) -> float:
     """How much of a set of feature maps is a code of position: the share of their variance
     that the cell's location explains (a one-way analysis of variance, location the factor).

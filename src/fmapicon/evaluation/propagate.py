@@ -18,7 +18,9 @@ CRW protocol (``protocol="crw"``), every value a field of ``PropagationParams``:
    ``<f_q, f_k> / temperature``. Keys of the short-term frames count only within
    ``|q - k| < radius`` feature cells (Euclidean, on the grid); the first frame's keys count
    everywhere (CRW leaves its long-term memory unrestricted; ``restrict_first=True`` applies
-   the radius there too). The ``topk`` largest affinities over all context keys together
+   the radius there too). With ``pixels_weight`` w > 0 the affinity fuses the model's
+   cosine with the ``pixels`` baseline's (Lab colour patches on the same cells, at scale 1):
+   ``((1 - w) <f_q, f_k> + w <p_q, p_k>) / temperature`` (``fuse_features``). The ``topk`` largest affinities over all context keys together
    are kept and softmax-normalized; the query's soft label is their weighted sum of the
    keys' soft labels. It becomes frame t's context label for later frames.
 5. Output: the soft labels bilinearly up-sampled to H x W (align_corners=False), argmax.
@@ -69,6 +71,8 @@ class PropagationParams:
     radius : spatial radius of the short-term affinities, in feature cells (strict <)
     topk : affinities kept per query, over all context keys
     temperature : softmax temperature on the cosine affinities
+    pixels_weight : w in [0, 1), the share of the ``pixels`` baseline's cosine in the
+        affinity, ``(1 - w) cos(model) + w cos(pixels)``; 0 (default): the model alone
     restrict_first : apply the radius to the first frame's keys too (CRW does not)
     tile : query tile side in cells (memory and speed only, never the result)
     batch_size : frames per batch in feature extraction
@@ -81,6 +85,7 @@ class PropagationParams:
     radius: float = 12.0
     topk: int = 10
     temperature: float = 0.05
+    pixels_weight: float = 0.0
     restrict_first: bool = False
     tile: int = 4
     batch_size: int = 4
@@ -98,6 +103,11 @@ class PropagationParams:
             problems.append(f"radius must be > 0 feature cells, got {self.radius}")
         if not self.temperature > 0:
             problems.append(f"temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.pixels_weight < 1:
+            problems.append(f"pixels_weight must be in [0, 1), got {self.pixels_weight} (1 would be the pixels "
+                            "baseline alone: use --model pixels)")
+        elif self.pixels_weight > 0 and self.protocol != "crw":
+            problems.append(f"pixels_weight fuses affinities of the crw protocol, not of {self.protocol!r}")
         if problems:
             raise UserError("bad propagation parameters: " + "; ".join(problems))
         return self
@@ -432,6 +442,12 @@ def _propagate_crw(model, frames, first_ids, params, progress):
     start = time.perf_counter()
     features = sequence_features(model, frames, input_scale, params.stride, params.batch_size,
                                  on_batch=progress.update)
+    if params.pixels_weight > 0:
+        from fmapicon.evaluation.features import fuse_features, pixels_model
+
+        colour = sequence_features(pixels_model(params.stride).to(features.device), frames, 1.0, params.stride,
+                                   params.batch_size)
+        features = fuse_features(features, colour, params.pixels_weight)
     feature_time = time.perf_counter() - start
     progress.set_postfix_str("propagate")
     start = time.perf_counter()
