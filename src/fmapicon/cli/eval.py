@@ -86,7 +86,8 @@ def run(args) -> int:
     params = PropagationParams(
         protocol=args.protocol, input_scale=args.input_scale, stride=args.stride, context=args.context,
         radius=args.radius, topk=args.topk, temperature=args.temperature,
-        pixels_weight=args.pixels_weight, restrict_first=args.restrict_first, tile=args.tile, batch_size=args.batch_size)
+        pixels_weight=args.pixels_weight, restrict_first=args.restrict_first, tile=args.tile,
+        batch_size=args.batch_size)
     result = evaluate_davis(args.model, args.davis, args.out, args.set_name, args.sequences, params,
                             device=args.device, exclude_void=args.exclude_void, progress=args.progress)
     totals = result["totals"]

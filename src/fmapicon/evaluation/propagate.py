@@ -20,9 +20,10 @@ CRW protocol (``protocol="crw"``), every value a field of ``PropagationParams``:
    everywhere (CRW leaves its long-term memory unrestricted; ``restrict_first=True`` applies
    the radius there too). With ``pixels_weight`` w > 0 the affinity fuses the model's
    cosine with the ``pixels`` baseline's (Lab colour patches on the same cells, at scale 1):
-   ``((1 - w) <f_q, f_k> + w <p_q, p_k>) / temperature`` (``fuse_features``). The ``topk`` largest affinities over all context keys together
-   are kept and softmax-normalized; the query's soft label is their weighted sum of the
-   keys' soft labels. It becomes frame t's context label for later frames.
+   ``((1 - w) <f_q, f_k> + w <p_q, p_k>) / temperature`` (``fuse_features``). The ``topk``
+   largest affinities over all context keys together are kept and softmax-normalized; the
+   query's soft label is their weighted sum of the keys' soft labels. It becomes frame t's
+   context label for later frames.
 5. Output: the soft labels bilinearly up-sampled to H x W (align_corners=False), argmax.
 
 Memory stays bounded: query cells are processed in tiles of ``tile x tile``; each tile
