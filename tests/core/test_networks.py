@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmapicon.core.augment import four_draws, make_augmentation
+from fmapicon.core.colour import LabPatches
 from fmapicon.errors import UserError
 from fmapicon.core.networks import (
     PRESETS,
@@ -326,3 +327,42 @@ def test_pixel_center_calibration_recovers_the_positional_component():
     assert not calibrate_pixel_center(no_centre, frames)
     with pytest.raises(UserError, match="training size"):
         calibrate_pixel_center(net, torch.rand(2, 3, 8, 8))
+
+
+# --------------------------------------------------------------------------- pixels_weight
+
+
+def test_pixels_weight_cosines_are_the_weighted_sum_of_learned_and_colour():
+    """With W = 0.7 the output is lambda x [sqrt(0.3) f/|f|, sqrt(0.7) p/|p|]: between any two
+    cells, cos = 0.3 cos(learned) + 0.7 cos(Lab patches), and the backbone gets a gradient
+    through the fused features."""
+    torch.manual_seed(0)
+    net = FeatureNet(_StridedBackbone(), None, NormScale(5.0), pixels_weight=0.7)
+    images = torch.rand(2, 3, 32, 28)
+    out = net(images)
+    assert (net.learned_channels, net.channels) == (5, 5 + 75) and out.shape == (2, 80, 8, 7)
+    torch.testing.assert_close(out.norm(dim=1), torch.full((2, 8, 7), 5.0), rtol=1e-5, atol=0)
+    learned = F.normalize(net.backbone(images), dim=1).flatten(2)
+    colour = F.normalize(LabPatches(4)(images), dim=1).flatten(2)
+    unit = (out / 5.0).flatten(2)
+    expected = 0.3 * learned.transpose(1, 2) @ learned + 0.7 * colour.transpose(1, 2) @ colour
+    torch.testing.assert_close(unit.transpose(1, 2) @ unit, expected.detach(), rtol=0, atol=1e-5)
+    out.sum().backward()
+    assert net.backbone.conv.weight.grad.abs().sum() > 0
+
+
+def test_pixels_weight_adds_no_weights_and_is_checked():
+    """No new weights; at a size that is not a multiple of the stride the colour part is taken
+    from the edge-padded image, on the backbone's own cells (30 x 26 -> 8 x 7); bad W refused."""
+    plain = build_network(net="resnet-s4", channels=8, size=(8, 8))
+    fused = build_network(net="resnet-s4", channels=8, size=(8, 8), pixels_weight=0.5).eval()
+    assert plain.state_dict().keys() == fused.state_dict().keys() and fused.channels == 8 + 75
+    images = torch.rand(1, 3, 30, 26)
+    with torch.no_grad():
+        out = fused(images) / fused.lambda_
+    colour = F.normalize(LabPatches(4)(F.pad(images, (0, 2, 0, 2), mode="replicate")), dim=1)
+    assert out.shape == (1, 83, 8, 7)
+    torch.testing.assert_close(out[:, 8:], colour * 0.5**0.5, rtol=0, atol=1e-5)
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(UserError, match="pixels_weight"):
+            build_network(net="resnet-s4", pixels_weight=bad)

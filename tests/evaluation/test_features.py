@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from fmapicon.errors import UserError
-from fmapicon.evaluation.features import FeatureModel, fuse_features, load_model, rgb_to_lab
+from fmapicon.core.colour import rgb_to_lab
+from fmapicon.evaluation.features import FeatureModel, fuse_features, load_model
 
 
 def _images(batch=2, height=37, width=53, seed=0):

@@ -97,7 +97,8 @@ def test_unknown_config_key_lists_the_valid_ones():
 
 @pytest.mark.parametrize("key, value", [("batch", 0), ("aug", "flip"), ("lr", -1.0), ("lr", float("nan")),
                                         ("device", "tpu"), ("center", "yes"), ("steps", 2.5), ("data", []),
-                                        ("clip", -1.0), ("net", "huge")])
+                                        ("clip", -1.0), ("net", "huge"), ("pixels_weight", 1.0),
+                                        ("pixels_weight", -0.5)])
 def test_bad_values_are_refused(key, value):
     with pytest.raises(UserError, match=key):
         TrainConfig.from_mapping({key: value})
@@ -413,6 +414,25 @@ def test_color_jitter_reaches_the_draws_on_its_own_stream(tmp_path):
                                           progress=False))[0]["loss"]
                             for name, s in (("plain", 0.0), ("jitter", 0.5), ("again", 0.5)))
     assert abs(jitter - plain) > 1e-4 and jitter == again, (plain, jitter, again)
+
+
+def test_pixels_weight_is_trained_with_recorded_and_loaded(tmp_path):
+    """Probe: --pixels-weight 0.5 changes the first step's loss (same weights and draws), is
+    recorded in the run's network config, and the loaded model's features carry the Lab
+    patches as their colour half (sqrt(0.5) of each unit vector)."""
+    from fmapicon.core.colour import LabPatches
+
+    runs = {w: train(tiny(steps=1, save_every=100, net="resnet-s4", size=32, pixels_weight=w), tmp_path / f"w{w}",
+                     progress=False) for w in (0.0, 0.5)}
+    plain, fused = (metrics(runs[w])[0]["loss"] for w in (0.0, 0.5))
+    assert abs(plain - fused) > 1e-3, (plain, fused)
+    model = fmapicon.load(runs[0.5])
+    assert model.config["network"]["pixels_weight"] == 0.5 and model.channels == 16 + 75
+    images = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        colour = model(images)[:, 16:]
+    expected = torch.nn.functional.normalize(LabPatches(4)(images), dim=1) * 0.5**0.5
+    torch.testing.assert_close(colour, expected, rtol=0, atol=1e-5)
 
 
 def test_no_augmentation_collapses_to_a_positional_code(tmp_path):

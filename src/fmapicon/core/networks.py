@@ -5,7 +5,12 @@ A feature network maps images ``B x 3 x H x W`` (RGB in [0, 1]) to feature maps
 
     FeatureNet = backbone -> PixelCenter (optional, attempt 2) -> NormScale
 
-in the original's order (centre, then normalize). The backbone is a ``UNet`` from
+in the original's order (centre, then normalize). With ``pixels_weight`` W > 0 the
+normalized learned features are concatenated with the ``pixels`` baseline's Lab patches
+(``fmapicon.core.colour.LabPatches`` at the backbone's stride) before NormScale, as
+``[sqrt(1 - W) f / |f|, sqrt(W) p / |p|]``: cosines between two such features are
+(1 - W) cos(f) + W cos(p), so the objective trains the learned part to match what colour
+alone cannot. The backbone is a ``UNet`` from
 ``PRESETS`` (h x w = H x W, stride 1) or any module mapping ``B x 3 x H x W`` to
 ``B x C x h x w``.
 
@@ -24,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmapicon.core.colour import LabPatches
 from fmapicon.errors import UserError
 
 # preset -> (down channels, up channels) as in the original (models.py)
@@ -286,10 +292,13 @@ class FeatureNet(nn.Module):
         backbone's ``stride`` attribute, else measured once with a 64 x 64 probe
     channels : C; the argument, else the backbone's ``channels``, else probed
     lambda_ : NormScale's current lambda, a float
+    pixels_weight : W, the colour part's share of the cosine (0: none); with W > 0,
+        ``channels`` counts the colour channels too (C + 3 patch^2) and ``learned_channels``
+        is C alone
     """
 
     def __init__(self, backbone: nn.Module, center: PixelCenter | None, norm_scale: NormScale,
-                 *, stride: int | None = None, channels: int | None = None):
+                 *, stride: int | None = None, channels: int | None = None, pixels_weight: float = 0.0):
         super().__init__()
         self.backbone = backbone
         self.pixel_center = center
@@ -300,12 +309,18 @@ class FeatureNet(nn.Module):
             probed_stride, probed_channels = _probe(backbone)
             stride = probed_stride if stride is None else stride
             channels = probed_channels if channels is None else channels
-        self.stride, self.channels = int(stride), int(channels)
-        if center is not None and center.running_mean.shape[1] != self.channels:
+        self.stride, self.learned_channels = int(stride), int(channels)
+        if center is not None and center.running_mean.shape[1] != self.learned_channels:
             raise ValueError(
                 f"PixelCenter has {center.running_mean.shape[1]} channels but the backbone "
-                f"gives {self.channels}; build it with PixelCenter({self.channels}, size)"
+                f"gives {self.learned_channels}; build it with PixelCenter({self.learned_channels}, size)"
             )
+        if not 0.0 <= float(pixels_weight) < 1.0:
+            raise UserError(f"pixels_weight must be in [0, 1) (the colour part's share of the cosine), "
+                            f"got {pixels_weight!r}")
+        self.pixels_weight = float(pixels_weight)
+        self.colour = LabPatches(self.stride) if self.pixels_weight > 0 else None
+        self.channels = self.learned_channels + (self.colour.channels if self.colour is not None else 0)
 
     @property
     def lambda_(self) -> float:
@@ -315,7 +330,18 @@ class FeatureNet(nn.Module):
         features = self.backbone(images)
         if self.pixel_center is not None:
             features = self.pixel_center(features)
+        if self.colour is not None:
+            features = torch.cat([math.sqrt(1 - self.pixels_weight) * F.normalize(features, dim=1),
+                                  math.sqrt(self.pixels_weight) * self._colour(images, features.shape[-2:])], dim=1)
         return self.norm_scale(features)
+
+    def _colour(self, images, cells):
+        """Unit Lab patches of ``images`` on the backbone's ``cells`` (h, w): the image is
+        edge-padded to whole cells, as a strided backbone rounds up."""
+        height, width = cells
+        padded = F.pad(images, (0, width * self.stride - images.shape[-1], 0, height * self.stride - images.shape[-2]),
+                       mode="replicate")
+        return F.normalize(self.colour(padded.float()).to(images.dtype), dim=1)
 
 
 class UnitFeatures(nn.Module):
@@ -385,6 +411,8 @@ class NetworkConfig:
     center : whether to apply PixelCenter (attempt 2)
     size : (h, w) of PixelCenter's running mean: the training *feature-map* size
         (``feature_size(S, net)`` for S x S training frames)
+    pixels_weight : W in [0, 1): the share of the ``pixels`` baseline's Lab patches in the
+        output's cosines (``FeatureNet``); 0, the default, is the learned features alone
     """
 
     net: str = "short"
@@ -392,6 +420,7 @@ class NetworkConfig:
     lambda_init: float = 12.0
     center: bool = True
     size: tuple = (120, 120)
+    pixels_weight: float = 0.0
 
 
 def _checked(config: NetworkConfig) -> NetworkConfig:
@@ -418,7 +447,7 @@ def build_network(config: NetworkConfig | None = None, **overrides) -> FeatureNe
     backbone = _backbone(config.net, config.channels)
     center = PixelCenter(config.channels, config.size) if config.center else None
     return FeatureNet(backbone, center, NormScale(config.lambda_init), stride=backbone.stride,
-                      channels=config.channels)
+                      channels=config.channels, pixels_weight=config.pixels_weight)
 
 
 def _backbone(net: str, channels: int) -> nn.Module:

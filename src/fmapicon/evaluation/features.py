@@ -5,8 +5,10 @@
 ``w = ceil(W / stride)``. Specs:
 
 - a run folder or a checkpoint file: the trained network (``fmapicon.core.checkpoint.load``);
-  its ``default_input_scale`` is the ``input_scale`` of its config (1.0 when absent);
-- ``pixels``: Lab colour patches at the feature stride. The image in CIE Lab (sRGB, D65)
+  its ``default_input_scale`` is the ``input_scale`` of its config (1.0 when absent); a
+  network trained with ``pixels_weight`` W carries the ``pixels`` features below as part of
+  its own (``fmapicon.core.networks.FeatureNet``);
+- ``pixels``: Lab colour patches at the feature stride (``fmapicon.core.colour``). The image in CIE Lab (sRGB, D65)
   is centred on mid-grey and scaled per channel, ``((L - 50) / 20, a / 10, b / 10)`` (about
   unit spread each: the median per-image standard deviations of the 4 FlyingChairs and 13
   DAVIS-2016 first frames are L 20.0, a 6.5, b 9.4), and averaged over cells of ``stride``
@@ -40,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmapicon.core.checkpoint import SHIPPED_MODELS
+from fmapicon.core.colour import LabPatches
 from fmapicon.errors import UserError
 
 BASELINES = ("pixels", "random", "xfeat")
@@ -114,57 +117,6 @@ def _pad_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- pixels
-
-
-def rgb_to_lab(images: torch.Tensor) -> torch.Tensor:
-    """CIE Lab (D65 white) of sRGB images ``B x 3 x H x W`` in [0, 1]: L in [0, 100], a and b
-    roughly in [-128, 127]."""
-    rgb = images.clamp(0, 1)
-    linear = torch.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
-    to_xyz = torch.tensor([[0.412453, 0.357580, 0.180423],
-                           [0.212671, 0.715160, 0.072169],
-                           [0.019334, 0.119193, 0.950227]], dtype=images.dtype, device=images.device)
-    white = torch.tensor([0.95047, 1.0, 1.08883], dtype=images.dtype, device=images.device)
-    xyz = torch.einsum("ij,bjhw->bihw", to_xyz, linear) / white[:, None, None]
-    delta = 6 / 29
-    f = torch.where(xyz > delta**3, xyz.clamp_min(1e-12) ** (1 / 3), xyz / (3 * delta**2) + 4 / 29)
-    fx, fy, fz = f.unbind(dim=1)
-    return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=1)
-
-
-def default_patch(stride: int) -> int:
-    """The ``pixels`` neighbourhood side in cells, ``2 ceil(8 / stride) + 1``: it reaches at
-    least 8 pixels beyond the cell on each side (3 at stride 8, 5 at stride 4)."""
-    return 2 * math.ceil(8 / stride) + 1
-
-
-class LabPatches(nn.Module):
-    """``pixels`` baseline: ``B x 3 x H x W`` -> ``B x 3 patch^2 x H/stride x W/stride``
-    (H, W multiples of ``stride``).
-
-    ``z = ((L - 50) / 20, a / 10, b / 10)`` averaged over stride x stride cells; each cell
-    with its patch x patch neighbours (edges replicated), channel-major. The scaling gives
-    L, a and b comparable spread: unscaled, L (spread ~20) outweighed a and b (~5-10) and
-    the patches' cosines were all close to 1, so matching was ambiguous. Not normalized
-    (FeatureModel does it).
-    """
-
-    centre, scale = (50.0, 0.0, 0.0), (20.0, 10.0, 10.0)
-
-    def __init__(self, stride: int = 8, patch: int | None = None):
-        super().__init__()
-        patch = default_patch(stride) if patch is None and stride >= 1 else patch
-        if stride < 1 or patch is None or patch < 1 or patch % 2 == 0:
-            raise UserError(f"pixels needs stride >= 1 and an odd patch >= 1, got stride={stride}, patch={patch}")
-        self.stride, self.patch, self.channels = stride, patch, 3 * patch * patch
-
-    def forward(self, images):
-        centre, scale = (images.new_tensor(v)[:, None, None] for v in (self.centre, self.scale))
-        cells = F.avg_pool2d((rgb_to_lab(images) - centre) / scale, self.stride)
-        half = self.patch // 2
-        padded = F.pad(cells, (half, half, half, half), mode="replicate")
-        batch, channels, height, width = cells.shape
-        return F.unfold(padded, self.patch).view(batch, channels * self.patch**2, height, width)
 
 
 def pixels_model(stride: int = 8, patch: int | None = None) -> FeatureModel:

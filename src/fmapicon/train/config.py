@@ -92,6 +92,10 @@ class TrainConfig:
                      "views see: no seam)",
                      choices=AUGMENTATIONS)
     center: bool = _knob(True, "PixelCenter (attempt 2): subtract the per-location batch mean of the features")
+    pixels_weight: float = _knob(0.0, "W in [0, 1): the network's features carry the pixels baseline's Lab "
+                                 "patches beside the learned ones, so that cosines are (1 - W) cos(learned) + W "
+                                 "cos(colour) in the objective and at evaluation; the learned part then trains "
+                                 "to match what colour alone does not; 0 = learned features alone", minimum=0.0)
     lambda_init: float = _knob(_REFERENCE["lambda_init"], "initial lambda of NormScale: features are unit vectors times lambda, "
                                "logits reach lambda^2; larger values give sharper matches", above=0.0)
     learn_lambda: bool = _knob(True, "train NormScale's lambda (the writeup's trainable radius); "
@@ -146,6 +150,9 @@ class TrainConfig:
         if not self.crop_min <= self.crop_max <= 1.0:
             problems.append(f"crop_min <= crop_max <= 1 is needed, got crop_min={self.crop_min}, "
                             f"crop_max={self.crop_max}")
+        if not self.pixels_weight < 1.0:
+            problems.append(f"pixels_weight: expected a value in [0, 1) (1 would leave nothing learned), "
+                            f"got {self.pixels_weight!r}")
         if self.eval_every and not self.davis:
             problems.append("eval_every > 0 needs davis (a DAVIS root to evaluate on)")
         if problems:

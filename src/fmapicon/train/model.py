@@ -13,7 +13,7 @@ def network_config(config: TrainConfig):
 
     side = feature_size(config.size, config.net)
     return NetworkConfig(net=config.net, channels=config.channels, lambda_init=config.lambda_init,
-                         center=config.center, size=(side, side))
+                         center=config.center, size=(side, side), pixels_weight=config.pixels_weight)
 
 
 def four_draw_module(net, augmentation, jitter=None):
