@@ -271,7 +271,7 @@ def test_tiny_run_writes_the_run_folder(four_steps):
     config = json.loads((four_steps / "config.json").read_text())
     assert config["input_scale"] == FramePairs(["synth"], size=16).input_scale
     assert config["network"] == {"net": "short", "channels": 16, "lambda_init": 12.0, "center": True,
-                                 "size": [16, 16]}
+                                 "size": [16, 16], "pixels_weight": 0.0}
     assert config["fmapicon_version"] == fmapicon.__version__ and config["world_size"] == 1
     assert {p.name for p in (four_steps / "checkpoints").iterdir()} == {"last.safetensors", "state.pt"}
     state = torch.load(four_steps / "checkpoints" / "state.pt", weights_only=True)
