@@ -9,8 +9,8 @@ in the original's order (centre, then normalize). With ``pixels_weight`` W > 0 t
 normalized learned features are concatenated with the ``pixels`` baseline's Lab patches
 (``fmapicon.core.colour.LabPatches`` at the backbone's stride) before NormScale, as
 ``[sqrt(1 - W) f / |f|, sqrt(W) p / |p|]``: cosines between two such features are
-(1 - W) cos(f) + W cos(p), so the objective trains the learned part to match what colour
-alone cannot. The backbone is a ``UNet`` from
+(1 - W) cos(f) + W cos(p) in the objective and at evaluation (``docs/experiments.md``,
+session 11: it did not make the learned part a better complement to colour). The backbone is a ``UNet`` from
 ``PRESETS`` (h x w = H x W, stride 1) or any module mapping ``B x 3 x H x W`` to
 ``B x C x h x w``.
 

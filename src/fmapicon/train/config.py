@@ -94,8 +94,9 @@ class TrainConfig:
     center: bool = _knob(True, "PixelCenter (attempt 2): subtract the per-location batch mean of the features")
     pixels_weight: float = _knob(0.0, "W in [0, 1): the network's features carry the pixels baseline's Lab "
                                  "patches beside the learned ones, so that cosines are (1 - W) cos(learned) + W "
-                                 "cos(colour) in the objective and at evaluation; the learned part then trains "
-                                 "to match what colour alone does not; 0 = learned features alone", minimum=0.0)
+                                 "cos(colour) in the objective and at evaluation (measured in docs/experiments.md: "
+                                 "no better than fusing at evaluation, eval --pixels-weight); 0 = learned features "
+                                 "alone", minimum=0.0)
     lambda_init: float = _knob(_REFERENCE["lambda_init"], "initial lambda of NormScale: features are unit vectors times lambda, "
                                "logits reach lambda^2; larger values give sharper matches", above=0.0)
     learn_lambda: bool = _knob(True, "train NormScale's lambda (the writeup's trainable radius); "
