@@ -8,15 +8,15 @@
   its ``default_input_scale`` is the ``input_scale`` of its config (1.0 when absent); a
   network trained with ``pixels_weight`` W carries the ``pixels`` features below as part of
   its own (``fmapicon.core.networks.FeatureNet``);
-- ``pixels``: Lab colour patches at the feature stride (``fmapicon.core.colour``). The
-  image in CIE Lab (sRGB, D65) is centred on mid-grey and scaled per channel,
-  ``((L - 50) / 20, a / 10, b / 10)`` (about unit spread each: the median per-image standard deviations of the 4 FlyingChairs and 13
-  DAVIS-2016 first frames are L 20.0, a 6.5, b 9.4), and averaged over cells of ``stride``
-  x ``stride`` pixels; each cell's feature is its ``patch`` x ``patch`` neighbourhood of
-  cells (edges replicated; ``3 patch^2`` numbers, channel-major), L2-normalized.
-  ``patch`` defaults to ``2 ceil(8 / stride) + 1`` cells, a neighbourhood reaching at
-  least 8 pixels beyond the cell on each side: 3 at stride 8 (27 numbers), 5 at stride 4
-  (75 numbers);
+- ``pixels``: Lab colour patches at the feature stride (``fmapicon.core.colour``). The image
+  in CIE Lab (sRGB, D65) is centred on mid-grey and scaled per channel,
+  ``((L - 50) / 20, a / 10, b / 10)`` (about unit spread each: the median per-image standard
+  deviations of the 4 FlyingChairs and 13 DAVIS-2016 first frames are L 20.0, a 6.5, b 9.4),
+  and averaged over cells of ``stride`` x ``stride`` pixels; each cell's feature is its
+  ``patch`` x ``patch`` neighbourhood of cells (edges replicated; ``3 patch^2`` numbers,
+  channel-major), L2-normalized. ``patch`` defaults to ``2 ceil(8 / stride) + 1`` cells, a
+  neighbourhood reaching at least 8 pixels beyond the cell on each side: 3 at stride 8 (27
+  numbers), 5 at stride 4 (75 numbers);
 - ``random``: the untrained ``short`` U-Net (``build_network`` with a fixed seed, without
   PixelCenter, whose untrained running mean is zero anyway), unit-normalized; batch norm
   in eval mode with its initial statistics;
