@@ -416,7 +416,7 @@ def test_color_jitter_reaches_the_draws_on_its_own_stream(tmp_path):
     assert abs(jitter - plain) > 1e-4 and jitter == again, (plain, jitter, again)
 
 
-def test_pixels_weight_is_trained_with_recorded_and_loaded(tmp_path):
+def test_pixels_weight_reaches_training_and_is_recorded_and_loaded(tmp_path):
     """Probe: --pixels-weight 0.5 changes the first step's loss (same weights and draws), is
     recorded in the run's network config, and the loaded model's features carry the Lab
     patches as their colour half (sqrt(0.5) of each unit vector)."""

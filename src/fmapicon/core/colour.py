@@ -1,4 +1,5 @@
-"""Hand-made colour features: CIE Lab patches, the ``pixels`` baseline's features.
+"""Hand-made colour features: CIE Lab patches, the ``pixels`` baseline's features, and
+``fuse_features``, which joins two unit feature maps so that their cosines add with weights.
 
 ``LabPatches`` is what ``fmapicon eval --model pixels`` matches with, and what a network
 built with ``pixels_weight > 0`` (``fmapicon.core.networks``) carries beside its learned
@@ -66,3 +67,21 @@ class LabPatches(nn.Module):
         padded = F.pad(cells, (half, half, half, half), mode="replicate")
         batch, channels, height, width = cells.shape
         return F.unfold(padded, self.patch).view(batch, channels * self.patch**2, height, width)
+
+
+def fuse_features(first: torch.Tensor, second: torch.Tensor, weight: float) -> torch.Tensor:
+    """Two unit feature maps of the same cells as one whose cosines are their weighted sum.
+
+    ``first`` ``B x C1 x h x w`` and ``second`` ``B x C2 x h x w``, each L2-normalized per
+    cell -> ``B x (C1 + C2) x h x w`` unit cells ``[sqrt(1 - weight) first, sqrt(weight) second]``,
+    so that ``<u_q, u_k> = (1 - weight) <first_q, first_k> + weight <second_q, second_k>``:
+    a convex combination of the two affinities (cue fusion, as colour and motion cues are
+    combined in classical label propagation). ``ValueError`` for a weight outside [0, 1] or
+    maps of different batch or grid.
+    """
+    if not 0 <= weight <= 1:
+        raise ValueError(f"fuse_features: weight must be in [0, 1], got {weight}")
+    if first.shape[0] != second.shape[0] or first.shape[-2:] != second.shape[-2:]:
+        raise ValueError(f"fuse_features: maps of different frames or cells, {tuple(first.shape)} and "
+                         f"{tuple(second.shape)}")
+    return torch.cat([math.sqrt(1 - weight) * first, math.sqrt(weight) * second.to(first.dtype)], dim=1)

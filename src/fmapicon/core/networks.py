@@ -9,10 +9,10 @@ in the original's order (centre, then normalize). With ``pixels_weight`` W > 0 t
 normalized learned features are concatenated with the ``pixels`` baseline's Lab patches
 (``fmapicon.core.colour.LabPatches`` at the backbone's stride) before NormScale, as
 ``[sqrt(1 - W) f / |f|, sqrt(W) p / |p|]``: cosines between two such features are
-(1 - W) cos(f) + W cos(p) in the objective and at evaluation (``docs/experiments.md``,
-session 11: it did not make the learned part a better complement to colour). The backbone is a ``UNet`` from
-``PRESETS`` (h x w = H x W, stride 1) or any module mapping ``B x 3 x H x W`` to
-``B x C x h x w``.
+(1 - W) cos(f) + W cos(p) in the objective and at evaluation (``fuse_features``;
+``docs/experiments.md``, session 11: it did not make the learned part a better complement
+to colour). The backbone is a ``UNet`` from ``PRESETS`` (h x w = H x W, stride 1) or any
+module mapping ``B x 3 x H x W`` to ``B x C x h x w``.
 
 State-dict keys of a ``FeatureNet``: ``backbone.*``, ``pixel_center.running_mean``
 (``1 x C x h x w``, present only with a centre) and ``norm_scale.scale`` (lambda, a
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmapicon.core.colour import LabPatches
+from fmapicon.core.colour import LabPatches, fuse_features
 from fmapicon.errors import UserError
 
 # preset -> (down channels, up channels) as in the original (models.py)
@@ -331,8 +331,8 @@ class FeatureNet(nn.Module):
         if self.pixel_center is not None:
             features = self.pixel_center(features)
         if self.colour is not None:
-            features = torch.cat([math.sqrt(1 - self.pixels_weight) * F.normalize(features, dim=1),
-                                  math.sqrt(self.pixels_weight) * self._colour(images, features.shape[-2:])], dim=1)
+            features = fuse_features(F.normalize(features, dim=1), self._colour(images, features.shape[-2:]),
+                                     self.pixels_weight)
         return self.norm_scale(features)
 
     def _colour(self, images, cells):

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmapicon.core.checkpoint import SHIPPED_MODELS
-from fmapicon.core.colour import LabPatches
+from fmapicon.core.colour import LabPatches, fuse_features  # noqa: F401  (fuse_features: public here too)
 from fmapicon.errors import UserError
 
 BASELINES = ("pixels", "random", "xfeat")
@@ -289,24 +289,6 @@ def extract(model, images: torch.Tensor, *, scale: float, stride: int) -> torch.
         covered = features.shape[axis - 2] * (model_stride or input_size[axis] / features.shape[axis - 2])
         extent.append(max(cells[axis], round(cells[axis] * covered / input_size[axis])))
     return F.normalize(resize_maps(features, extent)[:, :, : cells[0], : cells[1]], dim=1)
-
-
-def fuse_features(first: torch.Tensor, second: torch.Tensor, weight: float) -> torch.Tensor:
-    """Two unit feature maps of the same cells as one whose cosines are their weighted sum.
-
-    ``first`` ``B x C1 x h x w`` and ``second`` ``B x C2 x h x w``, each L2-normalized per
-    cell -> ``B x (C1 + C2) x h x w`` unit cells ``[sqrt(1 - weight) first, sqrt(weight) second]``,
-    so that ``<u_q, u_k> = (1 - weight) <first_q, first_k> + weight <second_q, second_k>``:
-    a convex combination of the two affinities (cue fusion, as colour and motion cues are
-    combined in classical label propagation). ``ValueError`` for a weight outside [0, 1] or
-    maps of different batch or grid.
-    """
-    if not 0 <= weight <= 1:
-        raise ValueError(f"fuse_features: weight must be in [0, 1], got {weight}")
-    if first.shape[0] != second.shape[0] or first.shape[-2:] != second.shape[-2:]:
-        raise ValueError(f"fuse_features: maps of different frames or cells, {tuple(first.shape)} and "
-                         f"{tuple(second.shape)}")
-    return torch.cat([math.sqrt(1 - weight) * first, math.sqrt(weight) * second.to(first.dtype)], dim=1)
 
 
 def positional_share(maps: torch.Tensor) -> float:
