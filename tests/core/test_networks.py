@@ -5,13 +5,14 @@ draws."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fmapicon.core.augment import four_draws, make_augmentation
-from fmapicon.core.colour import LabPatches
 from fmapicon.errors import UserError
 from fmapicon.core.networks import (
     PRESETS,
@@ -242,11 +243,12 @@ def test_build_network_without_center_and_with_each_preset():
 
 
 def test_build_network_errors_name_what_is_valid():
-    with pytest.raises(UserError, match="short, tall, taller"):
+    """API misuse: ValueError / TypeError, not the command line's UserError."""
+    with pytest.raises(ValueError, match="short, tall, taller"):
         build_network(net="huge")
-    with pytest.raises(UserError, match="lambda_init"):
+    with pytest.raises(TypeError, match="lambda_init"):
         build_network(lamda_init=3.0)
-    with pytest.raises(UserError, match="channels"):
+    with pytest.raises(ValueError, match="channels"):
         build_network(channels=0)
 
 
@@ -325,44 +327,45 @@ def test_pixel_center_calibration_recovers_the_positional_component():
     assert net.training  # restored
     no_centre = FeatureNet(Positional(), None, NormScale(1.0), stride=1, channels=4)
     assert not calibrate_pixel_center(no_centre, frames)
-    with pytest.raises(UserError, match="training size"):
+    with pytest.raises(ValueError, match="training size"):
         calibrate_pixel_center(net, torch.rand(2, 3, 8, 8))
 
 
-# --------------------------------------------------------------------------- pixels_weight
+# --------------------------------------------------------------------------- network_config
 
 
-def test_pixels_weight_cosines_are_the_weighted_sum_of_learned_and_colour():
-    """With W = 0.7 the output is lambda x [sqrt(0.3) f/|f|, sqrt(0.7) p/|p|]: between any two
-    cells, cos = 0.3 cos(learned) + 0.7 cos(Lab patches), and the backbone gets a gradient
-    through the fused features."""
-    torch.manual_seed(0)
-    net = FeatureNet(_StridedBackbone(), None, NormScale(5.0), pixels_weight=0.7)
-    images = torch.rand(2, 3, 32, 28)
-    out = net(images)
-    assert (net.learned_channels, net.channels) == (5, 5 + 75) and out.shape == (2, 80, 8, 7)
-    torch.testing.assert_close(out.norm(dim=1), torch.full((2, 8, 7), 5.0), rtol=1e-5, atol=0)
-    learned = F.normalize(net.backbone(images), dim=1).flatten(2)
-    colour = F.normalize(LabPatches(4)(images), dim=1).flatten(2)
-    unit = (out / 5.0).flatten(2)
-    expected = 0.3 * learned.transpose(1, 2) @ learned + 0.7 * colour.transpose(1, 2) @ colour
-    torch.testing.assert_close(unit.transpose(1, 2) @ unit, expected.detach(), rtol=0, atol=1e-5)
-    out.sum().backward()
-    assert net.backbone.conv.weight.grad.abs().sum() > 0
+def test_a_run_config_gives_one_network_config_wherever_it_is_built(tmp_path):
+    """The training side (a TrainConfig's keys, S the training side), the saved side (the
+    resolved config's ``network`` entry) and a config that only has TrainConfig keys (a file
+    whose metadata lost its ``network`` entry) all give PixelCenter the feature map's size:
+    32 x 32 for the reference recipe's 128 x 128 crops at stride 4."""
+    import dataclasses
+
+    from fmapicon.core.checkpoint import load, save_weights
+    from fmapicon.core.networks import network_config
+    from fmapicon.train import TrainConfig
+
+    run_config = TrainConfig().to_dict()
+    trained = network_config(run_config)
+    assert trained.size == (32, 32) and trained.net == "resnet-s4"
+    saved = {**run_config, "network": dataclasses.asdict(trained)}
+    assert network_config(saved) == trained == network_config(json.loads(json.dumps(saved)))
+    for config in (saved, run_config):
+        file = save_weights(build_network(trained), tmp_path / "w.safetensors",
+                            {"fmapicon_config": json.dumps(config)})
+        assert tuple(load(file).net.pixel_center.running_mean.shape[-2:]) == (32, 32)
 
 
-def test_pixels_weight_adds_no_weights_and_is_checked():
-    """No new weights; at a size that is not a multiple of the stride the colour part is taken
-    from the edge-padded image, on the backbone's own cells (30 x 26 -> 8 x 7); bad W refused."""
-    plain = build_network(net="resnet-s4", channels=8, size=(8, 8))
-    fused = build_network(net="resnet-s4", channels=8, size=(8, 8), pixels_weight=0.5).eval()
-    assert plain.state_dict().keys() == fused.state_dict().keys() and fused.channels == 8 + 75
-    images = torch.rand(1, 3, 30, 26)
-    with torch.no_grad():
-        out = fused(images) / fused.lambda_
-    colour = F.normalize(LabPatches(4)(F.pad(images, (0, 2, 0, 2), mode="replicate")), dim=1)
-    assert out.shape == (1, 83, 8, 7)
-    torch.testing.assert_close(out[:, 8:], colour * 0.5**0.5, rtol=0, atol=1e-5)
-    for bad in (1.0, -0.1, float("nan")):
-        with pytest.raises(UserError, match="pixels_weight"):
-            build_network(net="resnet-s4", pixels_weight=bad)
+def test_network_config_refuses_what_it_cannot_build():
+    """A file's config that names a removed option, an unknown key or a bad preset is a
+    UserError naming the source; an off removed option (an older run's config) still loads."""
+    from fmapicon.core.networks import network_config
+
+    base = {"net": "resnet-s4", "channels": 8, "lambda_init": 4.0, "center": True, "size": 64}
+    assert network_config({**base, "pixels_weight": 0.0}).size == (16, 16)
+    for bad, message in ((dict(pixels_weight=0.5), "pixels_weight=0.5"), (dict(net="huge"), "huge")):
+        with pytest.raises(UserError, match=message) as info:
+            network_config({**base, **bad}, source="the config of w.safetensors")
+        assert "w.safetensors" in str(info.value)
+    with pytest.raises(UserError, match="unknown key"):
+        network_config({"network": {**base, "size": [16, 16], "depth": 3}})

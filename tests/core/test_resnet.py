@@ -9,7 +9,7 @@ import torch
 
 from fmapicon.core.augment import make_augmentation, roll
 from fmapicon.core.networks import NETS, build_network, feature_size, net_stride
-from fmapicon.core.resnet import LEVELS, StridedResNet
+from fmapicon.core.resnet import StridedResNet
 from fmapicon.train.config import NETS as TRAIN_NETS
 
 
@@ -19,23 +19,6 @@ def test_output_is_at_the_stride_with_ceil_sides(stride, size):
     net = StridedResNet(stride, out_channels=16).eval()
     out = net(torch.rand(2, 3, *size))
     assert out.shape == (2, 16, math.ceil(size[0] / stride), math.ceil(size[1] / stride))
-
-
-@pytest.mark.parametrize("stride", [4, 8])
-def test_levels_sit_at_their_strides_and_end_in_the_output(stride):
-    torch.manual_seed(0)
-    net = StridedResNet(stride, out_channels=16).eval()
-    images = torch.rand(1, 3, 61, 97)
-    found = net.levels(images)
-    assert list(found) == ["stage1", "stage2", "stage3", "decoder", "head"] == list(LEVELS)
-    for name, level in found.items():
-        step = net.level_stride(name)
-        assert level.shape[-2:] == (math.ceil(61 / step), math.ceil(97 / step)), name
-    assert [found[k].shape[1] for k in found] == [64, 128, 256, 128, 16]
-    assert torch.equal(found["head"], net(images))
-    assert found["decoder"].min() >= 0  # after its ReLU, as the head sees it
-    with pytest.raises(ValueError, match="stage4"):
-        net.level_stride("stage4")
 
 
 def test_every_parameter_gets_a_gradient():
@@ -57,11 +40,10 @@ def test_names_agree_between_the_torch_free_config_and_the_networks():
 
 @pytest.mark.parametrize("net", ["resnet-s4", "resnet-s8"])
 def test_pixel_center_is_sized_to_the_feature_map(net):
+    from fmapicon.core.networks import network_config
     from fmapicon.train import TrainConfig
-    from fmapicon.train.model import network_config
 
-    config = TrainConfig(net=net, size=64)
-    model = build_network(network_config(config))
+    model = build_network(network_config(TrainConfig(net=net, size=64).to_dict()))
     side = 64 // net_stride(net)
     assert model.stride == net_stride(net)
     assert tuple(model.pixel_center.running_mean.shape[-2:]) == (side, side)

@@ -59,9 +59,8 @@ def test_extra_configurations_are_parsed_and_checked():
     from fmapicon.cli.ablate import _attempt_list
 
     assert _attempt_list("none") == [] and _attempt_list("3, 0") == ["3", "0"]
-    assert [a.name for a in ablate.select_attempts(_attempt_list("none"), ["home1:home_radius=1"])] == ["home1"]
-    assert ablate.parse_extra("home1:home_radius=1,learn_lambda=false").options == {"home_radius": 1,
-                                                                                    "learn_lambda": False}
+    assert [a.name for a in ablate.select_attempts(_attempt_list("none"), ["lam4:lambda_init=4"])] == ["lam4"]
+    assert ablate.parse_extra("fixed:max_gap=4,learn_lambda=false").options == {"max_gap": 4, "learn_lambda": False}
     with pytest.raises(UserError, match="no attempts to run"):
         ablate.select_attempts([], [])
 

@@ -21,7 +21,7 @@ import torch
 
 import fmapicon
 from fmapicon.core import objective
-from fmapicon.core.checkpoint import network_config
+from fmapicon.core.networks import network_config
 from fmapicon.cli import build_parser
 from fmapicon.cli.train import config_from_args
 from fmapicon.data.pairs import FramePairs
@@ -97,8 +97,7 @@ def test_unknown_config_key_lists_the_valid_ones():
 
 @pytest.mark.parametrize("key, value", [("batch", 0), ("aug", "flip"), ("lr", -1.0), ("lr", float("nan")),
                                         ("device", "tpu"), ("center", "yes"), ("steps", 2.5), ("data", []),
-                                        ("clip", -1.0), ("net", "huge"), ("pixels_weight", 1.0),
-                                        ("pixels_weight", -0.5)])
+                                        ("clip", -1.0), ("net", "huge")])
 def test_bad_values_are_refused(key, value):
     with pytest.raises(UserError, match=key):
         TrainConfig.from_mapping({key: value})
@@ -158,29 +157,24 @@ def test_crop_range_reaches_the_dataset_and_is_checked():
             TrainConfig.from_mapping(bad)
 
 
-def test_weighting_reaches_the_dataset():
-    """Probe: two synthetic sources of 4 and 24 frames per scene; by default (frames) the long
-    one gets about 23/26 of the draws, with --weighting clips each scene gets an equal share."""
-    from collections import Counter
-
-    from fmapicon.data import pairs
-    from fmapicon.train import config as config_module
-    from fmapicon.train.data_stream import make_dataset
-
-    assert config_module.WEIGHTINGS == pairs.WEIGHTINGS
-    sources = ["synth:scenes=1,frames=4,size=32", "synth:scenes=1,frames=24,size=32,seed=2"]
-    shares = {}
-    for flag in ([], ["--weighting", "clips"]):
-        args = build_parser().parse_args(["train", "--data", *sources, "--size", "16", *flag])
-        config, _, _ = config_from_args(args)
-        dataset = make_dataset(config)
-        counts = Counter(dataset.pair_indices(i)[0] for i in range(2000))
-        assert len(counts) == 2
-        shares[config.weighting] = max(counts.values()) / 2000
-    assert abs(shares["frames"] - 23 / 26) < 0.03, shares
-    assert abs(shares["clips"] - 0.5) < 0.04, shares
-    with pytest.raises(UserError, match="weighting"):
-        TrainConfig.from_mapping(dict(weighting="seconds"))
+@pytest.mark.parametrize("key, value", [("weighting", "clips"), ("pixels_weight", 0.5), ("home_radius", 1),
+                                        ("color_jitter", 0.5)])
+def test_removed_options_are_refused_with_a_reason_not_ignored(tmp_path, key, value, capsys):
+    """An options file, a saved run config and a flag that ask for a removed option are each
+    refused naming it (never silently trained without it); an older run's config that holds
+    the option's "off" value still loads, as the same run."""
+    with pytest.raises(UserError, match=f"{key}={value!r}.*no longer exist.*docs/experiments.md"):
+        TrainConfig.from_mapping({key: value})
+    off = {"weighting": "frames", "pixels_weight": 0.0, "home_radius": 0, "color_jitter": 0.0}[key]
+    assert TrainConfig.from_mapping({key: off, "batch": 4}) == TrainConfig.from_mapping({"batch": 4})
+    file = tmp_path / "old.json"
+    file.write_text(json.dumps({key: value}))
+    args = build_parser().parse_args(["train", "--config", str(file)])
+    with pytest.raises(UserError, match=key):
+        config_from_args(args)
+    args = build_parser().parse_args(["train", "--" + key.replace("_", "-"), str(value)])
+    with pytest.raises(UserError, match="--" + key.replace("_", "-") + ".*no longer exist"):
+        config_from_args(args)
 
 
 def test_random_crop_runs_record_the_scale_of_their_crops(tmp_path):
@@ -271,7 +265,7 @@ def test_tiny_run_writes_the_run_folder(four_steps):
     config = json.loads((four_steps / "config.json").read_text())
     assert config["input_scale"] == FramePairs(["synth"], size=16).input_scale
     assert config["network"] == {"net": "short", "channels": 16, "lambda_init": 12.0, "center": True,
-                                 "size": [16, 16], "pixels_weight": 0.0}
+                                 "size": [16, 16]}
     assert config["fmapicon_version"] == fmapicon.__version__ and config["world_size"] == 1
     assert {p.name for p in (four_steps / "checkpoints").iterdir()} == {"last.safetensors", "state.pt"}
     state = torch.load(four_steps / "checkpoints" / "state.pt", weights_only=True)
@@ -380,9 +374,9 @@ def test_bf16_autocast_trains_and_fp16_needs_cuda(tmp_path):
 # --------------------------------------------------------------------------- learning
 
 
-@pytest.mark.parametrize("aug", ["roll+affine", "shift+affine"])
+@pytest.mark.parametrize("aug", ["roll+affine"])
 def test_tiny_run_on_synthetic_scenes_learns(tmp_path, aug):
-    """The final recipe (and translation by crops) on synthetic scenes: within 16 steps log_p
+    """The final recipe on synthetic scenes: within 16 steps log_p
     rises well above its start, and true pairs score well above shuffled pairs (they did not
     at the start)."""
     lines = metrics(train(tiny(steps=16, save_every=100, aug=aug), tmp_path / "run", progress=False))
@@ -394,45 +388,14 @@ def test_tiny_run_on_synthetic_scenes_learns(tmp_path, aug):
     assert gap_last > 5 and gap_last > gap_first + 4, (gap_first, gap_last)
 
 
-def test_home_radius_and_learn_lambda_reach_the_objective_and_the_optimizer(tmp_path):
-    """Probes: with home_radius 1 the minimized loss is the near-home one (far above the exact
-    log_p logged on the same features; with 0 they agree); with --no-learn-lambda
-    lambda stays exactly at --lambda-init while the default run moves it."""
+def test_learn_lambda_reaches_the_optimizer(tmp_path):
+    """Probe: with --no-learn-lambda lambda stays exactly at --lambda-init while the default
+    run moves it; the minimized loss is -log_p (eps 0) on the same features."""
     plain = metrics(train(tiny(steps=2, save_every=100, log_eps=0.0), tmp_path / "plain", progress=False))
-    near = metrics(train(tiny(steps=2, save_every=100, log_eps=0.0, home_radius=1, learn_lambda=False),
-                         tmp_path / "near", progress=False))
+    fixed = metrics(train(tiny(steps=2, save_every=100, learn_lambda=False), tmp_path / "fixed", progress=False))
     assert abs(plain[0]["loss"] + plain[0]["log_p"]) < 1e-4
-    assert near[0]["loss"] < -near[0]["log_p"] - 1.0, near[0]
-    assert all(line["lambda"] == 12.0 for line in near)
+    assert all(line["lambda"] == 12.0 for line in fixed)
     assert plain[-1]["lambda"] != 12.0
-
-
-def test_color_jitter_reaches_the_draws_on_its_own_stream(tmp_path):
-    """Probe: with --color-jitter the first step's loss changes (same weights, data and geometric
-    draws) and is repeated exactly by a second run with the same seed."""
-    plain, jitter, again = (metrics(train(tiny(steps=1, save_every=100, color_jitter=s), tmp_path / name,
-                                          progress=False))[0]["loss"]
-                            for name, s in (("plain", 0.0), ("jitter", 0.5), ("again", 0.5)))
-    assert abs(jitter - plain) > 1e-4 and jitter == again, (plain, jitter, again)
-
-
-def test_pixels_weight_reaches_training_and_is_recorded_and_loaded(tmp_path):
-    """Probe: --pixels-weight 0.5 changes the first step's loss (same weights and draws), is
-    recorded in the run's network config, and the loaded model's features carry the Lab
-    patches as their colour half (sqrt(0.5) of each unit vector)."""
-    from fmapicon.core.colour import LabPatches
-
-    runs = {w: train(tiny(steps=1, save_every=100, net="resnet-s4", size=32, pixels_weight=w), tmp_path / f"w{w}",
-                     progress=False) for w in (0.0, 0.5)}
-    plain, fused = (metrics(runs[w])[0]["loss"] for w in (0.0, 0.5))
-    assert abs(plain - fused) > 1e-3, (plain, fused)
-    model = fmapicon.load(runs[0.5])
-    assert model.config["network"]["pixels_weight"] == 0.5 and model.channels == 16 + 75
-    images = torch.rand(1, 3, 32, 32)
-    with torch.no_grad():
-        colour = model(images)[:, 16:]
-    expected = torch.nn.functional.normalize(LabPatches(4)(images), dim=1) * 0.5**0.5
-    torch.testing.assert_close(colour, expected, rtol=0, atol=1e-5)
 
 
 def test_no_augmentation_collapses_to_a_positional_code(tmp_path):

@@ -8,9 +8,7 @@ best wall time of ``--repeat`` alternating runs (fast, dense, fast, dense, ...: 
 shared machine's load hits both alike), the process CPU time of those runs, the ratio
 dense / fast, the peak extra memory of one fwd+bwd, and the largest differences of the
 value and of the four gradients. The dense form is skipped, and the table says so,
-where its estimated memory exceeds ``--dense-cap-gb``. ``--home-radius r`` times both forms
-of the near-home objective and, in the same alternation, the tiled r = 0 form
-(``fast_over_plain``: what the radius costs).
+where its estimated memory exceeds ``--dense-cap-gb``.
 
 Memory: on CPU, the growth of the process's peak resident set (Linux VmHWM, reset
 before the call) over its resident set before the call; on CUDA,
@@ -51,10 +49,6 @@ def add_arguments(parser) -> None:
                         "lambda of NormScale); logits reach scale^2")
     parser.add_argument("--eps", type=non_negative_float, default=0.0,
                         help="eps inside the log of both forms (default 0: the exact objective)")
-    parser.add_argument("--home-radius", type=non_negative_int, default=0,
-                        help="home_radius of both forms (default 0: the writeup's objective); with r > 0 "
-                        "the table also times the tiled r = 0 form in the same alternation (plain_s) and "
-                        "gives fast_s / plain_s")
     parser.add_argument("--device", type=device_name, default="auto",
                         help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
@@ -132,15 +126,12 @@ def _measure(n: int, batch: int, args, device, cap_gb: float) -> dict:
 
     inputs = _features(n, batch, args, device)
     blocks = default_blocks(device, batch, n, n)
-    radius = args.home_radius
-    blocks = (n if radius else min(args.block_rows or blocks[0], n), min(args.block_cols or blocks[1], n))
-    fast = _step(lambda *x: log_p(*x, eps=args.eps, block_rows=blocks[0], block_cols=blocks[1], home_radius=radius),
-                 inputs)
-    plain = _step(lambda *x: log_p(*x, eps=args.eps, block_cols=blocks[1]), inputs) if radius else None
+    blocks = (min(args.block_rows or blocks[0], n), min(args.block_cols or blocks[1], n))
+    fast = _step(lambda *x: log_p(*x, eps=args.eps, block_rows=blocks[0], block_cols=blocks[1]), inputs)
     dense_gb = _DENSE_MATRICES * batch * n * n * inputs[0].element_size() / 1e9
-    dense = _step(lambda *x: log_p_dense(*x, eps=args.eps, home_radius=radius), inputs) if dense_gb <= cap_gb else None
-    keops = _keops_step(inputs, args.eps) if n <= args.keops_max_n and not radius else None
-    steps = [step for step in (fast, plain, dense, keops) if step is not None]
+    dense = _step(lambda *x: log_p_dense(*x, eps=args.eps), inputs) if dense_gb <= cap_gb else None
+    keops = _keops_step(inputs, args.eps) if n <= args.keops_max_n else None
+    steps = [step for step in (fast, dense, keops) if step is not None]
     times = dict(zip(steps, _alternate(steps, args.repeat, device)))
     none = (None, None)
 
@@ -148,9 +139,6 @@ def _measure(n: int, batch: int, args, device, cap_gb: float) -> dict:
     row["fast_s"], row["fast_cpu_s"] = times[fast]
     row["dense_s"], row["dense_cpu_s"] = times.get(dense, none)
     row["ratio"] = row["dense_s"] / row["fast_s"] if dense else None
-    if plain:
-        row["plain_s"] = times[plain][0]
-        row["fast_over_plain"] = row["fast_s"] / row["plain_s"]
     row["fast_peak_mb"] = _peak_extra_mb(fast, device)
     row["dense_peak_mb"] = _peak_extra_mb(dense, device) if dense else None
     row["value_diff"], row["grad_diff"] = _differences(fast, dense) if dense else none
@@ -160,7 +148,7 @@ def _measure(n: int, batch: int, args, device, cap_gb: float) -> dict:
         row["keops_value_diff"], row["keops_grad_diff"] = _differences(fast, keops) if keops else none
     row["blocks"] = f"{blocks[0]}x{blocks[1]}"
     row["dense"] = _dense_status(row["value_diff"], dense_gb, cap_gb)
-    del inputs, fast, plain, dense, keops, steps, times
+    del inputs, fast, dense, keops, steps, times
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row

@@ -110,7 +110,7 @@ class _Case:
         self.next_index = 0
         self.a, self.b = (t.to(self.device) for t in self.load())
         with torch.no_grad():  # the loss alone is timed on fixed feature maps
-            maps, self.fixed_visible = self.features()
+            maps = self.features()
             self.fixed_features = tuple(f.detach() for f in maps)
         self.step()  # warm-up: first-call allocations and kernel selection
 
@@ -124,7 +124,7 @@ class _Case:
     def features(self):
         from fmapicon.core.augment import four_draws
 
-        return four_draws(self.net, self.a, self.b, self.augmentation, generator=self.generator, seen=True)
+        return four_draws(self.net, self.a, self.b, self.augmentation, generator=self.generator)
 
     def step(self) -> None:
         import torch
@@ -132,8 +132,7 @@ class _Case:
         from fmapicon.core.objective import log_p
 
         self.optimizer.zero_grad(set_to_none=True)
-        maps, visible = self.features()
-        loss = -log_p(*maps, eps=1e-4, visible=visible).mean()
+        loss = -log_p(*self.features(), eps=1e-4).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.net.parameters(), 20.0)
         self.optimizer.step()
@@ -141,14 +140,14 @@ class _Case:
     def network(self) -> None:
         import torch
 
-        features, _ = self.features()
+        features = self.features()
         torch.autograd.backward(features, [torch.ones_like(f) / f.numel() for f in features])
 
     def loss(self) -> None:
         from fmapicon.core.objective import log_p
 
         leaves = [f.clone().requires_grad_() for f in self.fixed_features]
-        (-log_p(*leaves, eps=1e-4, visible=self.fixed_visible).mean()).backward()
+        (-log_p(*leaves, eps=1e-4).mean()).backward()
 
 
 def measure(args, preset: str, size: int, device: str) -> dict:

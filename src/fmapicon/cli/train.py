@@ -29,7 +29,7 @@ DEFAULT_OUT = "runs/train"
 
 
 def register(subparsers) -> None:
-    from fmapicon.train import config_fields
+    from fmapicon.train import REMOVED_OPTIONS, config_fields
 
     parser = subparsers.add_parser("train", help="train a feature network on videos, frame folders or synthetic "
                                    "scenes", description=DESCRIPTION)
@@ -49,6 +49,8 @@ def register(subparsers) -> None:
                         help="no progress bar (default: show one on stderr)")
     for name, meta in config_fields().items():
         _add_knob(parser, name, meta)
+    for name in REMOVED_OPTIONS:  # refused with a reason rather than "unrecognized arguments"
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     parser.set_defaults(run=run)
 
 
@@ -123,8 +125,12 @@ def given_options(args) -> dict:
 def config_from_args(args):
     """(TrainConfig, run folder, resume) from parsed arguments: defaults < --config < flags."""
     from fmapicon.errors import UserError
-    from fmapicon.train import RESUMABLE, TrainConfig, load_config_file, saved_config
+    from fmapicon.train import REMOVED_OPTIONS, RESUMABLE, TrainConfig, load_config_file, saved_config
 
+    removed = ["--" + name.replace("_", "-") for name in REMOVED_OPTIONS if hasattr(args, name)]
+    if removed:
+        raise UserError(f"{', '.join(removed)} no longer exist(s): measured no better than the reference recipe "
+                        "(docs/experiments.md has the numbers and the commit that still runs them); drop them")
     given = given_options(args)
     if not args.resume:
         values = {**(load_config_file(args.config) if args.config else {}), **given}  # flags win; --recipe picks the base

@@ -28,19 +28,9 @@ roll
     [0, ceil(H / s))) and a feature map at the reduced resolution is un-rolled by
     (-ky, -kx) modulo its own size; this is an exact inverse of the network's shift when
     H and W are multiples of s.
-shift
-    Translation by crops instead of wrap-around: per sample, the network sees the view
-    ``image[oy : oy + H - M, ox : ox + W - M]`` (M = ``margin`` of the side, rounded to
-    the stride; offsets uniform on the multiples of the stride in [0, M]), and its feature
-    map is put back at the offset into a map of the whole frame's size, zero elsewhere.
-    There is no seam to locate, and a code of the position within the view disagrees
-    between two draws whose offsets differ, so it cannot bring a pixel home. ``seen``
-    gives the pixels a draw saw; ``log_p(..., visible=...)`` restricts the objective to
-    the pixels both draws of a frame see.
 order
     ``roll -> T -> network -> T^-1 -> un-roll`` for ``roll+affine`` (the original's final
-    version): ``Compose(Roll(), Affine())`` (the first part is the outermost). Likewise
-    ``shift+affine`` is ``Compose(Shift(), Affine())``: crop, then warp the view.
+    version): ``Compose(Roll(), Affine())`` (the first part is the outermost).
 borders
     Zero padding brings zeros in at the borders of the warped image and of the un-warped
     feature map. They are *not* renormalized and stay in the loss: the original notes that
@@ -59,9 +49,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fmapicon.errors import UserError
 
-AUGMENTATIONS = ("none", "affine", "roll", "roll+affine", "shift", "shift+affine")
+AUGMENTATIONS = ("none", "affine", "roll", "roll+affine")
 
 
 def random_source(device, generator):
@@ -92,7 +81,7 @@ def _check_size(images: torch.Tensor, height: int, width: int, what: str) -> Non
 
 def _positive_stride(stride, what: str) -> int:
     if int(stride) < 1:
-        raise UserError(f"{what} stride must be a positive integer, got {stride!r}")
+        raise ValueError(f"{what} stride must be a positive integer, got {stride!r}")
     return int(stride)
 
 
@@ -129,20 +118,6 @@ class Draw:
         _check_batch(features, self.batch, "unwarp")
         return features
 
-    crops = False  # whether the network sees only part of the frame (then ``seen`` is a mask)
-
-    def unwarp_seen(self, mask: torch.Tensor) -> torch.Tensor:
-        """Carry a ``B x 1 x h x w`` mask of seen pixels back through this draw's un-warp."""
-        return self.unwarp(mask)
-
-    def seen(self, features: torch.Tensor):
-        """The pixels of the un-warped map that the network saw: ``B x h' x w'`` bool (h' x w'
-        the un-warped size), or ``None`` when it saw every pixel (every draw but a crop)."""
-        if not self.crops:
-            return None
-        ones = features.new_ones(features.shape[0], 1, *features.shape[-2:])
-        return self.unwarp_seen(ones)[:, 0] > 0.5
-
 
 class AffineDraw(Draw):
     """Resample by ``forward`` (``B x 2 x 3``) before the network and by ``backward``
@@ -168,10 +143,6 @@ class AffineDraw(Draw):
     def unwarp(self, features):
         _check_batch(features, self.batch, "unwarp")
         return self._resample(features, self.backward)
-
-    def unwarp_seen(self, mask):
-        return mask  # the zero borders stay in the loss, as in the original
-
 
 def roll(tensor: torch.Tensor, shift_y: torch.Tensor, shift_x: torch.Tensor) -> torch.Tensor:
     """Per-sample ``np.roll`` with wrap-around, as one gather (no loop over the batch).
@@ -224,53 +195,12 @@ class RollDraw(Draw):
         return roll(features, -shift_y, -shift_x)
 
 
-class ShiftDraw(Draw):
-    """Crop a ``view_height x view_width`` view at ``stride * (ky, kx)`` from each image;
-    put the feature map back at that offset into a map of the whole frame, zero elsewhere.
-
-    Parameters
-    ----------
-    steps_y, steps_x : (B,) integer offsets in units of ``stride`` pixels
-    stride : input pixels per feature pixel of the backbone
-    height, width : the frame size the draw was sampled for
-    view_height, view_width : the view's size (multiples of ``stride``)
-    """
-
-    crops = True
-
-    def __init__(self, steps_y, steps_x, stride: int, height: int, width: int, view_height: int, view_width: int):
-        super().__init__(steps_y.shape[0])
-        self.steps_y, self.steps_x = steps_y, steps_x
-        self.stride, self.height, self.width = stride, height, width
-        self.view_height, self.view_width = view_height, view_width
-
-    def warp(self, images):
-        _check_batch(images, self.batch, "warp")
-        _check_size(images, self.height, self.width, "shift")
-        moved = roll(images, -self.steps_y * self.stride, -self.steps_x * self.stride)
-        return moved[..., : self.view_height, : self.view_width]
-
-    def unwarp(self, features):
-        _check_batch(features, self.batch, "unwarp")
-        h, w = features.shape[-2:]
-        per_y = _feature_units(h, self.view_height, self.stride, "shift")
-        per_x = _feature_units(w, self.view_width, self.stride, "shift")
-        canvas = F.pad(features, (0, self.width // per_x - w, 0, self.height // per_y - h))
-        return roll(canvas, self.steps_y * (self.stride // per_y), self.steps_x * (self.stride // per_x))
-
-
 class ComposedDraw(Draw):
     """``parts[0]`` outermost: warps apply first to last, un-warps last to first."""
 
     def __init__(self, parts):
         super().__init__(parts[0].batch)
         self.parts = list(parts)
-        self.crops = any(part.crops for part in self.parts)
-
-    def unwarp_seen(self, mask):
-        for part in reversed(self.parts):
-            mask = part.unwarp_seen(mask)
-        return mask
 
     def warp(self, images):
         for part in self.parts:
@@ -350,39 +280,6 @@ class Roll(Augmentation):
         return f"Roll(stride={self.stride})"
 
 
-class Shift(Augmentation):
-    """Translation by crops: the network sees a view of ``1 - margin`` of each side at an
-    offset uniform on the multiples of ``stride`` in [0, margin x side] (module docstring).
-
-    ``margin`` (0 < margin < 1) is rounded to a multiple of ``stride`` pixels, at least one.
-    The frame's sides must be multiples of ``stride``.
-    """
-
-    def __init__(self, stride: int = 1, margin: float = 0.25):
-        if not 0 < float(margin) < 1:
-            raise UserError(f"shift margin must be a fraction of the side in (0, 1), got {margin!r}")
-        self.stride, self.margin = _positive_stride(stride, "shift"), float(margin)
-
-    def margin_pixels(self, side: int) -> int:
-        """M for a frame side of ``side`` pixels: the view's side is ``side - M``."""
-        if side % self.stride or side < 2 * self.stride:
-            raise UserError(f"shift: a frame side of {side} pixels is not a multiple (>= 2) of the "
-                            f"backbone's stride {self.stride}; use a training size that is")
-        steps = min(max(1, round(self.margin * side / self.stride)), side // self.stride - 1)
-        return steps * self.stride
-
-    def sample(self, batch, height, width, *, device, generator=None):
-        source = random_source(device, generator)
-        margin_y, margin_x = self.margin_pixels(height), self.margin_pixels(width)
-        steps_y = torch.randint(0, margin_y // self.stride + 1, (batch,), **source)
-        steps_x = torch.randint(0, margin_x // self.stride + 1, (batch,), **source)
-        return ShiftDraw(steps_y.to(device), steps_x.to(device), self.stride, height, width,
-                         height - margin_y, width - margin_x)
-
-    def __repr__(self):
-        return f"Shift(stride={self.stride}, margin={self.margin})"
-
-
 class Compose(Augmentation):
     """Compose augmentations; the first is the outermost (warped first, un-warped last).
 
@@ -414,53 +311,30 @@ def make_augmentation(name: str, stride: int = 1) -> Augmentation:
         return Roll(stride)
     if name == "roll+affine":
         return Compose(Roll(stride), Affine())
-    if name == "shift":
-        return Shift(stride)
-    if name == "shift+affine":
-        return Compose(Shift(stride), Affine())
-    raise UserError(f"unknown augmentation {name!r}: expected one of {', '.join(AUGMENTATIONS)}")
+    raise ValueError(f"unknown augmentation {name!r}: expected one of {', '.join(AUGMENTATIONS)}")
 
 
 # --------------------------------------------------------------------------- using draws
 
 
-def augmented_features(network, images: torch.Tensor, augmentation: Augmentation, generator=None,
-                       *, seen: bool = False):
+def augmented_features(network, images: torch.Tensor, augmentation: Augmentation, generator=None):
     """One draw: sample, warp ``images`` (B x 3 x H x W), run ``network``, un-warp.
 
-    Returns the un-warped feature map ``B x C x h x w``; with ``seen=True`` the pair
-    (map, ``B x h x w`` bool mask of the pixels the network saw, or None: all of them).
+    Returns the un-warped feature map ``B x C x h x w``.
     """
     batch, _, height, width = images.shape
     draw = augmentation.sample(batch, height, width, device=images.device, generator=generator)
-    features = network(draw.warp(images))
-    maps = draw.unwarp(features)
-    return (maps, draw.seen(features)) if seen else maps
+    return draw.unwarp(network(draw.warp(images)))
 
 
-def four_draws(network, a: torch.Tensor, b: torch.Tensor, augmentation: Augmentation, generator=None,
-               *, seen: bool = False, jitter=None, jitter_generator=None):
-    """The four independently augmented feature maps of the objective.
+def four_draws(network, a: torch.Tensor, b: torch.Tensor, augmentation: Augmentation, generator=None):
+    """The four independently augmented feature maps of the objective, ``(a1, b2, a3, b4)``
+    for ``log_p(a1, b2, a3, b4)``.
 
     Four separate network calls in the order A, B, A, B (each with its own draw), so
     that batch statistics (BatchNorm, PixelCenter) see each draw alone, as in the
     original. ``a`` and ``b`` are ``B x 3 x H x W`` pair batches (their H x W may differ).
-
-    Returns
-    -------
-    (a1, b2, a3, b4) : feature maps for ``log_p(a1, b2, a3, b4)``; with ``seen=True``,
-        ``((a1, b2, a3, b4), visible)``: ``visible`` their four seen-pixel masks (None
-        entries where a draw saw every pixel) for ``log_p(..., visible=visible)``.
-
-    ``jitter`` (a ``fmapicon.core.photometric.ColorJitter``, or None) distorts each draw's
-    colours on its own, before the warp, with draws from ``jitter_generator`` (a stream
-    apart from ``generator``'s, so turning it on leaves the geometric draws as they were).
     """
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"four_draws: frames A and B need the same batch size, got {a.shape[0]} and {b.shape[0]}")
-    inputs = (a, b, a, b)
-    if jitter is not None:
-        inputs = tuple(jitter(frames, jitter_generator) for frames in inputs)
-    drawn = [augmented_features(network, frames, augmentation, generator, seen=True) for frames in inputs]
-    maps = tuple(m for m, _ in drawn)
-    return (maps, tuple(v for _, v in drawn)) if seen else maps
+    return tuple(augmented_features(network, frames, augmentation, generator) for frames in (a, b, a, b))

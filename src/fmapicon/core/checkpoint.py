@@ -82,12 +82,12 @@ def load(path, device="cpu", *, which: str = "last"):
     """
     from safetensors.torch import load_file
 
-    from fmapicon.core.networks import UnitFeatures, build_network
+    from fmapicon.core.networks import UnitFeatures, build_network, network_config
     from fmapicon.runtime import resolve_device
 
     file = weights_file(path, which)
     config = read_config(file)
-    net = build_network(network_config(config, file))
+    net = build_network(network_config(config, source=f"the config of {file}"))
     _load_state(net, load_file(str(file), device="cpu"), file)
     model = UnitFeatures(net).to(device if not isinstance(device, str) else resolve_device(device)).eval()
     model.config = config
@@ -106,7 +106,7 @@ def weights_file(path, which: str = "last") -> Path:
     file) names. A shipped name wins over a folder of the same name: write ``./reference``
     for the folder."""
     if which not in WHICH:
-        raise UserError(f"which checkpoint: expected one of {', '.join(WHICH)}, got {which!r}")
+        raise ValueError(f"which checkpoint: expected one of {', '.join(WHICH)}, got {which!r}")
     shipped = shipped_model_file(str(path)) if isinstance(path, str) else None
     if shipped is not None:
         if not shipped.is_file():
@@ -156,25 +156,6 @@ def _metadata(file: Path) -> dict:
     except Exception as error:  # safetensors raises its own error types for a bad header
         raise UserError(f"{file} is not a readable safetensors file ({error}); it may be truncated or "
                         "not a checkpoint") from error
-
-
-def network_config(config: dict, file: Path | None = None):
-    """The ``NetworkConfig`` recorded in a run config (its ``network`` entry, else the
-    TrainConfig keys net, channels, lambda_init, center, size)."""
-    import dataclasses
-
-    from fmapicon.core.networks import NetworkConfig
-
-    names = [f.name for f in dataclasses.fields(NetworkConfig)]
-    values = dict(config.get("network") or {key: config[key] for key in names if key in config})
-    if "net" not in values:
-        raise UserError(f"the config of {file or 'this checkpoint'} does not say which network it holds "
-                        f"(expected a 'network' entry or the keys {', '.join(names)})")
-    if isinstance(values.get("size"), (list, tuple)):
-        values["size"] = tuple(values["size"])
-    elif isinstance(values.get("size"), int):
-        values["size"] = (values["size"], values["size"])
-    return NetworkConfig(**{key: value for key, value in values.items() if key in names})
 
 
 def _load_state(net, state: dict, file: Path) -> None:

@@ -1,9 +1,8 @@
 """Hand-made colour features: CIE Lab patches, the ``pixels`` baseline's features, and
 ``fuse_features``, which joins two unit feature maps so that their cosines add with weights.
 
-``LabPatches`` is what ``fmapicon eval --model pixels`` matches with, and what a network
-built with ``pixels_weight > 0`` (``fmapicon.core.networks``) carries beside its learned
-features. Formulas: sRGB -> linear RGB -> XYZ (D65) -> CIE Lab as in IEC 61966-2-1 and
+``LabPatches`` is what ``fmapicon eval --model pixels`` matches with, and the colour half
+of ``eval --pixels-weight`` (``fuse_features``). Formulas: sRGB -> linear RGB -> XYZ (D65) -> CIE Lab as in IEC 61966-2-1 and
 CIE 15 (the matrix and white point of ``skimage.color.rgb2lab``).
 """
 

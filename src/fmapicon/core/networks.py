@@ -5,13 +5,7 @@ A feature network maps images ``B x 3 x H x W`` (RGB in [0, 1]) to feature maps
 
     FeatureNet = backbone -> PixelCenter (optional, attempt 2) -> NormScale
 
-in the original's order (centre, then normalize). With ``pixels_weight`` W > 0 the
-normalized learned features are concatenated with the ``pixels`` baseline's Lab patches
-(``fmapicon.core.colour.LabPatches`` at the backbone's stride) before NormScale, as
-``[sqrt(1 - W) f / |f|, sqrt(W) p / |p|]``: cosines between two such features are
-(1 - W) cos(f) + W cos(p) in the objective and at evaluation (``fuse_features``;
-``docs/experiments.md``, session 11: it did not make the learned part a better complement
-to colour). The backbone is a ``UNet`` from ``PRESETS`` (h x w = H x W, stride 1) or any
+in the original's order (centre, then normalize). The backbone is a ``UNet`` from ``PRESETS`` (h x w = H x W, stride 1) or any
 module mapping ``B x 3 x H x W`` to ``B x C x h x w``.
 
 State-dict keys of a ``FeatureNet``: ``backbone.*``, ``pixel_center.running_mean``
@@ -29,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmapicon.core.colour import LabPatches, fuse_features
 from fmapicon.errors import UserError
 
 # preset -> (down channels, up channels) as in the original (models.py)
@@ -292,13 +285,10 @@ class FeatureNet(nn.Module):
         backbone's ``stride`` attribute, else measured once with a 64 x 64 probe
     channels : C; the argument, else the backbone's ``channels``, else probed
     lambda_ : NormScale's current lambda, a float
-    pixels_weight : W, the colour part's share of the cosine (0: none); with W > 0,
-        ``channels`` counts the colour channels too (C + 3 patch^2) and ``learned_channels``
-        is C alone
     """
 
     def __init__(self, backbone: nn.Module, center: PixelCenter | None, norm_scale: NormScale,
-                 *, stride: int | None = None, channels: int | None = None, pixels_weight: float = 0.0):
+                 *, stride: int | None = None, channels: int | None = None):
         super().__init__()
         self.backbone = backbone
         self.pixel_center = center
@@ -309,18 +299,12 @@ class FeatureNet(nn.Module):
             probed_stride, probed_channels = _probe(backbone)
             stride = probed_stride if stride is None else stride
             channels = probed_channels if channels is None else channels
-        self.stride, self.learned_channels = int(stride), int(channels)
-        if center is not None and center.running_mean.shape[1] != self.learned_channels:
+        self.stride, self.channels = int(stride), int(channels)
+        if center is not None and center.running_mean.shape[1] != self.channels:
             raise ValueError(
                 f"PixelCenter has {center.running_mean.shape[1]} channels but the backbone "
-                f"gives {self.learned_channels}; build it with PixelCenter({self.learned_channels}, size)"
+                f"gives {self.channels}; build it with PixelCenter({self.channels}, size)"
             )
-        if not 0.0 <= float(pixels_weight) < 1.0:
-            raise UserError(f"pixels_weight must be in [0, 1) (the colour part's share of the cosine), "
-                            f"got {pixels_weight!r}")
-        self.pixels_weight = float(pixels_weight)
-        self.colour = LabPatches(self.stride) if self.pixels_weight > 0 else None
-        self.channels = self.learned_channels + (self.colour.channels if self.colour is not None else 0)
 
     @property
     def lambda_(self) -> float:
@@ -330,18 +314,7 @@ class FeatureNet(nn.Module):
         features = self.backbone(images)
         if self.pixel_center is not None:
             features = self.pixel_center(features)
-        if self.colour is not None:
-            features = fuse_features(F.normalize(features, dim=1), self._colour(images, features.shape[-2:]),
-                                     self.pixels_weight)
         return self.norm_scale(features)
-
-    def _colour(self, images, cells):
-        """Unit Lab patches of ``images`` on the backbone's ``cells`` (h, w): the image is
-        edge-padded to whole cells, as a strided backbone rounds up."""
-        height, width = cells
-        padded = F.pad(images, (0, width * self.stride - images.shape[-1], 0, height * self.stride - images.shape[-2]),
-                       mode="replicate")
-        return F.normalize(self.colour(padded.float()).to(images.dtype), dim=1)
 
 
 class UnitFeatures(nn.Module):
@@ -394,7 +367,7 @@ def calibrate_pixel_center(net, frames: torch.Tensor, batch: int = 16) -> bool:
         mean = total / len(frames)
     net.train(was_training)
     if mean.shape != running.shape:
-        raise UserError(f"calibration frames give a {tuple(mean.shape[-2:])} feature map but PixelCenter was "
+        raise ValueError(f"calibration frames give a {tuple(mean.shape[-2:])} feature map but PixelCenter was "
                         f"trained at {tuple(running.shape[-2:])}: calibrate with frames of the training size")
     running.copy_(mean.to(running.dtype))
     return True
@@ -410,9 +383,8 @@ class NetworkConfig:
     lambda_init : NormScale's initial lambda
     center : whether to apply PixelCenter (attempt 2)
     size : (h, w) of PixelCenter's running mean: the training *feature-map* size
-        (``feature_size(S, net)`` for S x S training frames)
-    pixels_weight : W in [0, 1): the share of the ``pixels`` baseline's Lab patches in the
-        output's cosines (``FeatureNet``); 0, the default, is the learned features alone
+        (``feature_size(S, net)`` for S x S training frames; ``network_config`` derives it
+        from a run config)
     """
 
     net: str = "short"
@@ -420,18 +392,17 @@ class NetworkConfig:
     lambda_init: float = 12.0
     center: bool = True
     size: tuple = (120, 120)
-    pixels_weight: float = 0.0
 
 
 def _checked(config: NetworkConfig) -> NetworkConfig:
     if config.net not in NETS:
-        raise UserError(f"unknown network preset {config.net!r}: expected one of {', '.join(NETS)}")
+        raise ValueError(f"unknown network preset {config.net!r}: expected one of {', '.join(NETS)}")
     size = (config.size, config.size) if isinstance(config.size, int) else tuple(config.size)
     if len(size) != 2 or min(size) < 1 or int(config.channels) < 1:
-        raise UserError(f"network channels must be >= 1 and size (h, w) positive, got "
+        raise ValueError(f"network channels must be >= 1 and size (h, w) positive, got "
                         f"channels={config.channels!r}, size={config.size!r}")
     if not math.isfinite(float(config.lambda_init)):
-        raise UserError(f"lambda_init must be a finite number, got {config.lambda_init!r}")
+        raise ValueError(f"lambda_init must be a finite number, got {config.lambda_init!r}")
     return dataclasses.replace(config, size=size, channels=int(config.channels))
 
 
@@ -442,12 +413,53 @@ def build_network(config: NetworkConfig | None = None, **overrides) -> FeatureNe
     fields = {field.name for field in dataclasses.fields(NetworkConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise UserError(f"unknown network option(s) {unknown}: expected some of {sorted(fields)}")
+        raise TypeError(f"unknown network option(s) {unknown}: expected some of {sorted(fields)}")
     config = _checked(dataclasses.replace(config, **overrides))
     backbone = _backbone(config.net, config.channels)
     center = PixelCenter(config.channels, config.size) if config.center else None
     return FeatureNet(backbone, center, NormScale(config.lambda_init), stride=backbone.stride,
-                      channels=config.channels, pixels_weight=config.pixels_weight)
+                      channels=config.channels)
+
+
+# keys of a run config that a network no longer accepts: their value when they were off
+_REMOVED_NETWORK_KEYS = {"pixels_weight": 0.0}
+
+
+def network_config(run_config: dict, source: str = "this run config") -> NetworkConfig:
+    """The ``NetworkConfig`` of a run config: the one rule, for training and for loading.
+
+    ``run_config`` is a ``TrainConfig`` as a dict (the keys net, channels, lambda_init,
+    center and size, S the training side in pixels: PixelCenter's size is the feature map's,
+    ``feature_size(S, net)`` squared) or a saved config whose ``network`` entry is a
+    ``NetworkConfig`` as a dict (``size`` already the feature map's). ``UserError`` naming
+    ``source`` (a file) when the config does not describe a network this version builds.
+    """
+    names = [f.name for f in dataclasses.fields(NetworkConfig)]
+    if run_config.get("network"):
+        values = dict(run_config["network"])
+    else:
+        values = {key: run_config[key] for key in names if key in run_config}
+        if "size" in values and "net" in values:
+            side = feature_size(values["size"], values["net"]) if values["net"] in NETS else values["size"]
+            values["size"] = (side, side)
+    if "net" not in values:
+        raise UserError(f"{source} does not say which network it holds (expected a 'network' entry or the keys "
+                        f"{', '.join(names)})")
+    for key, off in _REMOVED_NETWORK_KEYS.items():
+        value = values.pop(key, run_config.get(key, off))
+        if value != off:
+            raise UserError(f"{source} describes a network with {key}={value!r}, an option this version no longer "
+                            "has (docs/experiments.md names the commit where it can be run)")
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise UserError(f"{source} describes a network with unknown key(s) {', '.join(unknown)}; expected "
+                        f"{', '.join(names)}")
+    if isinstance(values.get("size"), (list, tuple)):
+        values["size"] = tuple(values["size"])
+    try:
+        return _checked(NetworkConfig(**values))
+    except (TypeError, ValueError) as error:
+        raise UserError(f"{source}: {error}") from error
 
 
 def _backbone(net: str, channels: int) -> nn.Module:

@@ -72,37 +72,6 @@ is the exact objective (the tests' setting); training uses the original's 1e-4.
 this formula with the frames' roles exchanged, ``log_p(b4, a3, b2, a1)``, equal in
 distribution since the pair order and the draws are exchangeable.)
 
-Restricting to the pixels both views see
------------------------------------------
-An augmentation that shows the network only part of the frame (``Shift``: crops of the
-frame at random offsets) leaves pixels that a draw never saw. ``visible`` gives each map's
-seen pixels; with V_A the pixels of A seen by draws 1 and 3 and V_B those of B seen by
-draws 2 and 4, the objective becomes
-
-    L = mean_{i in V_A} log sum_{j in V_B} softmax_{j in V_B}(a1_i . b2_j) softmax_{i in V_A}(a3_i . b4_j):
-
-both soft maps run between the co-visible pixels only, and only those pixels are asked to
-come home. It is computed by the same tiled function with one more channel per map: a1
-and b4 get 1, b2 gets 0 on V_B and -10^4 elsewhere, a3 gets 0 on V_A and -10^4 elsewhere,
-so every score that involves an unseen pixel is -10^4 below the others (exp underflows
-to exactly 0) and the rows outside V_A get weight 0 in the mean.
-
-Near home
----------
-``home_radius = r`` asks less: the pixel must come back within r pixels of the feature map
-(on both axes) of where it started,
-
-    L = mean_i log sum_{y : |y - x_i| <= r} sum_j softmax_j(a1_i . b2_j) softmax_y(a3_y . b4_j).
-
-r = 0 is the writeup's objective. It rewards telling every pixel from its neighbours,
-though two neighbouring pixels of one surface look alike and belong together for label
-propagation; r = 1 stops paying for that last step. With M_ij = sum_{|y - x_i| <= r} Q_yj
-(Q the column softmax of S2), t_i = LSE_j (S1_ij + log M_ij): the same tiles, where each
-strip of B's pixels holds all of A's rows (block_rows = N_A) and M is a box sum of the
-strip's Q over A's H x W grid (zero beyond its border). The backward is in
-``_Strip.backward_near``. Measured: 1.2 to 1.35 times the time of r = 0 (B = 16,
-N = 1,024, C = 64, forward and backward, 2 CPU cores).
-
 ``log_p_dense`` is the plain quadratic form (softmax, product, sum, log), kept as the
 reference for tests and benchmarks.
 """
@@ -115,7 +84,6 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from fmapicon.errors import UserError
 
 # Tile budget (elements of one B x rows x cols tile) and the range of strip widths.
 # CPU: a 1 Mi-element tile (4 MB in float32) stays in cache; wider strips were slower
@@ -126,7 +94,6 @@ _GPU_TILE = (1 << 26, 16, 4096)
 _MIN_BLOCK_ROWS = 16
 _LOG2E = 1.0 / math.log(2.0)
 _LN2 = math.log(2.0)
-_UNSEEN = -1.0e4  # the score offset of a pixel outside the co-visible set (exp2 gives 0)
 
 __all__ = ["log_p", "log_p_shuffled", "log_p_dense", "default_blocks"]
 
@@ -136,8 +103,7 @@ __all__ = ["log_p", "log_p_shuffled", "log_p_dense", "default_blocks"]
 
 
 def log_p(a1, b2, a3, b4, *, eps: float = 0.0, block_rows: int | None = None,
-          block_cols: int | None = None, check: bool = True, visible=None,
-          home_radius: int = 0) -> torch.Tensor:
+          block_cols: int | None = None, check: bool = True) -> torch.Tensor:
     """Exact FeatureMapICON objective per sample, in memory linear in the pixel counts.
 
     Parameters
@@ -151,19 +117,9 @@ def log_p(a1, b2, a3, b4, *, eps: float = 0.0, block_rows: int | None = None,
         Tile size: rows (A's pixels) x columns (B's pixels) of the implicit similarity
         matrix. Default: chosen per device and shape by ``default_blocks``.
     check : bool
-        Scan the inputs for NaN and infinity (a ``UserError`` naming the map). The scan reads
+        Scan the inputs for NaN and infinity (a ``ValueError`` naming the map). The scan reads
         every value once (and waits for the device); the trainer, which checks its features
         and loss itself, turns it off.
-    visible : optional 4-tuple of boolean masks (``B x HA x WA`` for a1 and a3, ``B x HB x
-        WB`` for b2 and b4; a ``None`` entry: that draw saw every pixel): restrict the
-        objective to the pixels both draws of a frame see (module docstring). Each sample
-        needs at least one such pixel in A and in B. ``None``: every pixel.
-    home_radius : int >= 0
-        0 (default): the writeup's objective, the pixel must come back to itself. r > 0: it
-        must come back within r pixels (of the feature map, the max over both axes) of
-        itself, log sum_{|y - x| <= r} P[x -> B -> y] (module docstring, "Near home"). Every
-        tile then holds all of A's rows: ``block_rows`` below N_A is a ``UserError``.
-
     Returns
     -------
     ``(B,)`` tensor, float32 (float64 when an input is float64), also under autocast:
@@ -174,111 +130,43 @@ def log_p(a1, b2, a3, b4, *, eps: float = 0.0, block_rows: int | None = None,
     _check_eps(eps)
     _check_block(block_rows, "block_rows")
     _check_block(block_cols, "block_cols")
-    seen_a, seen_b = _co_visible(visible, a1, b2)
-    _check_home_radius(home_radius)
     batch, n_a, n_b = a1.shape[0], a1.shape[2] * a1.shape[3], b2.shape[2] * b2.shape[3]
-    if home_radius and block_rows is not None and block_rows < n_a:
-        raise UserError(f"home_radius > 0 needs every row of A in one tile (block_rows >= N_A = {n_a}), "
-                        f"got block_rows={block_rows}; leave block_rows unset")
     default_rows, default_cols = default_blocks(a1.device, batch, n_a, n_b)
-    blocks = (n_a if home_radius else min(block_rows or default_rows, n_a), min(block_cols or default_cols, n_b))
+    blocks = (min(block_rows or default_rows, n_a), min(block_cols or default_cols, n_b))
     with _autocast_off(a1.device.type):
         pixels = [_pixels(x, dtype) for x in (a1, b2, a3, b4)]
-        if seen_a is not None:
-            pixels = _with_visibility_channel(pixels, seen_a, seen_b)
-        log_cycle = _log_near_home(pixels, blocks, home_radius, a1.shape[2:])  # B x N_A
-        terms = _pixel_terms(log_cycle, eps)
-        if seen_a is None:
-            return terms.mean(dim=1)
-        weight = seen_a.to(terms.dtype)
-        return (terms * weight).sum(dim=1) / weight.sum(dim=1)
+        log_cycle = _LogCycle.apply(*pixels, *blocks)  # B x N_A
+        return _pixel_terms(log_cycle, eps).mean(dim=1)
 
 
-def _co_visible(visible, a1, b2):
-    """(V_A, V_B) as ``B x N_A`` and ``B x N_B`` boolean masks, or (None, None) when every
-    pixel is seen; ``UserError`` for a mask of the wrong shape or an empty set."""
-    if visible is None or all(mask is None for mask in visible):
-        return None, None
-    if len(visible) != 4:
-        raise UserError(f"visible must be a 4-tuple of masks for a1, b2, a3, b4 (or None), got {len(visible)} entries")
-    combined = []
-    for frame, masks, feature_map in (("A", visible[0::2], a1), ("B", visible[1::2], b2)):
-        batch, _, height, width = feature_map.shape
-        seen = torch.ones(batch, height * width, dtype=torch.bool, device=feature_map.device)
-        for mask in masks:
-            if mask is None:
-                continue
-            if tuple(mask.shape) != (batch, height, width):
-                raise UserError(f"visible: a mask of frame {frame} must be B x H x W = {(batch, height, width)}, "
-                                f"like its feature map; got {tuple(mask.shape)}")
-            seen = seen & mask.to(device=feature_map.device, dtype=torch.bool).reshape(batch, -1)
-        if not bool(seen.any(dim=1).all()):
-            raise UserError(f"visible: a sample has no pixel of frame {frame} that both its draws see; "
-                            "the augmentation's views must overlap")
-        combined.append(seen)
-    return tuple(combined)
-
-
-def _with_visibility_channel(pixels, seen_a, seen_b):
-    """The four ``B x N x C`` pixel sets with the extra channel that puts every score of an
-    unseen pixel 10^4 below the others (module docstring)."""
-    a1, b2, a3, b4 = pixels
-
-    def channel(values):
-        return values.to(a1.dtype).unsqueeze(2)
-
-    penalty_a = channel(torch.where(seen_a, 0.0, _UNSEEN))
-    penalty_b = channel(torch.where(seen_b, 0.0, _UNSEEN))
-    return (torch.cat([a1, channel(torch.ones_like(seen_a))], 2), torch.cat([b2, penalty_b], 2),
-            torch.cat([a3, penalty_a], 2), torch.cat([b4, channel(torch.ones_like(seen_b))], 2))
-
-
-def log_p_shuffled(a1, b2, a3, b4, *, visible=None, check: bool = True) -> torch.Tensor:
+def log_p_shuffled(a1, b2, a3, b4, *, check: bool = True) -> torch.Tensor:
     """The positional-code diagnostic: exact ``log_p`` (eps = 0) with each A paired with the
-    next sample's B (b2, b4 and their masks rolled by one along the batch: another video).
+    next sample's B (b2, b4 rolled by one along the batch: another video).
 
     A positional code scores as well here as on the true pairs. Content features score
     lower, though not down to chance (-log N_B): another video's B still works as a code
     book that sends a distinctive pixel of A home (measured: ``docs/experiments.md``).
-    ``check`` as in ``log_p``. ``(B,)`` tensor; needs B >= 2 (``UserError``).
+    ``check`` as in ``log_p``. ``(B,)`` tensor; needs B >= 2 (``ValueError``).
     """
     if len(a1) < 2:
-        raise UserError(f"log_p_shuffled needs at least 2 pairs in the batch, got {len(a1)}")
-    if visible is not None:
-        visible = tuple(None if mask is None else (mask.roll(1, 0) if k % 2 else mask)
-                        for k, mask in enumerate(visible))
-    return log_p(a1, b2.roll(1, 0), a3, b4.roll(1, 0), visible=visible, check=check)
+        raise ValueError(f"log_p_shuffled needs at least 2 pairs in the batch, got {len(a1)}")
+    return log_p(a1, b2.roll(1, 0), a3, b4.roll(1, 0), check=check)
 
 
-def log_p_dense(a1, b2, a3, b4, *, eps: float = 0.0, visible=None, home_radius: int = 0) -> torch.Tensor:
+def log_p_dense(a1, b2, a3, b4, *, eps: float = 0.0) -> torch.Tensor:
     """The quadratic reference: the formula of ``log_p`` written out with softmaxes.
 
     Builds ``B x N_A x N_B`` matrices (0.83 GB each per sample at N = 14,400 in
     float32); for tests and benchmarks only. Same arguments and result as ``log_p``;
-    computes in float32 (float64 when an input is float64). ``visible`` masks the
-    softmaxes with -inf and averages over the co-visible pixels of A.
+    computes in float32 (float64 when an input is float64).
     """
     dtype = _check_inputs(a1, b2, a3, b4)
     _check_eps(eps)
-    seen_a, seen_b = _co_visible(visible, a1, b2)
-    _check_home_radius(home_radius)
-    a3_shape = a3.shape[2:]
     a1, b2, a3, b4 = (_pixels(x, dtype) for x in (a1, b2, a3, b4))
-    s1, s2 = a1 @ b2.transpose(1, 2), a3 @ b4.transpose(1, 2)
-    if seen_a is not None:
-        s1 = s1.masked_fill(~seen_b[:, None, :], -math.inf)
-        s2 = s2.masked_fill(~seen_a[:, :, None], -math.inf)
-    a_to_b = torch.softmax(s1, dim=2)  # softmax over j, B's pixels
-    b_to_a = torch.softmax(s2, dim=1)  # softmax over i, A's pixels
-    if home_radius:
-        trips = a_to_b @ b_to_a.transpose(1, 2)  # P[x -> B -> y], B x N_A x N_A
-        cycle = (trips * _near(*a3_shape, home_radius).to(trips)).sum(dim=2)
-    else:
-        cycle = (a_to_b * b_to_a).sum(dim=2)  # P[x -> B -> x] for each pixel i of A
-    if seen_a is None:
-        return torch.log(cycle + eps).mean(dim=1)
-    terms = torch.log(cycle.masked_fill(~seen_a, 1.0) + eps)  # unseen rows: out of the mean
-    return terms.masked_fill(~seen_a, 0).sum(dim=1) / seen_a.sum(dim=1)
+    a_to_b = torch.softmax(a1 @ b2.transpose(1, 2), dim=2)  # softmax over j, B's pixels
+    b_to_a = torch.softmax(a3 @ b4.transpose(1, 2), dim=1)  # softmax over i, A's pixels
+    cycle = (a_to_b * b_to_a).sum(dim=2)  # P[x -> B -> x] for each pixel i of A
+    return torch.log(cycle + eps).mean(dim=1)
 
 
 def default_blocks(device, batch: int, n_a: int, n_b: int) -> tuple[int, int]:
@@ -294,26 +182,6 @@ def default_blocks(device, batch: int, n_a: int, n_b: int) -> tuple[int, int]:
     block_cols = min(max_cols, max(min_cols, budget // (batch * n_a)))
     block_rows = min(n_a, max(_MIN_BLOCK_ROWS, budget // (batch * block_cols)))
     return block_rows, min(block_cols, n_b)
-
-
-def _log_near_home(pixels, blocks, radius: int, shape):
-    """``B x N_A``: log P[x -> B -> x] (radius 0), or log sum_{|y - x| <= radius} P[x -> B -> y]
-    (``_LogCycle`` with a box sum over A's rows; module docstring, "Near home")."""
-    near = None if radius == 0 else (*shape, radius)
-    return _LogCycle.apply(*pixels, *blocks, near)
-
-
-def _near(height: int, width: int, radius: int):
-    """``N x N`` boolean: True where two pixels of an H x W map are within ``radius`` on both axes."""
-    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    rows, cols = rows.flatten(), cols.flatten()
-    return ((rows[:, None] - rows[None]).abs() <= radius) & ((cols[:, None] - cols[None]).abs() <= radius)
-
-
-def _check_home_radius(radius):
-    if isinstance(radius, bool) or not isinstance(radius, int) or radius < 0:
-        raise UserError(f"home_radius must be an integer >= 0 (0: the pixel must come back to itself), "
-                        f"got {radius!r}")
 
 
 def _pixel_terms(log_cycle, eps: float):
@@ -336,15 +204,12 @@ class _LogCycle(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, a1, b2, a3, b4, block_rows, block_cols, near=None):
+    def forward(ctx, a1, b2, a3, b4, block_rows, block_cols):
         with _autocast_off(a1.device.type):
             a1, a3 = a1 * _LOG2E, a3 * _LOG2E
-            if near is None:
-                r, t, c = _cycle_forward(a1, b2, a3, b4, block_rows, block_cols)
-            else:
-                r, t, c = _near_forward(a1, b2, a3, b4, block_cols, near)
+            r, t, c = _cycle_forward(a1, b2, a3, b4, block_rows, block_cols)
         ctx.save_for_backward(a1, b2, a3, b4, r, t, c)
-        ctx.blocks, ctx.near = (block_rows, block_cols), near
+        ctx.blocks = (block_rows, block_cols)
         return (t - r) * _LN2
 
     @staticmethod
@@ -357,14 +222,11 @@ class _LogCycle(torch.autograd.Function):
         block_rows, block_cols = ctx.blocks
         with _autocast_off(a1.device.type):
             for cols in _blocks(b2.shape[1], block_cols):
-                if ctx.near is None:
-                    strip.backward(cols, _blocks(a1.shape[1], block_rows))
-                else:
-                    strip.backward_near(cols, ctx.near)
+                strip.backward(cols, _blocks(a1.shape[1], block_rows))
         for db in grads[1::2]:  # db2, db4 were accumulated from the base-2 a1, a3
             if db is not None:
                 db.mul_(_LN2)
-        return (*grads, None, None, None)
+        return (*grads, None, None)
 
 
 def _cycle_forward(a1, b2, a3, b4, block_rows, block_cols):
@@ -386,40 +248,6 @@ def _cycle_forward(a1, b2, a3, b4, block_rows, block_cols):
             rt.add(tile, dim=3, index=(slice(None), slice(None), rows))
     r, t = rt.result()
     return r, t, c
-
-
-def _near_forward(a1, b2, a3, b4, block_cols, near):
-    """r, t, c as ``_cycle_forward``, with t_i = LSE_j (S1_ij + log2 M_ij) and M_ij = sum of
-    the column softmax Q_yj over A's pixels y within the radius of i (a box sum over the
-    H x W grid of A's rows; each strip holds all of them)."""
-    batch, n_a, n_b = a1.shape[0], a1.shape[1], b2.shape[1]
-    rt = _RunningLSE(a1.new_full((2, batch, n_a), -math.inf))
-    c = a1.new_empty(batch, n_b)
-    for cols in _blocks(n_b, block_cols):
-        s2 = _column_lse(a3, b4[:, cols], [slice(0, n_a)], out=c[:, cols])
-        near_home = _box_sum(_exp2_(s2.sub_(c[:, cols].unsqueeze(1))), near).log2_()
-        tile = a1.new_empty((2, *s2.shape))  # [S1, S1 + log2 M]
-        _scores(a1, b2[:, cols], out=tile[0])
-        torch.add(tile[0], near_home, out=tile[1])
-        rt.add(tile, dim=3)
-    r, t = rt.result()
-    return r, t, c
-
-
-def _box_sum(tile, near):
-    """``B x N_A x cols`` -> the sum over each row's neighbours within ``radius`` on both axes
-    of A's ``height x width`` grid (zero outside the grid)."""
-    height, width, radius = near
-    grid = tile.view(tile.shape[0], height, width, tile.shape[2])
-    total = grid
-    for axis in (2, 1):  # along x, then along y
-        summed = total.clone()
-        for d in range(1, min(radius, total.shape[axis] - 1) + 1):
-            length = total.shape[axis] - d
-            summed.narrow(axis, d, length).add_(total.narrow(axis, 0, length))  # the neighbour d before
-            summed.narrow(axis, 0, length).add_(total.narrow(axis, d, length))  # the neighbour d after
-        total = summed
-    return total.view(tile.shape)
 
 
 def _column_lse(a3, b4_cols, chunks, out):
@@ -498,26 +326,6 @@ class _Strip:
                 q = _exp2_(_scores(self.a3[:, rows], b4).sub_(c))  # column softmax Q
                 self._accumulate(rows, cols, None, q.mul_(column_weight).neg_())
 
-    def backward_near(self, cols, near):
-        """The strip's gradients for ``home_radius`` > 0 (all of A's rows at once). With M the
-        box sum of Q, W_ij = exp(S1_ij - t_i) M_ij and K the neighbourhood (symmetric):
-
-            dL/dS1_ij = g_i (W_ij - P_ij)
-            dL/dS2_yj = Q_yj (sum_i K_iy g_i W_ij / M_ij - sum_i g_i W_ij).
-        """
-        b2, b4, c = self.b2[:, cols], self.b4[:, cols], self.c[:, cols].unsqueeze(1)
-        tile = b2.new_empty((3, b2.shape[0], self.a1.shape[1], b2.shape[1]))
-        p, w, q = tile
-        _scores(self.a1, b2, out=p)
-        near_home = _box_sum(_exp2_(_scores(self.a3, b4, out=q).sub_(c)), near)
-        torch.add(p, near_home.log2(), out=w)
-        _exp2_(tile[:2].sub_(self.shift))
-        gw = w.mul_(self.grad)  # g_i W_ij
-        d1 = torch.addcmul(gw, p, self.grad, value=-1)
-        column_weight = gw.sum(dim=1, keepdim=True)
-        d2 = _box_sum(near_home.reciprocal_().mul_(gw), near).sub_(column_weight).mul_(q)
-        self._accumulate(slice(None), cols, d1, d2)
-
     def _accumulate(self, rows, cols, d1, d2):
         """dL/da1 += dS1 b2, dL/db2 += dS1^T a1 (and the same for a3, b4 with dS2)."""
         da1, db2, da3, db4 = self.grads
@@ -580,15 +388,15 @@ def _check_inputs(a1, b2, a3, b4, finite: bool = True) -> torch.dtype:
     _check_same(a1, a3, "a1", "a3", "both come from frame A: B x C x HA x WA")
     _check_same(b2, b4, "b2", "b4", "both come from frame B: B x C x HB x WB")
     if a1.shape[:2] != b2.shape[:2]:
-        raise UserError(f"a1 and b2 must have the same batch size and channel count (B x C), "
+        raise ValueError(f"a1 and b2 must have the same batch size and channel count (B x C), "
                         f"got {tuple(a1.shape[:2])} and {tuple(b2.shape[:2])}")
     devices = {str(x.device) for x in maps.values()}
     if len(devices) > 1:
-        raise UserError(f"a1, b2, a3, b4 must be on one device, got {sorted(devices)}; move them with .to(device)")
+        raise ValueError(f"a1, b2, a3, b4 must be on one device, got {sorted(devices)}; move them with .to(device)")
     for name, x in maps.items() if finite else ():
         if not bool(torch.isfinite(x).all()):
             nan, inf = int(x.isnan().sum()), int(x.isinf().sum())
-            raise UserError(f"{name} must be finite, got {nan} NaN and {inf} infinite values of {x.numel()}; "
+            raise ValueError(f"{name} must be finite, got {nan} NaN and {inf} infinite values of {x.numel()}; "
                             "check the network's output (a diverged run, a division by a zero norm)")
     wide = any(x.dtype == torch.float64 for x in maps.values())
     return torch.float64 if wide else torch.float32
@@ -596,28 +404,28 @@ def _check_inputs(a1, b2, a3, b4, finite: bool = True) -> torch.dtype:
 
 def _check_one(name, x):
     if not isinstance(x, torch.Tensor):
-        raise UserError(f"{name} must be a torch.Tensor feature map B x C x H x W, got {type(x).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor feature map B x C x H x W, got {type(x).__name__}")
     if x.dim() != 4:
-        raise UserError(f"{name} must be a feature map B x C x H x W (4 dims), got {x.dim()} dims "
+        raise ValueError(f"{name} must be a feature map B x C x H x W (4 dims), got {x.dim()} dims "
                         f"with shape {tuple(x.shape)}; add the batch dimension with x[None] if it is missing")
     if not x.is_floating_point():
-        raise UserError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
                         f"got {x.dtype}")
     if x.numel() == 0:
-        raise UserError(f"{name} must have at least one sample, channel and pixel, got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must have at least one sample, channel and pixel, got shape {tuple(x.shape)}")
 
 
 def _check_same(x, y, name_x, name_y, why):
     if x.shape != y.shape:
-        raise UserError(f"{name_x} and {name_y} must have the same shape ({why}), "
+        raise ValueError(f"{name_x} and {name_y} must have the same shape ({why}), "
                         f"got {tuple(x.shape)} and {tuple(y.shape)}")
 
 
 def _check_eps(eps):
     if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise UserError(f"eps must be a finite number >= 0 (0: exact; the original uses 1e-4), got {eps!r}")
+        raise ValueError(f"eps must be a finite number >= 0 (0: exact; the original uses 1e-4), got {eps!r}")
 
 
 def _check_block(size, name):
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise UserError(f"{name} must be a positive int or None (automatic), got {size!r}")
+        raise ValueError(f"{name} must be a positive int or None (automatic), got {size!r}")

@@ -27,10 +27,6 @@ from torch import nn
 
 STRIDES = (4, 8)
 DECODER_CHANNELS = 128
-# the fixed strides of the encoder's levels; the decoder's levels sit at the network's own stride
-LEVEL_STRIDES = {"stage1": 4, "stage2": 8, "stage3": 16}
-OWN_STRIDE_LEVELS = ("decoder", "head")
-LEVELS = (*LEVEL_STRIDES, *OWN_STRIDE_LEVELS)  # the names StridedResNet.levels gives, in order
 
 
 def _conv_bn(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
@@ -80,34 +76,15 @@ class StridedResNet(nn.Module):
         self.smooth = nn.ModuleList(_conv_bn(DECODER_CHANNELS, DECODER_CHANNELS) for _ in widths[1:])
         self.head = nn.Conv2d(DECODER_CHANNELS, out_channels, 3, padding=1)
 
-    def levels(self, images) -> dict:
-        """Every level of the network for ``images`` ``B x 3 x H x W``, by name: ``stage1``
-        (64 channels, stride 4), ``stage2`` (128, stride 8), ``stage3`` (256, stride 16),
-        ``decoder`` (the top-down map after its ReLU, 128 channels, at ``self.stride``) and
-        ``head`` (the output, ``self.channels``, at ``self.stride``). ``LEVEL_STRIDES``
-        gives each level's stride; ``forward`` is ``levels(images)["head"]``."""
-        x, found = self.stem(images), {}
-        for k, stage in enumerate(self.stages, start=1):
+    def forward(self, images):
+        x, found = self.stem(images), []
+        for stage in self.stages:  # strides 4, 8, 16
             x = stage(x)
-            found[f"stage{k}"] = x
-        kept = list(found.values())[-self.kept:]
+            found.append(x)
+        kept = found[-self.kept:]
         top = self.lateral[-1](kept[-1])
         for k in reversed(range(self.kept - 1)):
             lateral = self.lateral[k](kept[k])
             up = F.interpolate(top, size=lateral.shape[-2:], mode="nearest")
             top = self.smooth[k](F.relu(up + lateral))
-        found["decoder"] = F.relu(top)
-        found["head"] = self.head(found["decoder"])
-        return found
-
-    def level_stride(self, level: str) -> int:
-        """Input pixels per cell of the map ``levels(...)[level]``; ValueError for a name
-        that ``levels`` does not give."""
-        if level in OWN_STRIDE_LEVELS:
-            return self.stride
-        if level not in LEVEL_STRIDES:
-            raise ValueError(f"unknown level {level!r}: expected one of {list(LEVELS)}")
-        return LEVEL_STRIDES[level]
-
-    def forward(self, images):
-        return self.levels(images)["head"]
+        return self.head(F.relu(top))

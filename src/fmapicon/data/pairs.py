@@ -43,7 +43,6 @@ from fmapicon.data.sources import (Clip, FrameIndex, ScanReport, SkippedFileWarn
                                    read_video_pair, scan_path)
 from fmapicon.errors import UserError
 
-WEIGHTINGS = ("frames", "clips")  # how FramePairs draws its sources (see its docstring)
 MAX_ATTEMPTS = 32
 SYNTH_DEFAULTS = {"scenes": 64, "frames": 40, "size": None, "objects": 3, "seed": 1}
 
@@ -81,8 +80,6 @@ class FramePairs(torch.utils.data.Dataset):
     length : ``len(dataset)``; default the number of frames that can start a pair.
     cache_dir : where the frame-count index lives; default ``$FMAPICON_CACHE`` or
         ``~/.cache/fmapicon``; ``False`` disables it.
-    weighting : ``"frames"`` draws clips in proportion to their length (every frame equally
-        likely), ``"clips"`` draws every clip equally often (the original's choice).
 
     Attributes
     ----------
@@ -99,11 +96,10 @@ class FramePairs(torch.utils.data.Dataset):
     """
 
     def __init__(self, sources, size: int = 120, max_gap: int = 30, crop: str = "center", seed: int = 0,
-                 length: int | None = None, cache_dir=None, crop_scale: tuple[float, float] = (0.5, 1.0),
-                 weighting: str = "frames"):
-        _check_options(size, max_gap, crop, crop_scale, weighting, length, seed)
+                 length: int | None = None, cache_dir=None, crop_scale: tuple[float, float] = (0.5, 1.0)):
+        _check_options(size, max_gap, crop, crop_scale, length, seed)
         self.size, self.max_gap, self.crop, self.seed = int(size), int(max_gap), crop, int(seed)
-        self.crop_scale, self.weighting = tuple(crop_scale), weighting
+        self.crop_scale = tuple(crop_scale)
         self.epoch = 0
         self._report = ScanReport()
         index = FrameIndex(cache_path(cache_dir))
@@ -112,7 +108,7 @@ class FramePairs(torch.utils.data.Dataset):
         for source in _as_list(sources):
             self.clips += self._scan_source(source, index)
         index.save()
-        weights = np.array([c.frames - 1 if weighting == "frames" else 1 for c in self.clips], dtype=np.float64)
+        weights = np.array([c.frames - 1 for c in self.clips], dtype=np.float64)  # every frame equally likely
         self._cumulative = np.cumsum(weights) / weights.sum()
         self.length = int(length) if length is not None else int(sum(c.frames - 1 for c in self.clips))
         self.scale = float(np.median([self.size / min(c.width, c.height) for c in self.clips]))
@@ -296,7 +292,7 @@ def _as_list(sources) -> list:
     return sources
 
 
-def _check_options(size, max_gap, crop, crop_scale, weighting, length, seed) -> None:
+def _check_options(size, max_gap, crop, crop_scale, length, seed) -> None:
     if int(seed) < 0:
         raise UserError(f"seed must be a non-negative integer, got {seed}")
     if int(size) < 8:
@@ -308,8 +304,6 @@ def _check_options(size, max_gap, crop, crop_scale, weighting, length, seed) -> 
     low, high = crop_scale
     if not 0 < low <= high <= 1:
         raise UserError(f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {crop_scale}")
-    if weighting not in WEIGHTINGS:
-        raise UserError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
     if length is not None and int(length) < 1:
         raise UserError(f"length must be at least 1, got {length}")
 

@@ -5,9 +5,7 @@
 ``w = ceil(W / stride)``. Specs:
 
 - a run folder or a checkpoint file: the trained network (``fmapicon.core.checkpoint.load``);
-  its ``default_input_scale`` is the ``input_scale`` of its config (1.0 when absent); a
-  network trained with ``pixels_weight`` W carries the ``pixels`` features below as part of
-  its own (``fmapicon.core.networks.FeatureNet``);
+  its ``default_input_scale`` is the ``input_scale`` of its config (1.0 when absent);
 - ``pixels``: Lab colour patches at the feature stride (``fmapicon.core.colour``). The image
   in CIE Lab (sRGB, D65) is centred on mid-grey and scaled per channel,
   ``((L - 50) / 20, a / 10, b / 10)`` (about unit spread each: the median per-image standard

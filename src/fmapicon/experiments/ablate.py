@@ -221,10 +221,9 @@ def pair_log_p(net, aug: str, pairs, seed: int) -> tuple[float, float]:
     generator = torch.Generator().manual_seed(seed)
     try:
         with torch.no_grad():
-            maps, visible = four_draws(net, a, b, make_augmentation(aug, stride=net.stride), generator=generator,
-                                       seen=True)
-            true = log_p(*maps, visible=visible).mean()
-            shuffled = log_p_shuffled(*maps, visible=visible).mean()
+            maps = four_draws(net, a, b, make_augmentation(aug, stride=net.stride), generator=generator)
+            true = log_p(*maps).mean()
+            shuffled = log_p_shuffled(*maps).mean()
     finally:
         net.train(was_training)
     return float(true), float(shuffled)

@@ -37,10 +37,11 @@ without loading torch.
 
 from __future__ import annotations
 
-from fmapicon.train.config import RECIPE_VALUES, RECIPES, RESUMABLE, TrainConfig, check_value, config_fields, load_config_file
+from fmapicon.train.config import (RECIPE_VALUES, RECIPES, REMOVED_OPTIONS, RESUMABLE, TrainConfig, check_value,
+                                   config_fields, load_config_file)
 from fmapicon.train.entry import train
 from fmapicon.train.faults import TrainingDiverged, TrainingInterrupted
 from fmapicon.train.run_folder import saved_config
 
-__all__ = ["RECIPES", "RECIPE_VALUES", "RESUMABLE", "TrainConfig", "TrainingDiverged", "TrainingInterrupted",
+__all__ = ["RECIPES", "RECIPE_VALUES", "REMOVED_OPTIONS", "RESUMABLE", "TrainConfig", "TrainingDiverged", "TrainingInterrupted",
            "check_value", "config_fields", "load_config_file", "saved_config", "train"]

@@ -19,8 +19,7 @@ from fmapicon.errors import UserError
 
 NETS = ("short", "tall", "taller", "resnet-s4", "resnet-s8")  # = networks.NETS (kept torch-free here)
 RECIPES = ("reference", "original")
-WEIGHTINGS = ("frames", "clips")  # = data.pairs.WEIGHTINGS
-AUGMENTATIONS = ("none", "affine", "roll", "roll+affine", "shift", "shift+affine")  # = augment.AUGMENTATIONS
+AUGMENTATIONS = ("none", "affine", "roll", "roll+affine")  # = augment.AUGMENTATIONS
 OPTIMIZERS = ("rmsprop", "adam", "adamw")
 AMP_MODES = ("off", "bf16", "fp16")
 GRAD_ACCUMULATION = ("off", "original")
@@ -28,6 +27,12 @@ CROPS = ("center", "random")
 
 # keys that --resume may change; everything else must stay as the run was started
 RESUMABLE = ("steps", "device", "workers", "minutes")
+
+# options that measured no better than the reference recipe and left the package: the value
+# that turned each off (a saved config holding it still loads), and the last commit that runs
+# them (their measurements: docs/experiments.md)
+REMOVED_OPTIONS = {"weighting": "frames", "pixels_weight": 0.0, "home_radius": 0, "color_jitter": 0.0}
+REMOVED_AT = "6e9c336"
 
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -76,9 +81,6 @@ class TrainConfig:
                        "over this batch, so small batches make it noisy", minimum=1)
     max_gap: int = _knob(_REFERENCE["max_gap"], "B is 1..max_gap frames after A: larger gaps teach larger motions, but pairs "
                          "lose correspondence", minimum=1)
-    weighting: str = _knob("frames", "how often each training source is drawn: frames (in proportion to its "
-                           "length, every frame equally likely) or clips (every clip and frame folder equally "
-                           "often, so a few long videos do not outweigh many short ones)", choices=WEIGHTINGS)
     crop: str = _knob(_REFERENCE["crop"], "center: the largest centred square of each frame, as the original (evaluation "
                       "runs at the recorded scale); random: a random square of --crop-min to --crop-max of the short "
                       "side, shared by A and B (more scales, but no single training scale)", choices=CROPS)
@@ -87,29 +89,14 @@ class TrainConfig:
     crop_max: float = _knob(_REFERENCE["crop_max"], "with --crop random: the largest crop side as a fraction of the short side",
                             above=0.0)
     aug: str = _knob("roll+affine", "equivariant augmentation: none (attempt 0: the net collapses to a "
-                     "positional code), affine (attempt 1), roll, roll+affine (the final recipe), shift, "
-                     "shift+affine (translation by crops of 3/4 of each side, the objective on the pixels both "
-                     "views see: no seam)",
+                     "positional code), affine (attempt 1), roll, roll+affine (the final recipe)",
                      choices=AUGMENTATIONS)
     center: bool = _knob(True, "PixelCenter (attempt 2): subtract the per-location batch mean of the features")
-    pixels_weight: float = _knob(0.0, "W in [0, 1): the network's features carry the pixels baseline's Lab "
-                                 "patches beside the learned ones, so that cosines are (1 - W) cos(learned) + W "
-                                 "cos(colour) in the objective and at evaluation (measured in docs/experiments.md: "
-                                 "no better than fusing at evaluation, eval --pixels-weight); 0 = learned features "
-                                 "alone", minimum=0.0)
     lambda_init: float = _knob(_REFERENCE["lambda_init"], "initial lambda of NormScale: features are unit vectors times lambda, "
                                "logits reach lambda^2; larger values give sharper matches", above=0.0)
     learn_lambda: bool = _knob(True, "train NormScale's lambda (the writeup's trainable radius); "
                                "--no-learn-lambda keeps it at --lambda-init, so the objective's softmaxes do not "
                                "sharpen as training goes on")
-    home_radius: int = _knob(0, "0: a pixel must come back to itself (the writeup's objective); r > 0: anywhere "
-                             "within r feature cells of itself on both axes, so neighbouring cells of one surface "
-                             "are not pushed apart; the loss costs about 1.3 times r = 0 (the logged log_p "
-                             "stays the exact r = 0 one)", minimum=0)
-    color_jitter: float = _knob(0.0, "strength s of SimCLR's colour distortion, drawn independently for each of the "
-                                "four draws (brightness, contrast, saturation by up to 0.8 s, hue by up to 0.2 s of a "
-                                "turn, with probability 0.8; grey with probability 0.2): the features must match "
-                                "across colour changes, not by exact colour; 0 turns it off", minimum=0.0)
     log_eps: float = _knob(1e-4, "eps in log(sum + eps) of the loss: the original's 1e-4 floors an occluded "
                            "pixel's term at about -9.2 (robust); 0 trains the exact log_p", minimum=0.0)
     optim: str = _knob(_REFERENCE["optim"], "optimizer: rmsprop (the original's: alpha 0.99, eps 1e-8), adam, adamw "
@@ -151,9 +138,6 @@ class TrainConfig:
         if not self.crop_min <= self.crop_max <= 1.0:
             problems.append(f"crop_min <= crop_max <= 1 is needed, got crop_min={self.crop_min}, "
                             f"crop_max={self.crop_max}")
-        if not self.pixels_weight < 1.0:
-            problems.append(f"pixels_weight: expected a value in [0, 1) (1 would leave nothing learned), "
-                            f"got {self.pixels_weight!r}")
         if self.eval_every and not self.davis:
             problems.append("eval_every > 0 needs davis (a DAVIS root to evaluate on)")
         if problems:
@@ -175,7 +159,7 @@ class TrainConfig:
 
         An unknown key is a ``UserError`` that lists the valid ones; values are checked.
         """
-        values = {str(key).replace("-", "_"): value for key, value in mapping.items()}
+        values = _without_removed({str(key).replace("-", "_"): value for key, value in mapping.items()})
         if base is None:
             base = cls.for_recipe(values.get("recipe", "reference"))
         names = [f.name for f in dataclasses.fields(cls)]
@@ -187,6 +171,17 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _without_removed(values: dict) -> dict:
+    """``values`` without the removed options that hold their "off" value (an older run's
+    saved config); ``UserError`` for one that asks for a removed behaviour."""
+    asked = {key: values[key] for key in REMOVED_OPTIONS if key in values and values[key] != REMOVED_OPTIONS[key]}
+    if asked:
+        listed = ", ".join(f"{key}={value!r}" for key, value in asked.items())
+        raise UserError(f"training option(s) {listed} no longer exist: they measured no better than the reference "
+                        f"recipe (docs/experiments.md); drop them, or run fmapicon at commit {REMOVED_AT} to use them")
+    return {key: value for key, value in values.items() if key not in REMOVED_OPTIONS}
 
 
 def config_fields() -> dict:

@@ -51,7 +51,7 @@ def make_dataset(config: TrainConfig):
     from fmapicon.data.pairs import FramePairs
 
     return FramePairs(config.data, size=config.size, max_gap=config.max_gap, crop=config.crop, seed=config.seed,
-                      crop_scale=(config.crop_min, config.crop_max), weighting=config.weighting)
+                      crop_scale=(config.crop_min, config.crop_max))
 
 
 def dataset_length(dataset) -> int:

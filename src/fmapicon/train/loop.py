@@ -19,8 +19,8 @@ from fmapicon.train.config import TrainConfig
 from fmapicon.train.data_stream import DataStream, GlobalBatches, dataset_length, make_dataset
 from fmapicon.train.distributed import Processes, barrier
 from fmapicon.train.faults import StopRequests, TrainingDiverged
-from fmapicon.train.model import amp_dtype, distributed_model, four_draw_module, make_optimizer, network_config
-from fmapicon.train.random_streams import AUGMENT_STREAM, JITTER_STREAM, rng_state, set_rng_state, stream_seed
+from fmapicon.train.model import amp_dtype, distributed_model, four_draw_module, make_optimizer
+from fmapicon.train.random_streams import AUGMENT_STREAM, rng_state, set_rng_state, stream_seed
 from fmapicon.train.run_folder import (BEST_WEIGHTS, CALIBRATION_FRAMES, CHECKPOINT_DIR, CONFIG_FILE, LAST_WEIGHTS,
                                        SNAPSHOT_WEIGHTS, STATE_FILE, MetricsLog, git_commit)
 
@@ -36,7 +36,6 @@ class StepResult:
         shuffled pairs (B rolled by one in the batch); None until measured (``Trainer.measured``,
         on logged steps) and on bad steps
     features : the detached feature maps (a1, b2, a3, b4) the diagnostics are measured on
-    visible : their seen-pixel masks (``four_draws(..., seen=True)``; None entries: all seen)
     """
 
     loss: float
@@ -45,7 +44,6 @@ class StepResult:
     log_p: float | None = None
     log_p_shuffled: float | None = None
     features: tuple = ()
-    visible: tuple | None = None
 
 
 class Trainer:
@@ -72,24 +70,21 @@ class Trainer:
         import torch
 
         from fmapicon.core.augment import make_augmentation
-        from fmapicon.core.networks import build_network
-        from fmapicon.core.photometric import ColorJitter
+        from fmapicon.core.networks import build_network, network_config
 
-        self.net = build_network(network_config(self.config)).to(self.device)
+        self.network_config = network_config(self.config.to_dict())
+        self.net = build_network(self.network_config).to(self.device)
         self.net.norm_scale.scale.requires_grad_(self.config.learn_lambda)
         if self.net.pixel_center is not None:
             self.net.pixel_center.global_batch = self.processes.distributed  # centre over the global batch
         self.augmentation = make_augmentation(self.config.aug, stride=self.net.stride)
-        self.jitter = ColorJitter(self.config.color_jitter) if self.config.color_jitter > 0 else None
-        self.model = distributed_model(four_draw_module(self.net, self.augmentation, self.jitter), self.processes,
-                                        self.device)
+        self.model = distributed_model(four_draw_module(self.net, self.augmentation), self.processes, self.device)
         if self.processes.distributed and self.device.type == "cuda":
             self.net = self.model.module.net  # the SyncBatchNorm copy
         self.optimizer = make_optimizer(self.config, self.net.parameters())
         self.amp_dtype = amp_dtype(self.config, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.config.amp == "fp16")
         self.generator = torch.Generator()  # reseeded every step: see stream_seed
-        self.jitter_generator = torch.Generator()  # likewise, its own stream
 
     def _build_data(self) -> None:
         world = self.processes.world
@@ -107,7 +102,7 @@ class Trainer:
         from fmapicon import __version__
 
         return {**self.config.to_dict(), "input_scale": getattr(self.dataset, "input_scale", None),
-                "network": dataclasses.asdict(network_config(self.config)), "stride": self.net.stride,
+                "network": dataclasses.asdict(self.network_config), "stride": self.net.stride,
                 "world_size": self.processes.world, "fmapicon_version": __version__,
                 "git_commit": git_commit(), "torch_version": torch.__version__,
                 "data_summary": _jsonable(getattr(self.dataset, "summary", None))}
@@ -120,8 +115,7 @@ class Trainer:
 
         if self.config.grad_accumulation == "off":
             self.optimizer.zero_grad(set_to_none=True)
-        features, visible, loss = self._forward(a.to(self.device, non_blocking=True),
-                                                b.to(self.device, non_blocking=True))
+        features, loss = self._forward(a.to(self.device, non_blocking=True), b.to(self.device, non_blocking=True))
         mean_loss = self._mean_over_processes(loss.detach())
         if not math.isfinite(mean_loss):  # agreed by all ranks: none runs backward
             return self._skip(mean_loss, None)
@@ -132,25 +126,22 @@ class Trainer:
         if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
             return self._skip(mean_loss, grad_norm)
         self._update(grad_norm)
-        return StepResult(mean_loss, grad_norm, features=tuple(f.detach() for f in features), visible=visible)
+        return StepResult(mean_loss, grad_norm, features=tuple(f.detach() for f in features))
 
     def _forward(self, a, b):
-        """The four feature maps (float32), their seen-pixel masks and the loss; a NaN loss when
-        a map is not finite."""
+        """The four feature maps (float32) and the loss; a NaN loss when a map is not finite."""
         import torch
 
         from fmapicon.core import objective
 
-        for generator, stream in ((self.generator, AUGMENT_STREAM), (self.jitter_generator, JITTER_STREAM)):
-            generator.manual_seed(stream_seed(self.config.seed, stream, self.processes.rank, self.step + 1))
+        self.generator.manual_seed(stream_seed(self.config.seed, AUGMENT_STREAM, self.processes.rank, self.step + 1))
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            features, visible = self.model(a, b, self.generator, self.jitter_generator)
+            features = self.model(a, b, self.generator)
         features = tuple(f.float() for f in features)
         if not all(bool(torch.isfinite(f).all()) for f in features):
-            return features, visible, torch.full((), math.nan, device=self.device)
-        log_p = objective.log_p(*features, eps=self.config.log_eps, check=False, visible=visible,  # checked above
-                                home_radius=self.config.home_radius)
-        return features, visible, -log_p.mean()
+            return features, torch.full((), math.nan, device=self.device)
+        log_p = objective.log_p(*features, eps=self.config.log_eps, check=False)  # checked above
+        return features, -log_p.mean()
 
     def _mean_over_processes(self, value) -> float:
         if self.processes.distributed:
@@ -181,10 +172,10 @@ class Trainer:
 
         from fmapicon.core import objective
 
-        features, visible = result.features, result.visible
+        features = result.features
         with torch.no_grad():
-            true = objective.log_p(*features, check=False, visible=visible).mean()
-            shuffled = objective.log_p_shuffled(*features, visible=visible, check=False).mean() if len(features[0]) > 1 else None
+            true = objective.log_p(*features, check=False).mean()
+            shuffled = objective.log_p_shuffled(*features, check=False).mean() if len(features[0]) > 1 else None
         log_p = self._mean_over_processes(true)
         log_p_shuffled = None if shuffled is None else self._mean_over_processes(shuffled)
         return dataclasses.replace(result, log_p=log_p, log_p_shuffled=log_p_shuffled)

@@ -7,20 +7,10 @@ from fmapicon.train.config import TrainConfig
 from fmapicon.train.distributed import Processes
 
 
-def network_config(config: TrainConfig):
-    """The ``NetworkConfig`` of a run: PixelCenter's size is the feature map's (S / stride)."""
-    from fmapicon.core.networks import NetworkConfig, feature_size
-
-    side = feature_size(config.size, config.net)
-    return NetworkConfig(net=config.net, channels=config.channels, lambda_init=config.lambda_init,
-                         center=config.center, size=(side, side), pixels_weight=config.pixels_weight)
-
-
-def four_draw_module(net, augmentation, jitter=None):
+def four_draw_module(net, augmentation):
     """A module whose one forward runs the four augmented draws, so that DDP sees one
     forward per backward (defined here to keep this module's import free of torch). It
-    returns ``((a1, b2, a3, b4), visible)`` (``four_draws(..., seen=True)``); ``jitter``:
-    the photometric augmentation of each draw (``four_draws(..., jitter=)``) or None."""
+    returns ``(a1, b2, a3, b4)`` (``four_draws``)."""
     import torch
 
     from fmapicon.core.augment import four_draws
@@ -30,9 +20,8 @@ def four_draw_module(net, augmentation, jitter=None):
             super().__init__()
             self.net = net
 
-        def forward(self, a, b, generator, jitter_generator=None):
-            return four_draws(self.net, a, b, augmentation, generator=generator, seen=True, jitter=jitter,
-                              jitter_generator=jitter_generator)
+        def forward(self, a, b, generator):
+            return four_draws(self.net, a, b, augmentation, generator=generator)
 
     return FourDraws()
 

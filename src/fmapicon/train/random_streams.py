@@ -15,7 +15,7 @@ def stream_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> 1)
 
 
-AUGMENT_STREAM, DATA_STREAM, JITTER_STREAM = 1, 2, 3
+AUGMENT_STREAM, DATA_STREAM = 1, 2
 
 
 def rng_state() -> dict:
