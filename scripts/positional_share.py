@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import torch
 
-from fmapicon.data.davis import frame_paths, layout, read_frame, sequence_names
+from fmapicon.data.davis import frame_paths, layout, sequence_names
+from fmapicon.data.images import read_image, to_tensor
 from fmapicon.evaluation.features import extract, feature_geometry, load_model, positional_share
 from fmapicon.runtime import write_json
 
@@ -39,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     images_dir, _ = layout(args.davis)
     paths = [p for name in sequence_names(args.davis) for p in frame_paths(images_dir, name)[:: args.every]]
-    frames = torch.stack([torch.from_numpy(read_frame(p).copy()).permute(2, 0, 1).float() / 255 for p in paths])
+    frames = to_tensor(np.stack([read_image(p) for p in paths]))
     rows = []
     print(f"{len(paths)} frames of {tuple(frames.shape[-2:])}")
     print(f"{'model':<48} {'positional share':>16} {'adjacent cos':>12} {'pair cos':>8} {'eff. rank':>9}")

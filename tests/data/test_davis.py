@@ -249,18 +249,6 @@ def test_grey_style_is_decided_once_per_sequence(tmp_path):
     assert read_annotation(tmp_path / "b.png").tolist() == [[0, 1, 0], [0, 0, 0]]  # alone: 0/255
 
 
-def test_sixteen_bit_and_float_frames_are_scaled_not_clipped(tmp_path):
-    from fmapicon.data.davis import read_frame
-
-    ramp = np.linspace(0, 65535, 16).astype(np.uint16).reshape(4, 4)
-    Image.fromarray(ramp).save(tmp_path / "f16.png")
-    expected = np.round(ramp / 65535 * 255).astype(np.uint8)
-    assert np.array_equal(read_frame(tmp_path / "f16.png")[..., 0], expected)
-    unit = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)
-    Image.fromarray(unit, "F").save(tmp_path / "f.tif")
-    assert np.array_equal(read_frame(tmp_path / "f.tif")[..., 1], np.round(unit * 255).astype(np.uint8))
-
-
 def test_frames_and_annotations_in_natural_order(tmp_path):
     for name in ("1", "2", "10", "11", "9"):
         for kind in ("frames", "masks"):

@@ -14,7 +14,7 @@ from fmapicon.experiments import demo, shared
 def test_synthetic_pairs_have_the_exact_flow_of_the_held_out_scenes(tmp_path):
     """The pairs are the held-out frames (as written to disk), and a one-frame gap gives
     exactly the scene's own per-frame flow (the file in Flow/)."""
-    from fmapicon.data.davis import read_frame
+    from fmapicon.data.images import read_image
     from fmapicon.data.flow import read_flo
     from fmapicon.data.synth import build_scene, scene_seed
 
@@ -22,7 +22,7 @@ def test_synthetic_pairs_have_the_exact_flow_of_the_held_out_scenes(tmp_path):
     shared.write_heldout(tmp_path, recipe, seed=4)
     pairs = shared.synthetic_pairs(recipe, seed=4)
     assert [p.name for p in pairs] == ["synth-0000/00000+1", "synth-0000/00002+1", "synth-0000/00004+1"]
-    written = read_frame(tmp_path / "JPEGImages" / "480p" / "synth-0000" / "00002.jpg").astype(int)
+    written = read_image(tmp_path / "JPEGImages" / "480p" / "synth-0000" / "00002.jpg").astype(int)
     # the same frame, up to JPEG: far closer to it than to another frame of the sequence
     assert np.abs(written - pairs[1].a.astype(int)).mean() < 0.5 * np.abs(written - pairs[0].a.astype(int)).mean()
     assert np.allclose(pairs[1].flow, read_flo(tmp_path / "Flow" / "synth-0000" / "00002.flo"), atol=1e-4)

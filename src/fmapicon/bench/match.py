@@ -241,9 +241,10 @@ def _match_pair(model, pair: FlowPair, configs, args, device) -> dict:
     and their time is added to every config."""
     import torch
 
-    from fmapicon.evaluation.correspond import default_temperature, features_at_stride, match_features, read_image
+    from fmapicon.data.images import read_image, to_tensor
+    from fmapicon.evaluation.correspond import default_temperature, features_at_stride, match_features
 
-    image_a, image_b = read_image(pair.a).to(device), read_image(pair.b).to(device)
+    image_a, image_b = (to_tensor(read_image(path), device)[None] for path in (pair.a, pair.b))
     start = time.perf_counter()
     fa = features_at_stride(model, image_a, args.stride, args.input_scale)
     fb = features_at_stride(model, image_b, args.stride, args.input_scale)

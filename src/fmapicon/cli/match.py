@@ -63,12 +63,13 @@ def run(args) -> int:
     import time
     from pathlib import Path
 
-    from fmapicon.evaluation.correspond import load_feature_model, match_images, read_image
+    from fmapicon.data.images import read_image, to_tensor
+    from fmapicon.evaluation.correspond import load_feature_model, match_images
     from fmapicon.data.flow import write_flo
     from fmapicon.runtime import resolve_device, write_json
 
     device = resolve_device(args.device)
-    image_a, image_b = read_image(args.image_a).to(device), read_image(args.image_b).to(device)
+    image_a, image_b = (to_tensor(read_image(path), device)[None] for path in (args.image_a, args.image_b))
     gt_flow = _read_gt(args.gt_flow, tuple(image_a.shape[-2:])) if args.gt_flow else None
     model = load_feature_model(args.model, device, args.stride)
     start = time.perf_counter()

@@ -429,9 +429,10 @@ def network_config(run_config: dict, source: str = "this run config") -> Network
     """The ``NetworkConfig`` of a run config: the one rule, for training and for loading.
 
     ``run_config`` is a ``TrainConfig`` as a dict (the keys net, channels, lambda_init,
-    center and size, S the training side in pixels: PixelCenter's size is the feature map's,
-    ``feature_size(S, net)`` squared) or a saved config whose ``network`` entry is a
-    ``NetworkConfig`` as a dict (``size`` already the feature map's). ``UserError`` naming
+    center and size; an integer size S is the training side in pixels, and PixelCenter's
+    size is the feature map's, ``feature_size(S, net)`` squared; an (h, w) pair is that
+    feature-map size already) or a saved config whose ``network`` entry is a
+    ``NetworkConfig`` as a dict. ``UserError`` naming
     ``source`` (a file) when the config does not describe a network this version builds.
     """
     names = [f.name for f in dataclasses.fields(NetworkConfig)]
@@ -439,8 +440,8 @@ def network_config(run_config: dict, source: str = "this run config") -> Network
         values = dict(run_config["network"])
     else:
         values = {key: run_config[key] for key in names if key in run_config}
-        if "size" in values and "net" in values:
-            side = feature_size(values["size"], values["net"]) if values["net"] in NETS else values["size"]
+        if isinstance(values.get("size"), int) and values.get("net") in NETS:  # a training side S
+            side = feature_size(values["size"], values["net"])
             values["size"] = (side, side)
     if "net" not in values:
         raise UserError(f"{source} does not say which network it holds (expected a 'network' entry or the keys "

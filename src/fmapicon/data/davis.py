@@ -274,40 +274,12 @@ def read_annotations(paths) -> tuple[list[np.ndarray], AnnotationStyle]:
     return [_to_ids(kind, values, style, p) for (kind, values), p in zip(loaded, paths)], style
 
 
-def _frame_rgb(image: Image.Image) -> np.ndarray:
-    """``H x W x 3`` uint8 of any Pillow mode; 16-bit and float images are scaled to 0..255
-    by their depth (I;16: 65535; I: 255 or 65535 by the largest value; F: 1, 255 or 65535),
-    never clipped."""
-    mode = image.mode
-    if mode in ("I", "F") or mode.startswith("I;16"):
-        array = np.asarray(image, dtype=np.float64)
-        array = np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0)
-        top = float(array.max(initial=0))
-        if mode.startswith("I;16"):
-            full = 65535.0
-        elif mode == "F" and top <= 1.0:
-            full = 1.0
-        else:
-            full = 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
-        grey = np.clip(np.round(array / full * 255.0), 0, 255).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=-1)
-    return np.asarray(image.convert("RGB"))
-
-
-def read_frame(path) -> np.ndarray:
-    """An RGB frame as ``H x W x 3`` uint8 from an image of any mode (grey, palette, CMYK,
-    RGBA: as Pillow converts them to RGB; 16-bit and float: scaled by their depth, see
-    ``_frame_rgb``)."""
-    try:
-        with Image.open(path) as image:
-            return _frame_rgb(image)
-    except OSError as error:
-        raise UserError(f"cannot read frame {path}: {error}") from error
-
-
 def read_frames(paths) -> np.ndarray:
-    """Frames ``T x H x W x 3`` uint8; all must have the same size."""
-    frames = [read_frame(p) for p in paths]
+    """Frames ``T x H x W x 3`` uint8 (``fmapicon.data.images.read_image``); all must have the
+    same size."""
+    from fmapicon.data.images import read_image
+
+    frames = [read_image(p) for p in paths]
     sizes = {f.shape for f in frames}
     if len(sizes) > 1:
         raise UserError(f"frames of one sequence differ in size ({sorted(sizes)}), e.g. {paths[0]}")

@@ -93,10 +93,10 @@ class FlowPair:
     dataset: str = ""
 
     def load(self) -> FlowPair:
-        """The pair with its frames (``fmapicon.data.davis.read_frame``) and flow (``read_flo``) read."""
-        from fmapicon.data.davis import read_frame
+        """The pair with its frames (``fmapicon.data.images.read_image``) and flow (``read_flo``) read."""
+        from fmapicon.data.images import read_image
 
-        return dataclasses.replace(self, a=read_frame(self.a), b=read_frame(self.b), flow=read_flo(self.flow))
+        return dataclasses.replace(self, a=read_image(self.a), b=read_image(self.b), flow=read_flo(self.flow))
 
 
 def flow_pairs(folder, dataset: str = "flyingchairs") -> list[FlowPair]:

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fmapicon.data.images import rgb_image, to_tensor
 from fmapicon.data.sources import (Clip, FrameIndex, ScanReport, SkippedFileWarning, cache_path, nothing_usable,
                                    read_video_pair, scan_path)
 from fmapicon.errors import UserError
@@ -233,7 +234,7 @@ class FramePairs(torch.utils.data.Dataset):
                               else min(clip.width, clip.height))
         if shrink < 0.5:
             image.draft("RGB", (math.ceil(clip.width * shrink), math.ceil(clip.height * shrink)))
-        return image.convert("RGB")
+        return rgb_image(image)
 
     def _scene_model(self, clip: Clip):
         from fmapicon.data.synth import build_scene
@@ -250,9 +251,7 @@ class FramePairs(torch.utils.data.Dataset):
         width, height = image.size
         pixels = (box[0] * width, box[1] * height, box[2] * width, box[3] * height)
         resized = image.resize((self.size, self.size), Image.BILINEAR, box=pixels)
-        # numpy, not torch ops: tiny tensor ops in many workers contend for torch's thread pool
-        array = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) * np.float32(1 / 255)
-        return torch.from_numpy(np.ascontiguousarray(array))
+        return to_tensor(np.asarray(resized))
 
     # -- reporting -----------------------------------------------------------------------------
 

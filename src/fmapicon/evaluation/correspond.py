@@ -313,24 +313,6 @@ def load_feature_model(spec, device="cpu", stride: int = 4):
     return load_model(spec, device, stride=stride) if str(spec) == "pixels" else load_model(spec, device)
 
 
-def read_image(path) -> torch.Tensor:
-    """An image file (PNG, JPEG, PPM, ... via PIL) as a ``1 x 3 x H x W`` float tensor in [0, 1], RGB."""
-    from pathlib import Path
-
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no image at {path}: expected an existing PNG, JPEG or PPM file")
-    try:
-        with Image.open(path) as image:
-            pixels = np.asarray(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError) as error:
-        raise UserError(f"cannot read {path} as an image ({error}); expected PNG, JPEG or PPM") from error
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() / 255.0
-
-
 # --- tiles -------------------------------------------------------------------------------
 
 

@@ -333,15 +333,16 @@ def best_verdict(rows: list[dict]) -> str:
 
 def feature_picture(runs: dict, heldout: Path, stride: int, path: Path, device, davis=None) -> Path:
     """Rows: the frames, then each attempt's PCA-colour features on them."""
-    from fmapicon.data.davis import frame_paths, layout, read_frame, sequence_names
+    from fmapicon.data.davis import frame_paths, layout, sequence_names
+    from fmapicon.data.images import read_image
     from fmapicon.evaluation.features import load_model
     from fmapicon.experiments import figures
 
     images, _ = layout(heldout)
-    frames = [(read_frame(frame_paths(images, name)[0]), stride) for name in sequence_names(heldout, "val")[:3]]
+    frames = [(read_image(frame_paths(images, name)[0]), stride) for name in sequence_names(heldout, "val")[:3]]
     if davis is not None:
         davis_images, _ = layout(davis[0])
-        frames.append((read_frame(frame_paths(davis_images, sequence_names(davis[0], davis[1])[0])[0]), 8))
+        frames.append((read_image(frame_paths(davis_images, sequence_names(davis[0], davis[1])[0])[0]), 8))
     rows, labels = [[frame for frame, _ in frames]], ["frame"]
     for name, run in runs.items():
         rows.append(figures.feature_pictures(load_model(str(run), device), frames))

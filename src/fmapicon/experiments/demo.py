@@ -384,7 +384,8 @@ def _sample_frames(count: int, length: int) -> list[int]:
 def mask_figure(root: Path, set_name: str, eval_dir: Path, path: Path, columns: int = 5) -> Path:
     """Rows: ground truth and each model's propagated masks over its frame; columns: frames of
     the first sequence of the set."""
-    from fmapicon.data.davis import annotation_paths, frame_paths, layout, read_annotation, read_frame, sequence_names
+    from fmapicon.data.davis import annotation_paths, frame_paths, layout, read_annotation, sequence_names
+    from fmapicon.data.images import read_image
     from fmapicon.experiments import figures
 
     images, annotations = layout(root)
@@ -395,7 +396,7 @@ def mask_figure(root: Path, set_name: str, eval_dir: Path, path: Path, columns: 
     for label in labels:
         row = []
         for index in chosen:
-            frame = read_frame(frames[index])
+            frame = read_image(frames[index])
             ids = read_annotation(truths[index] if label == "ground truth"
                                   else eval_dir / label / name / f"{frames[index].stem}.png")
             row.append(figures.overlay_mask(frame, ids))
@@ -406,15 +407,16 @@ def mask_figure(root: Path, set_name: str, eval_dir: Path, path: Path, columns: 
 
 def _feature_frames(heldout: Path, davis_root: Path | None, davis_set: str | None) -> list:
     """(frame uint8, stride) for the PCA pictures: two held-out frames and one DAVIS frame."""
-    from fmapicon.data.davis import frame_paths, layout, read_frame, sequence_names
+    from fmapicon.data.davis import frame_paths, layout, sequence_names
+    from fmapicon.data.images import read_image
 
     images, _ = layout(heldout)
     names = sequence_names(heldout, "val")
-    chosen = [(read_frame(frame_paths(images, name)[0]), None) for name in names[:2]]
+    chosen = [(read_image(frame_paths(images, name)[0]), None) for name in names[:2]]
     if davis_root is not None:
         davis_images, _ = layout(davis_root)
         first = sequence_names(davis_root, davis_set)[0]
-        chosen.append((read_frame(frame_paths(davis_images, first)[0]), 8))
+        chosen.append((read_image(frame_paths(davis_images, first)[0]), 8))
     return chosen
 
 

@@ -280,9 +280,9 @@ def feature_pictures(model, frames) -> list[np.ndarray]:
     """PCA-colour pictures of ``model``'s features on ``frames`` (pairs of an ``H x W x 3`` uint8
     frame and the cell size in pixels), one PCA basis shared by all, each upscaled to its frame."""
     from fmapicon.evaluation.correspond import features_at_stride
-    from fmapicon.experiments.shared import image_tensor
+    from fmapicon.data.images import to_tensor
 
-    maps = [features_at_stride(model, image_tensor(frame, model.device), cell)[0].cpu() for frame, cell in frames]
+    maps = [features_at_stride(model, to_tensor(frame, model.device)[None], cell)[0].cpu() for frame, cell in frames]
     return [upscale(picture, *frame.shape[:2]) for picture, (frame, _) in zip(pca_colors(maps), frames)]
 
 

@@ -141,16 +141,10 @@ def synthetic_pairs(recipe: Recipe, seed: int) -> list[FlowPair]:
     return pairs
 
 
-def image_tensor(image, device):
-    """An ``H x W x 3`` uint8 frame as a ``1 x 3 x H x W`` float tensor in [0, 1] on ``device``."""
-    import torch
-
-    return torch.tensor(image).permute(2, 0, 1)[None].float().div(255.0).to(device)  # a copy: frames may be read-only
-
-
 def match_pair(model, pair: FlowPair, stride: int):
     """``fmapicon.evaluation.correspond.Match`` of a pair (argmax maps, as ``fmapicon match``'s default)."""
+    from fmapicon.data.images import to_tensor
     from fmapicon.evaluation.correspond import match_images
 
     device = model.device
-    return match_images(model, image_tensor(pair.a, device), image_tensor(pair.b, device), stride=stride)
+    return match_images(model, to_tensor(pair.a, device)[None], to_tensor(pair.b, device)[None], stride=stride)
