@@ -102,7 +102,7 @@ def correspondence(fa, fb, *, soft: bool = False, temperature: float | None = No
     positions = fa.new_empty(fa.shape[0], 2, height, width)
     for y0, y1, x0, x1 in _tiles(fa.shape[-2:], fb.shape[-2:], radius, block):
         positions[:, :, y0:y1, x0:x1] = _match_tile(fa, fb, (y0, y1, x0, x1), temperature, radius)
-    return positions - _cell_grid(height, width, fa.device)
+    return positions - _cell_coordinates(height, width, fa.device)
 
 
 def coarse_to_fine(fa, fb, levels: int, *, radius: int | None = None, temperature: float | None = None,
@@ -132,12 +132,12 @@ def coarse_to_fine(fa, fb, levels: int, *, radius: int | None = None, temperatur
         pyramid_a.append(_halve(pyramid_a[-1]))
         pyramid_b.append(_halve(pyramid_b[-1]))
     coarse_a, coarse_b = pyramid_a[-1], pyramid_b[-1]
-    positions = correspondence(coarse_a, coarse_b, block=block) + _cell_grid(*coarse_a.shape[-2:], fa.device)
+    positions = correspondence(coarse_a, coarse_b, block=block) + _cell_coordinates(*coarse_a.shape[-2:], fa.device)
     for depth in reversed(range(levels)):
         level_a, level_b = pyramid_a[depth], pyramid_b[depth]
         centres = _child_centres(positions, level_a.shape[-2:], level_b.shape[-2:])
         positions = _guided_match(level_a, level_b, centres, radius, temperature if depth == 0 else None, block)
-    return positions - _cell_grid(*fa.shape[-2:], fa.device)
+    return positions - _cell_coordinates(*fa.shape[-2:], fa.device)
 
 
 def _halve(features):
@@ -232,7 +232,7 @@ def pixel_flow(phi, size_a, size_b=None, cells_b=None) -> torch.Tensor:
     cells_b = (height, width) if cells_b is None else cells_b
     scale_a = torch.tensor([size_a[1] / width, size_a[0] / height], device=phi.device).view(1, 2, 1, 1)
     scale_b = torch.tensor([size_b[1] / cells_b[1], size_b[0] / cells_b[0]], device=phi.device).view(1, 2, 1, 1)
-    cells = _cell_grid(height, width, phi.device)
+    cells = _cell_coordinates(height, width, phi.device)
     match_pixels = (cells + phi + 0.5) * scale_b - 0.5
     source_pixels = (cells + 0.5) * scale_a - 0.5
     # in units of A's cells, so that resize_flow's rescaling gives pixels
@@ -416,7 +416,7 @@ def _window(centres, size_b: int, radius):
     return max(0, int(centres.min()) - radius), min(size_b, int(centres.max()) + radius + 1)
 
 
-def _cell_grid(height: int, width: int, device) -> torch.Tensor:
+def _cell_coordinates(height: int, width: int, device) -> torch.Tensor:
     """Cell coordinates ``1 x 2 x h x w``: channel 0 is x (column), channel 1 is y (row)."""
     ys = torch.arange(height, device=device, dtype=torch.float32)
     xs = torch.arange(width, device=device, dtype=torch.float32)

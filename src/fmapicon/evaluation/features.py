@@ -1,8 +1,10 @@
 """What evaluation calls for features: a trained model or a baseline -> unit feature maps.
 
 ``load_model(spec)`` returns a ``FeatureModel``: images ``B x 3 x H x W`` (RGB in [0, 1])
--> features ``B x C x h x w`` with unit norm over C, ``h = ceil(H / stride)``,
-``w = ceil(W / stride)``. Specs:
+-> features ``B x C x h x w`` with unit norm over C on the model's own grid, ``h = ceil(H /
+stride)``, ``w = ceil(W / stride)`` (the last cells overhang the image); ``extract`` resamples
+them onto ``stride_grid``'s cells, ``round(H / stride) x round(W / stride)``, which tile the
+image exactly. Specs:
 
 - a run folder or a checkpoint file: the trained network (``fmapicon.core.checkpoint.load``);
   its ``default_input_scale`` is the ``input_scale`` of its config (1.0 when absent);
@@ -268,13 +270,13 @@ def extract(model, images: torch.Tensor, *, scale: float, stride: int) -> torch.
     cell: the model's map resampled (``resize_maps``) so that its cells, overhang included,
     land on cells that tile the image exactly. No gradients are kept.
 
-    Raises UserError for a scale or stride that is not positive.
+    Raises ValueError for a scale or stride that is not positive.
     """
     scale = float(scale)
     if not (math.isfinite(scale) and scale > 0):
-        raise UserError(f"the input scale must be a positive number, got {scale}")
+        raise ValueError(f"the input scale must be a positive number, got {scale}")
     if int(stride) != stride or stride < 1:
-        raise UserError(f"the stride must be a positive number of pixels, got {stride}")
+        raise ValueError(f"the stride must be a positive number of pixels, got {stride}")
     height, width = images.shape[-2:]
     input_size = (max(1, round(height * scale)), max(1, round(width * scale)))
     with torch.no_grad():
