@@ -32,13 +32,13 @@ def test_attempts_match_the_writeup():
     assert [(a.name, a.aug, a.center) for a in ablate.ATTEMPTS.values()] == [
         ("0", "none", False), ("1", "affine", False), ("2", "affine", True), ("3", "roll+affine", True)]
     config = ablate.AblationConfig(seed=5)
-    recipe = config.recipe()
+    setup = config.setup()
     for attempt in ablate.ATTEMPTS.values():
-        train = ablate.train_config(config, recipe, attempt)
+        train = ablate.train_config(config, setup, attempt)
         assert (train.aug, train.center) == (attempt.aug, attempt.center)
         # everything else is shared by every attempt
         assert (train.data, train.size, train.batch, train.seed, train.minutes) == (
-            ablate.train_config(config, recipe, ablate.ATTEMPTS["3"]).data, recipe.size, recipe.batch, 5, recipe.minutes)
+            ablate.train_config(config, setup, ablate.ATTEMPTS["3"]).data, setup.size, setup.batch, 5, setup.minutes)
     assert ablate.QUICK.size <= 48
 
 

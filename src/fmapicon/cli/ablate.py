@@ -9,7 +9,7 @@ from fmapicon.cli._types import (device_name, existing_folder, non_negative_int,
                                   training_source)
 
 DESCRIPTION = """Reproduce the writeup's story: train attempt 0 (no augmentation), 1 (affine), 2 (affine +
-PixelCenter) and 3 (roll + affine + PixelCenter, the final recipe) with the same data, network, seed and
+PixelCenter) and 3 (roll + affine + PixelCenter, the writeup's final version) with the same data, network, seed and
 budget, then compare them: log_p and log_p_shuffled on held-out pairs (eval mode, each attempt's own
 augmentation; equal values mean a positional code), J&F of label propagation and EPE on held-out
 synthetic scenes. Writes DIR/ablation.csv, DIR/ablation.md, the curves and PCA feature pictures, and

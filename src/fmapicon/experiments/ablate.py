@@ -12,7 +12,7 @@ attempt      aug              center        what the writeup found
 ===========  ===============  ============  =====================================================
 
 Every attempt is trained with the same data, network, seed and budget (``--steps`` per
-attempt, capped by ``--minutes``; the demo's recipe: 32 x 32 synthetic scenes, lambda 4,
+attempt, capped by ``--minutes``; the demo's setup: 32 x 32 synthetic scenes, lambda 4,
 300 steps), its PixelCenter running mean (attempts 2 and 3) recomputed at the final weights
 (as training writes every weights file), then evaluated the same way:
 
@@ -45,7 +45,7 @@ from pathlib import Path
 
 from fmapicon.errors import UserError
 from fmapicon.experiments import shared
-from fmapicon.experiments.shared import Recipe, with_budget
+from fmapicon.experiments.shared import DemoSetup, with_budget
 
 CSV_COLUMNS = ["attempt", "aug", "center", "log_p", "log_p_shuffled", "jf_mean", "epe_mean"]
 
@@ -69,13 +69,13 @@ ATTEMPTS = {
     "0": Attempt("0", "none", False, "no augmentation: free to learn a positional code"),
     "1": Attempt("1", "affine", False, "small affine warps"),
     "2": Attempt("2", "affine", True, "affine warps + PixelCenter"),
-    "3": Attempt("3", "roll+affine", True, "rolling + affine + PixelCenter (the final recipe)"),
+    "3": Attempt("3", "roll+affine", True, "rolling + affine + PixelCenter (attempt 3: the writeup's final version)"),
 }
 
 
 @dataclass(frozen=True)
-class AblationRecipe(Recipe):
-    """The demo's recipe (``fmapicon.experiments.shared.Recipe``: data, network, budget, held-out evaluation),
+class AblationSetup(DemoSetup):
+    """The demo's setup (``fmapicon.experiments.shared.DemoSetup``: data, network, budget, held-out evaluation),
     shared by every attempt (defaults: under an hour on 2 CPU cores), plus
 
     logp_pairs : held-out pairs for the eval-mode log_p
@@ -86,7 +86,7 @@ class AblationRecipe(Recipe):
 
 #: a few minutes for tests: 24 x 24 (the bar asks for 48 x 48 or smaller), 150 steps per attempt (attempt
 #: 0 needs about that many to forget the images; the minutes are only a safety cap on a slow machine)
-QUICK = AblationRecipe(size=24, render=24, batch=8, channels=32, scenes=8, frames=12, minutes=20.0, steps=150,
+QUICK = AblationSetup(size=24, render=24, batch=8, channels=32, scenes=8, frames=12, minutes=20.0, steps=150,
                        eval_sequences=2, eval_frames=8, epe_pairs=2, epe_gap=4, logp_pairs=16, workers=0, log_every=5)
 
 
@@ -108,8 +108,8 @@ class AblationConfig:
     seed: int = 0
     progress: bool = True
 
-    def recipe(self) -> AblationRecipe:
-        return with_budget(QUICK if self.quick else AblationRecipe(), self.minutes, self.steps)
+    def setup(self) -> AblationSetup:
+        return with_budget(QUICK if self.quick else AblationSetup(), self.minutes, self.steps)
 
 
 # --------------------------------------------------------------------------- attempts
@@ -117,7 +117,7 @@ class AblationConfig:
 
 def parse_extra(text: str) -> Attempt:
     """``NAME:key=value,key=value`` (keys of TrainConfig) -> an Attempt; aug and center default
-    to the final recipe's (roll+affine, true)."""
+    to attempt 3's (roll+affine, true)."""
     from fmapicon.train import TrainConfig
 
     name, sep, tail = text.partition(":")
@@ -168,26 +168,26 @@ def select_attempts(names: list, extras: list) -> list[Attempt]:
     return chosen
 
 
-def train_config(config: AblationConfig, recipe: AblationRecipe, attempt: Attempt):
+def train_config(config: AblationConfig, setup: AblationSetup, attempt: Attempt):
     """The attempt's TrainConfig: the demo's run (``fmapicon.experiments.shared.train_config``: the shared data,
     network, seed and budget) with the attempt's aug / center and options."""
     from fmapicon.train import TrainConfig
 
     return TrainConfig.from_mapping({"aug": attempt.aug, "center": attempt.center, **attempt.options},
-                                    shared.train_config(config, recipe))
+                                    shared.train_config(config, setup))
 
 
 # --------------------------------------------------------------------------- evaluation
 
 
-def heldout_batch(root: Path, recipe: AblationRecipe, seed: int):
-    """``(A, B)``: ``recipe.logp_pairs`` held-out pairs, ``n x 3 x S x S``, the same for every attempt."""
+def heldout_batch(root: Path, setup: AblationSetup, seed: int):
+    """``(A, B)``: ``setup.logp_pairs`` held-out pairs, ``n x 3 x S x S``, the same for every attempt."""
     import torch
 
     from fmapicon.data.pairs import FramePairs
 
-    pairs = FramePairs(str(root), size=recipe.size, max_gap=recipe.max_gap, seed=seed, cache_dir=False)
-    count = min(recipe.logp_pairs, len(pairs))
+    pairs = FramePairs(str(root), size=setup.size, max_gap=setup.max_gap, seed=seed, cache_dir=False)
+    count = min(setup.logp_pairs, len(pairs))
     # spread over the whole set, so that consecutive pairs come from different videos
     indices = [round(i * (len(pairs) - 1) / max(count - 1, 1)) for i in range(count)]
     a, b = zip(*(pairs[i] for i in indices))
@@ -229,7 +229,7 @@ def pair_log_p(net, aug: str, pairs, seed: int) -> tuple[float, float]:
     return float(true), float(shuffled)
 
 
-def evaluate_attempt(run: Path, attempt: Attempt, recipe: AblationRecipe, heldout: Path, pairs, flow_pairs,
+def evaluate_attempt(run: Path, attempt: Attempt, setup: AblationSetup, heldout: Path, pairs, flow_pairs,
                      out: Path, device, progress: bool, davis=None) -> dict:
     """The row of one attempt: held-out log_p, J&F on held-out scenes, EPE (and DAVIS J&F)."""
     import numpy as np
@@ -241,9 +241,9 @@ def evaluate_attempt(run: Path, attempt: Attempt, recipe: AblationRecipe, heldou
 
     true, shuffled = heldout_log_p(run, attempt.aug, pairs, seed=1, device=device)
     synth = evaluate_davis(str(run), heldout, out / "synth", set_name="val",
-                           params=propagation_params(recipe.eval_stride), device=device, progress=progress)
+                           params=propagation_params(setup.eval_stride), device=device, progress=progress)
     model = load_model(str(run), device)
-    epe = [epe_stats(match_pair(model, pair, recipe.eval_stride).flow_ab[0].permute(1, 2, 0).cpu().numpy(),
+    epe = [epe_stats(match_pair(model, pair, setup.eval_stride).flow_ab[0].permute(1, 2, 0).cpu().numpy(),
                      pair.flow)["epe_mean"] for pair in flow_pairs]
     row = {"attempt": attempt.name, "aug": attempt.aug, "center": attempt.center, "log_p": true,
            "log_p_shuffled": shuffled, "jf_mean": float(synth["jf_mean"]), "epe_mean": float(np.mean(epe))}
@@ -255,7 +255,7 @@ def evaluate_attempt(run: Path, attempt: Attempt, recipe: AblationRecipe, heldou
     return row
 
 
-def copy_row(heldout: Path, recipe: AblationRecipe, flow_pairs, out: Path, davis=None) -> dict:
+def copy_row(heldout: Path, setup: AblationSetup, flow_pairs, out: Path, davis=None) -> dict:
     """The copy baseline in the same terms (first mask repeated; zero flow), for the markdown table."""
     import numpy as np
 
@@ -263,7 +263,7 @@ def copy_row(heldout: Path, recipe: AblationRecipe, flow_pairs, out: Path, davis
     from fmapicon.evaluation.davis_eval import evaluate_davis
 
     synth = evaluate_davis("copy", heldout, out / "synth", set_name="val",
-                           params=propagation_params(recipe.eval_stride), progress=False)
+                           params=propagation_params(setup.eval_stride), progress=False)
     row = {"attempt": "copy", "aug": "-", "center": "-", "log_p": None, "log_p_shuffled": None,
            "jf_mean": float(synth["jf_mean"]),
            "epe_mean": float(np.mean([np.linalg.norm(p.flow, axis=-1).mean() for p in flow_pairs]))}
@@ -361,31 +361,31 @@ def run_ablation(config: AblationConfig, say=print) -> list[dict]:
     from fmapicon.train import train
 
     attempts = select_attempts(config.attempts, config.extra)
-    recipe = config.recipe()
+    setup = config.setup()
     device = resolve_device(config.device)
     davis = (Path(config.davis), resolve_set(config.davis, config.davis_set, "--davis-set")) if config.davis else None
     out = Path(config.out)
     prepare_output(out, config.force, outputs=(*OUTPUTS, *(f"attempt{a.name}" for a in attempts)))
     started = time.monotonic()
     heldout = out / "heldout"
-    write_heldout(heldout, recipe, config.seed)
-    pairs = heldout_batch(heldout, recipe, seed=config.seed)
-    flow_pairs = synthetic_pairs(recipe, config.seed)
+    write_heldout(heldout, setup, config.seed)
+    pairs = heldout_batch(heldout, setup, seed=config.seed)
+    flow_pairs = synthetic_pairs(setup, config.seed)
     rows, runs = [], {}
     for attempt in attempts:
         say(f"attempt {attempt.name}: aug {attempt.aug}, center {str(attempt.center).lower()} ({attempt.note})")
-        attempt_config = train_config(config, recipe, attempt)
+        attempt_config = train_config(config, setup, attempt)
         runs[attempt.name] = train(attempt_config, out / f"attempt{attempt.name}", progress=config.progress)
-        rows.append(evaluate_attempt(runs[attempt.name], attempt, recipe, heldout, pairs, flow_pairs,
+        rows.append(evaluate_attempt(runs[attempt.name], attempt, setup, heldout, pairs, flow_pairs,
                                      out / "eval" / f"attempt{attempt.name}", device, config.progress, davis))
         say("  " + ", ".join(f"{k} {_csv_cell(v)}" for k, v in rows[-1].items() if k not in ("attempt",)))
-    baseline = copy_row(heldout, recipe, flow_pairs, out / "eval" / "copy", davis)
-    write_outputs(out, rows, baseline, runs, recipe, config, heldout, device, davis,
+    baseline = copy_row(heldout, setup, flow_pairs, out / "eval" / "copy", davis)
+    write_outputs(out, rows, baseline, runs, setup, config, heldout, device, davis,
                   seconds=time.monotonic() - started)
     return rows
 
 
-def write_outputs(out: Path, rows, baseline, runs, recipe, config, heldout, device, davis, seconds) -> None:
+def write_outputs(out: Path, rows, baseline, runs, setup, config, heldout, device, davis, seconds) -> None:
     from fmapicon.runtime import machine_info
     from fmapicon.experiments import figures, report
     from fmapicon.runtime import atomic_write, write_json
@@ -395,18 +395,18 @@ def write_outputs(out: Path, rows, baseline, runs, recipe, config, heldout, devi
         handle.write(csv_text(rows, columns))
     verdict = " ".join(filter(None, [collapse_verdict(rows), best_verdict(rows)]))
     markdown = (f"# Ablation: the writeup's attempts\n\n{markdown_table(rows + [baseline], columns)}\n\n"
-                f"{_measured(recipe)}\n\n{verdict}\n")
+                f"{_measured(setup)}\n\n{verdict}\n")
     with atomic_write(out / "ablation.md", "w") as handle:
         handle.write(markdown)
     machine = machine_info()
     write_json(out / "ablation.json", {"rows": rows, "copy": baseline, "verdict": verdict, "seconds": seconds,
-                                       "machine": machine, "recipe": dataclasses.asdict(recipe),
+                                       "machine": machine, "recipe": dataclasses.asdict(setup),
                                        "config": dataclasses.asdict(config)})
     curves = figures.plot_log_p_comparison({f"attempt {name}": run for name, run in runs.items()},
                                           out / "ablation_curves.png")
-    features = feature_picture(runs, heldout, recipe.eval_stride, out / "ablation_features.png", device, davis)
+    features = feature_picture(runs, heldout, setup.eval_stride, out / "ablation_features.png", device, davis)
     table = report.html_table(rows + [baseline], columns, best={"jf_mean": "max", "epe_mean": "min"},
-                              caption=_measured(recipe))
+                              caption=_measured(setup))
     report.write_html(out / "report.html", "FeatureMapICON ablation: attempts 0-3", [
         report.Section("Results", text=f"{_ATTEMPTS_TEXT}\n\n{verdict}", html=table),
         report.Section("log_p during training", text=_CURVES_TEXT,
@@ -417,7 +417,7 @@ def write_outputs(out: Path, rows, baseline, runs, recipe, config, heldout, devi
 
 _ATTEMPTS_TEXT = ("The writeup's attempts, trained with the same data, network, seed and step budget: 0, no "
                   "augmentation; 1, small affine warps; 2, affine + PixelCenter; 3, roll + affine + PixelCenter "
-                  "(the final recipe).")
+                  "(attempt 3: the writeup's final version).")
 _CURVES_TEXT = ("log_p on each step's true pairs (solid) and on shuffled pairs whose frame B comes from another "
                 "video (dashed). A positional code scores both alike; features that follow the images score "
                 "true pairs higher.")
@@ -428,8 +428,8 @@ _FEATURES_TEXT = ("Each attempt's features on the same held-out frames, projecte
                   "features that follow content change with the frame and give one object one colour.")
 
 
-def _measured(recipe) -> str:
-    return (f"log_p, log_p_shuffled: the exact objective on {recipe.logp_pairs} held-out pairs, eval mode, each "
-            f"attempt's own augmentation. jf_mean: J&F of label propagation on {recipe.eval_sequences} held-out "
+def _measured(setup) -> str:
+    return (f"log_p, log_p_shuffled: the exact objective on {setup.logp_pairs} held-out pairs, eval mode, each "
+            f"attempt's own augmentation. jf_mean: J&F of label propagation on {setup.eval_sequences} held-out "
             f"synthetic sequences (higher is better); epe_mean: mean end-point error in pixels against the "
-            f"exact flow at a gap of {recipe.epe_gap} frames (lower is better; copy: the zero flow).")
+            f"exact flow at a gap of {setup.epe_gap} frames (lower is better; copy: the zero flow).")

@@ -4,7 +4,7 @@ One call of ``run_demo(DemoConfig(...))``:
 
 1. **scenes**: writes held-out synthetic sequences (``DIR/heldout``, DAVIS-2017 layout with
    exact masks and flow) from a seed that training never sees;
-2. **training**: trains a ``short`` U-Net with the final recipe (roll+affine augmentation,
+2. **training**: trains a ``short`` U-Net with attempt 3 of the writeup (roll+affine augmentation,
    PixelCenter, NormScale, RMSprop) for 300 steps, capped at ``--minutes``, on synthetic
    scenes rendered on the fly (or on ``--data``), into ``DIR/run`` (a complete run folder
    of ``fmapicon train``, the only checkpoint folder under DIR);
@@ -18,9 +18,11 @@ One call of ``run_demo(DemoConfig(...))``:
    curves, the results table, propagated masks, PCA-colour features, the
    inverse-consistency error map), with the PNGs also kept in ``DIR/figures``.
 
-The recipe (``fmapicon.experiments.shared.Recipe``) is sized for a 2-core CPU: S = 32 on
-scenes rendered at R = 32 (training scale 1, feature cells of one pixel), lambda_init 4,
-max_gap 4, 300 steps; the measurements behind each choice are in ``docs/experiments.md``.
+Training is the ``original`` recipe with the flags of ``shared.recipe_changes`` (``--size 32
+--batch 8 --max-gap 4 --lambda-init 4 --steps 300``), on scenes rendered at R = 32 (training
+scale 1, feature cells of one pixel): sized for a 2-core CPU, lambda and gap chosen on
+held-out scenes (``docs/experiments.md``). The setup (``shared.DemoSetup``) holds those
+values with the data and the held-out evaluation.
 PixelCenter's running mean in the weights file is the one recomputed at the final weights
 (``fmapicon.core.networks.calibrate_pixel_center``).
 
@@ -41,8 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fmapicon.data.flow import FlowPair, flow_pairs
-from fmapicon.experiments.shared import (Recipe, match_pair, prepare_output, propagation_params, synthetic_pairs,
-                                         train_config, with_budget, write_heldout)
+from fmapicon.experiments.shared import (TRAINING_RECIPE, DemoSetup, match_pair, prepare_output, propagation_params,
+                                         recipe_changes, synthetic_pairs, train_config, with_budget, write_heldout)
 from fmapicon.runtime import write_json
 
 #: the models of the results, in the order of the table
@@ -61,7 +63,7 @@ _DESCRIPTIONS = {
 
 
 #: the whole pipeline in about a minute (tests, CI): tiny, but every stage runs
-QUICK = Recipe(size=24, render=24, batch=4, channels=32, scenes=8, frames=12, minutes=1.5, steps=30,
+QUICK = DemoSetup(size=24, render=24, batch=4, channels=32, scenes=8, frames=12, minutes=1.5, steps=30,
                eval_sequences=2, eval_frames=8, epe_pairs=2, epe_gap=3, workers=0, log_every=5)
 
 
@@ -82,9 +84,9 @@ class DemoConfig:
     seed: int = 0
     progress: bool = True
 
-    def recipe(self) -> Recipe:
-        """The recipe with this run's budget applied."""
-        return with_budget(QUICK if self.quick else Recipe(), self.minutes, self.steps)
+    def setup(self) -> DemoSetup:
+        """The setup with this run's budget applied."""
+        return with_budget(QUICK if self.quick else DemoSetup(), self.minutes, self.steps)
 
 
 # --------------------------------------------------------------------------- results
@@ -167,7 +169,7 @@ def run_demo(config: DemoConfig, say=print) -> dict:
     from fmapicon.runtime import resolve_device
     from fmapicon.train import train
 
-    recipe = config.recipe()
+    setup = config.setup()
     out = Path(config.out)
     device = resolve_device(config.device)
     if config.davis:
@@ -176,7 +178,7 @@ def run_demo(config: DemoConfig, say=print) -> dict:
         davis_set = resolve_set(config.davis, config.davis_set, "--davis-set")
     prepare_output(out, config.force, OUTPUTS)
     write_json(out / "demo.json", {"status": "running", "config": dataclasses.asdict(config),
-                                    "recipe": dataclasses.asdict(recipe)})
+                                    "recipe": dataclasses.asdict(setup)})
     timings, started = {}, time.monotonic()
 
     def stage(name):
@@ -184,17 +186,18 @@ def run_demo(config: DemoConfig, say=print) -> dict:
         stage.last = time.monotonic()
 
     stage.last = started
-    say(f"[1/5] writing {recipe.eval_sequences} held-out synthetic sequences to {out / 'heldout'}")
-    write_heldout(out / "heldout", recipe, config.seed)
+    say(f"[1/5] writing {setup.eval_sequences} held-out synthetic sequences to {out / 'heldout'}")
+    write_heldout(out / "heldout", setup, config.seed)
     stage("heldout_scenes_s")
-    say(f"[2/5] training a short U-Net at {recipe.size} x {recipe.size}, batch {recipe.batch}, for up to "
-        f"{recipe.minutes:g} min / {recipe.steps} steps into {out / 'run'}")
-    training = train_config(config, recipe)
+    flags = " ".join(f"--{key.replace('_', '-')} {value:g}" for key, value in recipe_changes(setup).items())
+    say(f"[2/5] training: fmapicon train --recipe {TRAINING_RECIPE} {flags} (sized for ~10 min on 2 CPU cores), "
+        f"at most {setup.minutes:g} min, into {out / 'run'}")
+    training = train_config(config, setup)
     run = train(training, out / "run", progress=config.progress)
     stage("train_s")
     say("[3/5] label propagation (J&F) on the held-out scenes: " + ", ".join(MODELS))
     synth = propagation_scores(run, out / "heldout", "val", out / "eval" / "synth",
-                               propagation_params(recipe.eval_stride), device, config.progress)
+                               propagation_params(setup.eval_stride), device, config.progress)
     stage("propagation_synth_s")
     davis = None
     if config.davis:
@@ -203,24 +206,24 @@ def run_demo(config: DemoConfig, say=print) -> dict:
                                    propagation_params(), device, config.progress)
         stage("propagation_davis_s")
     say("[4/5] correspondence: end-point error against the exact flow, inverse-consistency error")
-    models = load_feature_models(run, recipe.eval_stride, device)
-    synth_pairs = synthetic_pairs(recipe, config.seed)
-    flow_synth = correspondence_scores(models, synth_pairs, recipe.eval_stride)
+    models = load_feature_models(run, setup.eval_stride, device)
+    synth_pairs = synthetic_pairs(setup, config.seed)
+    flow_synth = correspondence_scores(models, synth_pairs, setup.eval_stride)
     chairs = chairs_pairs(config.pairs) if config.pairs else None
     flow_chairs = correspondence_scores(models, chairs, 4) if chairs else None
     stage("correspondence_s")
-    results = assemble_results(config, recipe, run, synth, davis, flow_synth, flow_chairs, timings)
+    results = assemble_results(config, setup, run, synth, davis, flow_synth, flow_chairs, timings)
     say("[5/5] writing the report")
     write_report(out, results, models, synth_pairs, davis_set if config.davis else None)
     stage("report_s")
     timings["total_s"] = round(time.monotonic() - started, 2)
     write_json(out / "results.json", results)
     write_json(out / "demo.json", {"status": "done", "config": dataclasses.asdict(config),
-                                    "recipe": dataclasses.asdict(recipe), "timings": timings})
+                                    "recipe": dataclasses.asdict(setup), "timings": timings})
     return results
 
 
-def assemble_results(config, recipe, run, synth, davis, flow_synth, flow_chairs, timings) -> dict:
+def assemble_results(config, setup, run, synth, davis, flow_synth, flow_chairs, timings) -> dict:
     """``{"models": {name: {...}}, ...}``; None where a figure does not apply or was not asked for."""
     from fmapicon.runtime import machine_info
     from fmapicon.experiments.figures import read_metrics
@@ -242,13 +245,14 @@ def assemble_results(config, recipe, run, synth, davis, flow_synth, flow_chairs,
         "training": {"run": str(run), "steps": last.get("step"), "log_p": _finite(last.get("log_p")),
                      "log_p_shuffled": _finite(last.get("log_p_shuffled")),
                      "lambda": _finite(last.get("lambda")), "elapsed_s": _finite(last.get("elapsed_s")),
-                     "input_scale": _run_config(run).get("input_scale")},
-        "synthetic": {"root": str(Path(config.out) / "heldout"), "sequences": recipe.eval_sequences,
-                      "frames": recipe.eval_frames, "size": recipe.render, "stride": recipe.eval_stride,
+                     "input_scale": _run_config(run).get("input_scale"),
+                     "recipe": TRAINING_RECIPE, "changed": recipe_changes(setup)},
+        "synthetic": {"root": str(Path(config.out) / "heldout"), "sequences": setup.eval_sequences,
+                      "frames": setup.eval_frames, "size": setup.render, "stride": setup.eval_stride,
                       "per_model": synth},
         "davis": {"root": config.davis, "per_model": davis} if davis else None,
         "pairs": {"root": config.pairs, "per_model": flow_chairs} if flow_chairs else None,
-        "recipe": dataclasses.asdict(recipe),
+        "recipe": dataclasses.asdict(setup),
         "config": dataclasses.asdict(config),
         "timings": timings,
         "machine": machine_info(),

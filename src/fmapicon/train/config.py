@@ -89,7 +89,7 @@ class TrainConfig:
     crop_max: float = _knob(_REFERENCE["crop_max"], "with --crop random: the largest crop side as a fraction of the short side",
                             above=0.0)
     aug: str = _knob("roll+affine", "equivariant augmentation: none (attempt 0: the net collapses to a "
-                     "positional code), affine (attempt 1), roll, roll+affine (the final recipe)",
+                     "positional code), affine (attempt 1), roll, roll+affine (attempt 3, the writeup's final version)",
                      choices=AUGMENTATIONS)
     center: bool = _knob(True, "PixelCenter (attempt 2): subtract the per-location batch mean of the features")
     lambda_init: float = _knob(_REFERENCE["lambda_init"], "initial lambda of NormScale: features are unit vectors times lambda, "
