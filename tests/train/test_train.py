@@ -535,3 +535,57 @@ def test_a_wrong_davis_root_fails_before_training(tmp_path):
     with pytest.raises(UserError, match="DAVIS root"):
         train(tiny(steps=2, eval_every=1, davis=str(tmp_path / "nowhere")), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- fine-tuning (--init)
+
+
+def test_init_reference_starts_from_the_shipped_weights(tmp_path):
+    """--init reference: the network is the shipped model's (preset and channels from it), its
+    first step's objective equals the shipped network's on the same batch and draws, and the
+    run folder records where it started."""
+    from fmapicon.core.augment import four_draws, make_augmentation
+    from fmapicon.core.checkpoint import feature_net
+    from fmapicon.train.random_streams import AUGMENT_STREAM, stream_seed
+
+    args = build_parser().parse_args(["train", "--init", "reference", "--data", "synth:scenes=2,frames=6,size=48",
+                                      "--size", "32", "--batch", "2", "--steps", "1", "--workers", "0"])
+    config, _, _ = config_from_args(args)
+    shipped = fmapicon.load("reference")
+    assert (config.net, config.channels) == ("resnet-s4", shipped.channels)
+    processes, device = init_processes("cpu")
+    trainer = Trainer(config, tmp_path / "run", processes, device, progress=False)
+    reference = feature_net(shipped)
+    for name, tensor in reference.state_dict().items():
+        if name != "pixel_center.running_mean":  # trained at 128 pixels, here 32: not copied
+            assert torch.equal(trainer.net.state_dict()[name], tensor.float()), name
+    assert trainer.resolved["init_weights"]["not_copied"] == ["pixel_center.running_mean"]
+    a, b = (torch.stack(items) for items in zip(*(trainer.dataset[i] for i in range(2))))
+    _, loss = trainer._forward(a, b)
+    net = reference.float().train()
+    generator = torch.Generator().manual_seed(stream_seed(config.seed, AUGMENT_STREAM, 0, 1))
+    maps = four_draws(net, a, b, make_augmentation(config.aug, stride=net.stride), generator=generator)
+    expected = -objective.log_p(*maps, eps=config.log_eps).mean()
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), abs=1e-5)
+    assert trainer.resolved["init_weights"]["spec"] == "reference"
+
+
+def test_init_refuses_a_network_that_differs_from_its_weights(tmp_path):
+    args = build_parser().parse_args(["train", "--init", "reference", "--net", "short"])
+    with pytest.raises(UserError, match="--init reference holds a resnet-s4 network.*--net short"):
+        config_from_args(args)
+    with pytest.raises(UserError, match="--channels 8"):
+        train(tiny(init="reference", net="resnet-s4", channels=8, steps=1), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_init_from_a_run_folder_continues_its_weights(tmp_path):
+    """A run folder as --init: the new run's step-0 weights are the old run's last weights."""
+    first = train(tiny(steps=2, save_every=100), tmp_path / "first", progress=False)
+    second = train(tiny(steps=1, save_every=100, init=str(first)), tmp_path / "second", progress=False)
+    saved = json.loads((second / "config.json").read_text())
+    assert saved["init"] == str(first) and saved["init_weights"]["step"] == 2
+    old = fmapicon.load(first).net.state_dict()
+    processes, device = init_processes("cpu")
+    fresh = Trainer(saved_config(second), tmp_path / "unused", processes, device, progress=False)
+    assert all(torch.equal(fresh.net.state_dict()[name], tensor) for name, tensor in old.items())

@@ -27,6 +27,18 @@ global batch). Exit status: 0 done, 1 diverged, 2 usage error, 130/143 after Ctr
 
 DEFAULT_OUT = "runs/train"
 
+# the --help sections: what the method is, what it trains on, how it optimizes, how a run behaves
+KNOB_GROUPS = {
+    "the method": ("the writeup's objective, augmentation and network (the knobs a study of the method turns)",
+                   ("recipe", "net", "channels", "aug", "center", "lambda_init", "learn_lambda", "log_eps")),
+    "data": ("what the pairs are made of", ("data", "size", "batch", "max_gap", "crop", "crop_min", "crop_max")),
+    "optimization": ("how the objective is maximized",
+                     ("init", "optim", "lr", "clip", "steps", "amp", "grad_accumulation")),
+    "the run": ("processes, logging, checkpoints and evaluation along the way; none changes what is learned",
+                ("workers", "seed", "device", "log_every", "save_every", "max_bad_steps", "eval_every", "davis",
+                 "snapshot_every", "minutes")),
+}
+
 
 def register(subparsers) -> None:
     from fmapicon.train import REMOVED_OPTIONS, config_fields
@@ -47,8 +59,10 @@ def register(subparsers) -> None:
                         "--out (default: refuse)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=True,
                         help="no progress bar (default: show one on stderr)")
+    groups = {title: parser.add_argument_group(title, about) for title, (about, _) in KNOB_GROUPS.items()}
+    group_of = {name: title for title, (_, names) in KNOB_GROUPS.items() for name in names}
     for name, meta in config_fields().items():
-        _add_knob(parser, name, meta)
+        _add_knob(groups[group_of[name]], name, meta)
     for name in REMOVED_OPTIONS:  # refused with a reason rather than "unrecognized arguments"
         parser.add_argument("--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     parser.set_defaults(run=run)
@@ -134,7 +148,12 @@ def config_from_args(args):
     given = given_options(args)
     if not args.resume:
         values = {**(load_config_file(args.config) if args.config else {}), **given}  # flags win; --recipe picks the base
-        return TrainConfig.from_mapping(values), args.out or DEFAULT_OUT, False
+        config = TrainConfig.from_mapping(values)
+        if config.init:
+            from fmapicon.train.model import init_network
+
+            config, _ = init_network(config, given={key.replace("-", "_") for key in values})
+        return config, args.out or DEFAULT_OUT, False
     fixed = sorted(set(given) - set(RESUMABLE))
     if fixed or args.config or args.force:
         extra = ["--" + n.replace("_", "-") for n in fixed] + ["--config"] * bool(args.config) + \

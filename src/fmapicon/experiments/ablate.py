@@ -84,7 +84,7 @@ class AblationSetup(DemoSetup):
     logp_pairs: int = 32
 
 
-#: a few minutes for tests: 24 x 24 (the bar asks for 48 x 48 or smaller), 150 steps per attempt (attempt
+#: a few minutes for tests: 24 x 24 scenes, 150 steps per attempt (attempt
 #: 0 needs about that many to forget the images; the minutes are only a safety cap on a slow machine)
 QUICK = AblationSetup(size=24, render=24, batch=8, channels=32, scenes=8, frames=12, minutes=20.0, steps=150,
                        eval_sequences=2, eval_frames=8, epe_pairs=2, epe_gap=4, logp_pairs=16, workers=0, log_every=5)

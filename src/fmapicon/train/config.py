@@ -75,6 +75,10 @@ class TrainConfig:
                      "encoder, features at stride 4 / 8: the loss sees 16 / 64 times fewer pixels per crop), or a "
                      "U-Net at stride 1: short (4 levels, the original's final choice), tall (5), taller (7)", choices=NETS)
     channels: int = _knob(64, "feature channels C per pixel; the loss costs linearly more per channel", minimum=1)
+    init: str | None = _knob(None, "start from these weights instead of random ones (fine-tuning): a shipped "
+                             "model (reference), a run folder (its last checkpoint) or a .safetensors file; the "
+                             "network preset and channels are taken from it (--net or --channels that differ are "
+                             "an error), lambda and the weights too; none = a random network")
     size: int = _knob(_REFERENCE["size"], "training frames are S x S pixels; the loss costs O(S^4) per pair, so halving S "
                       "makes it about 16x cheaper but sees less context", minimum=8)
     batch: int = _knob(_REFERENCE["batch"], "global batch: pairs per step, split evenly over processes; PixelCenter's mean is "

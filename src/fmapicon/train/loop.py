@@ -19,7 +19,7 @@ from fmapicon.train.config import TrainConfig
 from fmapicon.train.data_stream import DataStream, GlobalBatches, dataset_length, make_dataset
 from fmapicon.train.distributed import Processes, barrier
 from fmapicon.train.faults import StopRequests, TrainingDiverged
-from fmapicon.train.model import amp_dtype, distributed_model, four_draw_module, make_optimizer
+from fmapicon.train.model import amp_dtype, distributed_model, four_draw_module, init_network, init_weights, make_optimizer
 from fmapicon.train.random_streams import AUGMENT_STREAM, rng_state, set_rng_state, stream_seed
 from fmapicon.train.run_folder import (BEST_WEIGHTS, CALIBRATION_FRAMES, CHECKPOINT_DIR, CONFIG_FILE, LAST_WEIGHTS,
                                        SNAPSHOT_WEIGHTS, STATE_FILE, MetricsLog, git_commit)
@@ -52,6 +52,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, run: Path, processes: Processes, device, progress: bool):
         import torch
 
+        config, self.init_model = init_network(config)
         self.config, self.run, self.processes, self.device = config, run, processes, device
         self.progress = progress and processes.main
         self.dataset = make_dataset(config)
@@ -73,7 +74,9 @@ class Trainer:
         from fmapicon.core.networks import build_network, network_config
 
         self.network_config = network_config(self.config.to_dict())
-        self.net = build_network(self.network_config).to(self.device)
+        self.net = build_network(self.network_config)
+        self.init_skipped = init_weights(self.net, self.init_model) if self.init_model is not None else []
+        self.net.to(self.device)
         self.net.norm_scale.scale.requires_grad_(self.config.learn_lambda)
         if self.net.pixel_center is not None:
             self.net.pixel_center.global_batch = self.processes.distributed  # centre over the global batch
@@ -105,7 +108,16 @@ class Trainer:
                 "network": dataclasses.asdict(self.network_config), "stride": self.net.stride,
                 "world_size": self.processes.world, "fmapicon_version": __version__,
                 "git_commit": git_commit(), "torch_version": torch.__version__,
-                "data_summary": _jsonable(getattr(self.dataset, "summary", None))}
+                "data_summary": _jsonable(getattr(self.dataset, "summary", None)), "init_weights": self._init_record()}
+
+    def _init_record(self) -> dict | None:
+        """Where the weights started (``--init``): the spec, its file and step, what was not copied."""
+        if self.init_model is None:
+            return None
+        from fmapicon.core.checkpoint import saved_step, weights_file
+
+        file = weights_file(self.config.init)
+        return {"spec": self.config.init, "file": str(file), "step": saved_step(file), "not_copied": self.init_skipped}
 
     # ---------------------------------------------------------------- step
 

@@ -7,6 +7,47 @@ from fmapicon.train.config import TrainConfig
 from fmapicon.train.distributed import Processes
 
 
+def init_network(config: TrainConfig, given=None):
+    """``config`` with the network preset and channels of its ``init`` weights (unchanged
+    without ``init``), and the loaded ``UnitFeatures`` model (or None).
+
+    ``given``: the option names the user set (flags, config file); one of ``net`` or
+    ``channels`` that is given, or (``given=None``: a ``TrainConfig`` from Python) any that
+    differs from the weights', is a ``UserError``: fine-tuning keeps the network it starts from.
+    """
+    import dataclasses
+
+    if not config.init:
+        return config, None
+    from fmapicon.core.checkpoint import load
+
+    from fmapicon.core.networks import network_config
+
+    model = load(config.init, "cpu")
+    net, channels = network_config(model.config, source=f"--init {config.init}").net, model.channels
+    clash = [f"--{key} {getattr(config, key)} (the weights: {value})" for key, value in (("net", net), ("channels", channels))
+             if getattr(config, key) != value and (given is None or key in given)]
+    if clash:
+        raise UserError(f"--init {config.init} holds a {net} network with {channels} channels, but the options ask "
+                        f"for {', '.join(clash)}: drop them (fine-tuning keeps the network it starts from) or start "
+                        "from random weights without --init")
+    return dataclasses.replace(config, net=net, channels=channels), model
+
+
+def init_weights(net, model) -> list[str]:
+    """Copy ``model``'s weights (a loaded ``init``) into the fresh ``net``; returns the names
+    not copied: PixelCenter's running mean when the training size differs (training
+    centres on each batch's own mean, and every save recalibrates it)."""
+    from fmapicon.core.checkpoint import feature_net
+
+    state = feature_net(model).state_dict()
+    own = net.state_dict()
+    skipped = [name for name, tensor in state.items() if name in own and own[name].shape != tensor.shape
+               and name.startswith("pixel_center.")]
+    net.load_state_dict({name: t for name, t in state.items() if name not in skipped}, strict=not skipped)
+    return skipped
+
+
 def four_draw_module(net, augmentation):
     """A module whose one forward runs the four augmented draws, so that DDP sees one
     forward per backward (defined here to keep this module's import free of torch). It

@@ -45,7 +45,7 @@ from pathlib import Path
 
 from fmapicon.errors import UserError
 from fmapicon.runtime import json_text, remove_entries, strict_json_value
-from fmapicon.train.config import TrainConfig
+from fmapicon.train.config import REMOVED_OPTIONS, TrainConfig
 
 
 # disk space needed before training starts (more when four checkpoints need more)
@@ -70,7 +70,7 @@ def saved_config(run_dir) -> TrainConfig:
         raise UserError(f"{run_dir} is not a run folder: {CONFIG_FILE} not found; give the --out of an "
                         "earlier `fmapicon train`")
     saved = json.loads(path.read_text())
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    names = {f.name for f in dataclasses.fields(TrainConfig)} | set(REMOVED_OPTIONS)  # removed: refused unless off
     return TrainConfig.from_mapping({k: v for k, v in saved.items() if k in names})
 
 
