@@ -25,6 +25,9 @@ WHICH = ("last", "best")
 # models whose weights ship in the package (src/fmapicon/weights/): name -> file
 SHIPPED_MODELS = {"reference": "reference.safetensors"}
 _CONFIG_KEY = "fmapicon_config"
+# metadata: the evaluation values validated for the weights (JSON), which evaluation uses
+# unless told otherwise (``scripts/ship_weights.py --default``)
+DEFAULTS_KEY = "fmapicon_defaults"
 
 
 def save_weights(model, path, metadata: dict | None = None) -> Path:
@@ -77,8 +80,10 @@ def load(path, device="cpu", *, which: str = "last"):
     Returns
     -------
     ``UnitFeatures`` in eval mode on ``device``: ``B x 3 x H x W`` images in [0, 1] ->
-    ``B x C x h x w`` unit-norm features, with ``.stride``, ``.channels`` and
-    ``.config`` (the run's resolved config, a dict including ``input_scale``).
+    ``B x C x h x w`` unit-norm features, with ``.stride``, ``.channels``,
+    ``.config`` (the run's resolved config, a dict including ``input_scale``) and
+    ``.defaults`` (``DEFAULTS_KEY``: protocol values validated for these weights, e.g.
+    ``{"pixels_weight": 0.85}``; ``{}`` when the file records none).
     """
     from safetensors.torch import load_file
 
@@ -91,6 +96,7 @@ def load(path, device="cpu", *, which: str = "last"):
     _load_state(net, load_file(str(file), device="cpu"), file)
     model = UnitFeatures(net).to(device if not isinstance(device, str) else resolve_device(device)).eval()
     model.config = config
+    model.defaults = read_defaults(file)
     return model
 
 
@@ -138,6 +144,18 @@ def read_config(file: Path) -> dict:
             return json.loads((folder / "config.json").read_text())
     raise UserError(f"{file} carries no config (metadata {_CONFIG_KEY!r}) and no config.json was found beside "
                     "it or two levels up; keep it in its run folder (RUN/checkpoints/) to load it")
+
+
+def read_defaults(file: Path) -> dict:
+    """The ``DEFAULTS_KEY`` entry of a weights file's metadata as a dict ({} when absent)."""
+    text = _metadata(file).get(DEFAULTS_KEY)
+    try:
+        defaults = json.loads(text) if text else {}
+    except ValueError as error:
+        raise UserError(f"{file}: its {DEFAULTS_KEY} metadata is not JSON ({error})") from error
+    if not isinstance(defaults, dict):
+        raise UserError(f"{file}: its {DEFAULTS_KEY} metadata must be a JSON object, got {text!r}")
+    return defaults
 
 
 def saved_step(path) -> int | None:

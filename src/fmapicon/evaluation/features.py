@@ -60,16 +60,20 @@ class FeatureModel:
     net : the ``nn.Module``
     stride : input pixels per feature cell
     default_input_scale : the scale (relative to source frames) the network expects
+    default_pixels_weight : W of label propagation's fusion with the ``pixels`` baseline
+        (``fuse_features``) that evaluation uses unless told otherwise: the value its weights
+        file records as validated (``fmapicon.core.checkpoint.DEFAULTS_KEY``), else 0
     name : what it is, for the record
     multiple : the input size the network needs to be a multiple of
     """
 
     def __init__(self, net: nn.Module, *, stride: int, name: str, default_input_scale: float = 1.0,
-                 multiple: int = 1):
+                 multiple: int = 1, default_pixels_weight: float = 0.0):
         self.net = net
         self.stride = int(stride)
         self.name = name
         self.default_input_scale = float(default_input_scale)
+        self.default_pixels_weight = float(default_pixels_weight)
         self.multiple = int(multiple)
 
     @property
@@ -192,7 +196,8 @@ def trained_model(path, device="cpu") -> FeatureModel:
     config = getattr(net, "config", None) or {}
     scale = config.get("input_scale")
     return FeatureModel(net, stride=getattr(net, "stride", 1), name=str(path),
-                        default_input_scale=float(scale) if scale else 1.0)
+                        default_input_scale=float(scale) if scale else 1.0,
+                        default_pixels_weight=float(getattr(net, "defaults", {}).get("pixels_weight", 0.0)))
 
 
 def load_model(spec, device="cpu", **kwargs) -> FeatureModel:
