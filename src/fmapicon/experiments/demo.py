@@ -28,7 +28,9 @@ PixelCenter's running mean in the weights file is the one recomputed at the fina
 which is what its EPE reports.
 
 A DIR that already holds files is refused (results of two runs never mix) unless
-``force``, which replaces the demo's own outputs and leaves other files alone.
+``force``, which replaces the demo's own outputs once the new ones are complete and leaves
+other files alone: everything is built in a staging folder (``fmapicon.runtime.staged_output``),
+so a demo that fails or is interrupted leaves DIR as it was.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fmapicon.data.flow import FlowPair, flow_pairs
-from fmapicon.experiments.shared import (Recipe, match_pair, prepare_output, propagation_params, synthetic_pairs,
-                                         train_config, with_budget, write_heldout)
+from fmapicon.experiments.shared import (Recipe, match_pair, propagation_params, synthetic_pairs, train_config,
+                                         with_budget, write_heldout)
+from fmapicon.paths import display_path
 from fmapicon.runtime import write_json
 
 #: the models of the results, in the order of the table
@@ -164,8 +167,7 @@ def correspondence_scores(models: dict, pairs: list[FlowPair], stride: int) -> d
 
 def run_demo(config: DemoConfig, say=print) -> dict:
     """Run the demo pipeline; return the results written to ``DIR/results.json``."""
-    from fmapicon.runtime import resolve_device
-    from fmapicon.train import train
+    from fmapicon.runtime import resolve_device, staged_output
 
     recipe = config.recipe()
     out = Path(config.out)
@@ -174,9 +176,19 @@ def run_demo(config: DemoConfig, say=print) -> dict:
         from fmapicon.data.davis import resolve_set
 
         davis_set = resolve_set(config.davis, config.davis_set, "--davis-set")
-    prepare_output(out, config.force, OUTPUTS)
-    write_json(out / "demo.json", {"status": "running", "config": dataclasses.asdict(config),
-                                    "recipe": dataclasses.asdict(recipe)})
+    else:
+        davis_set = None
+    with staged_output(out, force=config.force, outputs=OUTPUTS, what="the earlier demo", last=("demo.json",)) as work:
+        return _run_stages(config, recipe, work, out, device, davis_set, say)
+
+
+def _run_stages(config: DemoConfig, recipe, work: Path, out: Path, device, davis_set, say) -> dict:
+    """The demo's five stages, written into ``work`` (the staging folder published as ``out``)."""
+    from fmapicon.runtime import unstaged
+    from fmapicon.train import train
+
+    write_json(work / "demo.json", {"status": "running", "config": dataclasses.asdict(config),
+                                     "recipe": dataclasses.asdict(recipe)})
     timings, started = {}, time.monotonic()
 
     def stage(name):
@@ -184,22 +196,22 @@ def run_demo(config: DemoConfig, say=print) -> dict:
         stage.last = time.monotonic()
 
     stage.last = started
-    say(f"[1/5] writing {recipe.eval_sequences} held-out synthetic sequences to {out / 'heldout'}")
-    write_heldout(out / "heldout", recipe, config.seed)
+    say(f"[1/5] writing {recipe.eval_sequences} held-out synthetic sequences to {display_path(out / 'heldout')}")
+    write_heldout(work / "heldout", recipe, config.seed)
     stage("heldout_scenes_s")
     say(f"[2/5] training a short U-Net at {recipe.size} x {recipe.size}, batch {recipe.batch}, for up to "
-        f"{recipe.minutes:g} min / {recipe.steps} steps into {out / 'run'}")
+        f"{recipe.minutes:g} min / {recipe.steps} steps into {display_path(out / 'run')}")
     training = train_config(config, recipe)
-    run = train(training, out / "run", progress=config.progress)
+    run = train(training, work / "run", progress=config.progress)
     stage("train_s")
     say("[3/5] label propagation (J&F) on the held-out scenes: " + ", ".join(MODELS))
-    synth = propagation_scores(run, out / "heldout", "val", out / "eval" / "synth",
+    synth = propagation_scores(run, work / "heldout", "val", work / "eval" / "synth",
                                propagation_params(recipe.eval_stride), device, config.progress)
     stage("propagation_synth_s")
     davis = None
     if config.davis:
-        say(f"      and on DAVIS {config.davis} (set {davis_set}) with the default protocol")
-        davis = propagation_scores(run, Path(config.davis), davis_set, out / "eval" / "davis",
+        say(f"      and on DAVIS {display_path(config.davis)} (set {davis_set}) with the default protocol")
+        davis = propagation_scores(run, Path(config.davis), davis_set, work / "eval" / "davis",
                                    propagation_params(), device, config.progress)
         stage("propagation_davis_s")
     say("[4/5] correspondence: end-point error against the exact flow, inverse-consistency error")
@@ -209,14 +221,16 @@ def run_demo(config: DemoConfig, say=print) -> dict:
     chairs = chairs_pairs(config.pairs) if config.pairs else None
     flow_chairs = correspondence_scores(models, chairs, 4) if chairs else None
     stage("correspondence_s")
-    results = assemble_results(config, recipe, run, synth, davis, flow_synth, flow_chairs, timings)
+    # the results name the published folder, never the staging one
+    results = unstaged(assemble_results(config, recipe, run, synth, davis, flow_synth, flow_chairs, timings),
+                       work, out)
     say("[5/5] writing the report")
-    write_report(out, results, models, synth_pairs, davis_set if config.davis else None)
+    write_report(work, results, models, synth_pairs, davis_set if config.davis else None)
     stage("report_s")
     timings["total_s"] = round(time.monotonic() - started, 2)
-    write_json(out / "results.json", results)
-    write_json(out / "demo.json", {"status": "done", "config": dataclasses.asdict(config),
-                                    "recipe": dataclasses.asdict(recipe), "timings": timings})
+    write_json(work / "results.json", results)
+    write_json(work / "demo.json", {"status": "done", "config": dataclasses.asdict(config),
+                                     "recipe": dataclasses.asdict(recipe), "timings": timings})
     return results
 
 
@@ -270,7 +284,7 @@ def write_report(out: Path, results: dict, models: dict, pairs: list[FlowPair], 
 
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    run = Path(results["training"]["run"])
+    run = out / "run"
     sections = [report.Section("Results", text=_summary_text(results), html=results_table(results))]
     curves = pictures.plot_training_curves(run, figures / "training_curves.png", title="training of the demo's run")
     sections.append(report.Section("Training", text=_CURVES_TEXT, images=[(curves, "loss and log_p per step")]))
