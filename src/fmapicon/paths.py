@@ -13,8 +13,25 @@
 
 from __future__ import annotations
 
+import codecs
 import os
 from pathlib import Path
+
+#: an error handler for text streams (``stream.reconfigure(errors=DISPLAY_ERRORS)``): a name's
+#: non-UTF-8 byte prints as ``\xNN`` (as ``display_path``), anything else unencodable as an escape
+DISPLAY_ERRORS = "fmapicon.display"
+
+
+def _escape_unencodable(error):
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    chunk = error.object[error.start:error.end]
+    text = "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
+                   else c.encode("ascii", "backslashreplace").decode("ascii") for c in chunk)
+    return text, error.end
+
+
+codecs.register_error(DISPLAY_ERRORS, _escape_unencodable)
 
 
 def is_hidden(name) -> bool:

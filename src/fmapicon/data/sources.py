@@ -2,7 +2,9 @@
 the frame-count index (a JSON cache), the project's natural frame order, and decoding a
 pair of frames from a video (PyAV: seek to the keyframe at or before A, decode to B).
 
-Bad files are skipped with one ``SkippedFileWarning`` each and counted in a ``ScanReport``.
+Folders are listed by the project's one rule (``fmapicon.paths.visible_entries``: names
+starting with ``.`` are not data). Bad files, dangling links included, are skipped with one
+``SkippedFileWarning`` each and counted in a ``ScanReport``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
+
+from fmapicon.paths import display_path, visible_entries
 
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v"})
@@ -63,7 +67,7 @@ class ScanReport:
         self.skipped[reason] += 1
         self.skipped_files.append({"path": str(path), "reason": reason, "detail": detail})
         detail = " ".join(str(detail).split())  # one line, whatever the decoder said
-        message = f"skipping {path}: {reason.replace('_', ' ')}" + (f" ({detail})" if detail else "")
+        message = f"skipping {display_path(path)}: {reason.replace('_', ' ')}" + (f" ({detail})" if detail else "")
         warnings.warn(message, SkippedFileWarning, stacklevel=4)
 
 
@@ -174,16 +178,17 @@ def _scan_folder(folder: Path, index: FrameIndex, report: ScanReport, visited: s
         inner = davis / "480p" if (davis / "480p").is_dir() else davis
         return _scan_folder(inner, index, report, visited)
     try:
-        entries = sorted(os.scandir(folder), key=lambda e: natural_key(e.name))
+        entries = sorted(visible_entries(folder), key=lambda e: natural_key(e.name))  # the one listing rule
     except OSError as error:
         report.skip(folder, "unreadable_folder", str(error))
         return []
     clips, images = [], []
     for entry in entries:
-        if entry.name.startswith("."):
-            continue
         suffix = os.path.splitext(entry.name)[1].lower()
-        if entry.is_dir():
+        if entry.is_symlink() and not os.path.exists(entry.path):
+            report.skip(Path(entry.path), "broken_link", f"a link to {display_path(os.readlink(entry.path))}, "
+                        "which does not exist")
+        elif entry.is_dir():
             clips += _scan_folder(Path(entry.path), index, report, visited)
         elif suffix in IMAGE_EXTENSIONS:
             images.append(entry)

@@ -121,9 +121,7 @@ def _propagate_set(feature_model, davis_root, names, out_dir: Path, params, prog
         paths = frame_paths(images_dir, name)
         truths = annotation_paths(annotations_dir, name)
         stems = [p.stem for p in paths]
-        if truths[0].stem not in stems:
-            raise UserError(f"the first annotation {truths[0]} has no frame of the same name in {images_dir / name} "
-                            f"(frames {stems[0]}..{stems[-1]}): name annotations as the frames they belong to")
+        _check_frames_cover(truths, stems, images_dir / name)
         start = stems.index(truths[0].stem)
         frames = read_frames(paths[start:])
         first_ids = read_annotation(truths[0], annotation_style(truths))
@@ -134,6 +132,20 @@ def _propagate_set(feature_model, davis_root, names, out_dir: Path, params, prog
         timings[name] = {"frames": len(frames), "first_annotated": start, "height": frames.shape[1],
                          "width": frames.shape[2], **timing}
     return timings
+
+
+def _check_frames_cover(truths: list[Path], stems: list[str], frames_dir: Path) -> None:
+    """Refuse annotations without a frame of the same name: a prediction is written per frame,
+    so such an annotation could never be scored (a sequence cut short, frames renamed)."""
+    from fmapicon.paths import display_path
+
+    lonely = [t for t in truths if t.stem not in set(stems)]
+    if lonely:
+        shown = ", ".join(display_path(t.name) for t in lonely[:3]) + (", ..." if len(lonely) > 3 else "")
+        raise UserError(f"{len(lonely)} of {len(truths)} annotation(s) in {display_path(lonely[0].parent)} have no "
+                        f"frame of the same name in {display_path(frames_dir)} ({len(stems)} frames, "
+                        f"{display_path(stems[0])}..{display_path(stems[-1])}): {shown}; add the missing frames "
+                        "or remove those annotations (frames and annotations are matched by name)")
 
 
 def previous_outputs(out_dir: Path) -> list[str]:
