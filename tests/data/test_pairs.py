@@ -471,3 +471,17 @@ def test_the_data_package_reexports_its_public_names():
     assert data.FramePairs is pairs_class and data.read_video_pair is reader
     with pytest.raises(AttributeError):
         data.no_such_name  # noqa: B018
+
+
+def test_dangling_links_and_companion_files_in_training_data(tmp_path, cache):
+    frames = write_jpegs(tmp_path / "data" / "clip", numbered_frames(4))
+    (frames / "._00000.jpg").write_bytes(b"\0\x05\x16\x07" + b"\0" * 100)  # macOS companion: not data
+    (tmp_path / "data" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (frames / "00009.jpg").symlink_to(tmp_path / "gone.jpg")  # a link whose target was deleted
+    (tmp_path / "data" / "old.mp4").symlink_to(tmp_path / "gone.mp4")
+    with pytest.warns(SkippedFileWarning) as caught:
+        pairs = FramePairs(tmp_path / "data", size=16, cache_dir=cache)
+    assert pairs.summary["clips"] == 1 and pairs.clips[0].frames == 4
+    assert pairs.summary["skipped"] == {"broken_link": 2}
+    warned = [str(w.message) for w in caught if issubclass(w.category, SkippedFileWarning)]
+    assert sorted(m.split(": ")[0].rsplit("/", 1)[-1] for m in warned) == ["00009.jpg", "old.mp4"]

@@ -78,9 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _printable_streams()
     try:
-        status = _main(argv)
-        sys.stdout.flush()
-        return status
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # here, where a closed stdout can still end quietly (also after --help)
     except BrokenPipeError:
         return _stdout_closed()
 
