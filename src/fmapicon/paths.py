@@ -7,8 +7,9 @@
   official DAVIS toolkit lists with ``glob``, which skips the same names.
 - Names are whatever bytes the file system holds. Python gives bytes that are not UTF-8 as
   lone surrogates (``os.fsdecode``); ``display_path`` renders any name in printable text
-  (``s\\xe9q``) for messages and logs, and ``open_text`` writes a name back as its bytes
-  into the text files the project writes (CSVs), so that such names round-trip.
+  (``s\\xe9q``) for messages and logs, and ``fmapicon.runtime.atomic_write`` writes a
+  name back as its bytes into the text files the project writes (CSVs), so that such names
+  round-trip.
 """
 
 from __future__ import annotations
@@ -72,9 +73,3 @@ def display_path(path) -> str:
     ``\\xNN`` escapes, so a message or a log line never fails on a name."""
     raw = os.fsencode(path) if not isinstance(path, bytes) else path
     return raw.decode("utf-8", errors="backslashreplace")
-
-
-def open_text(path, mode: str = "r"):
-    """``open`` in UTF-8 text mode that writes names' non-UTF-8 bytes back as they were
-    (``surrogateescape``) and reads them as ``os.fsdecode`` does."""
-    return open(path, mode, encoding="utf-8", errors="surrogateescape")

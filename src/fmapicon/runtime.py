@@ -68,7 +68,9 @@ def seed_everything(seed: int) -> None:
 @contextmanager
 def atomic_write(path, mode: str = "wb"):
     """Write ``path`` through a temporary file in the same folder and rename it into place,
-    so that a reader (or a kill mid-write) never sees a half-written file."""
+    so that a reader (or a kill mid-write) never sees a half-written file. Text modes write
+    UTF-8, and a file name's non-UTF-8 bytes (``os.fsdecode``'s surrogates) as those bytes,
+    so that any name the file system gave can be written back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -77,7 +79,8 @@ def atomic_write(path, mode: str = "wb"):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, mode) as handle:
+        text = {} if "b" in mode else {"encoding": "utf-8", "errors": "surrogateescape"}
+        with os.fdopen(fd, mode, **text) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())

@@ -375,8 +375,8 @@ def write_results(results: dict, out_dir, set_name: str | None = None) -> tuple[
     paths = (out_dir / f"global_results-{set_name}.csv", out_dir / f"per-sequence_results-{set_name}.csv")
     texts = (_csv_text(GLOBAL_COLUMNS, [results["global"]]), _csv_text(SEQUENCE_COLUMNS, results["objects"]))
     for path, text in zip(paths, texts):
-        with atomic_write(path) as handle:  # a name's non-UTF-8 bytes are written back as they were
-            handle.write(text.encode("utf-8", errors="surrogateescape"))
+        with atomic_write(path, "w") as handle:  # a name's non-UTF-8 bytes are written back as they were
+            handle.write(text)
     return paths
 
 
