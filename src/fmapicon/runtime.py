@@ -1,6 +1,7 @@
 """The few things every command needs from its environment: a device, seeds, atomic
-file writes, removing a job's own earlier outputs, optional packages with an actionable
-error, where the shared data is, and what machine this is (``machine_info``).
+file writes, output folders built aside and published whole (``staged_output``), optional
+packages with an actionable error, where the shared data is, and what machine this is
+(``machine_info``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fmapicon.errors import UserError
+from fmapicon.paths import display_path
 
 # optional module -> the extra that installs it
 _EXTRAS = {"av": "video", "matplotlib": "plots", "tensorboard": "tensorboard",
@@ -66,7 +68,9 @@ def seed_everything(seed: int) -> None:
 @contextmanager
 def atomic_write(path, mode: str = "wb"):
     """Write ``path`` through a temporary file in the same folder and rename it into place,
-    so that a reader (or a kill mid-write) never sees a half-written file."""
+    so that a reader (or a kill mid-write) never sees a half-written file. Text modes write
+    UTF-8, and a file name's non-UTF-8 bytes (``os.fsdecode``'s surrogates) as those bytes,
+    so that any name the file system gave can be written back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -75,7 +79,8 @@ def atomic_write(path, mode: str = "wb"):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, mode) as handle:
+        text = {} if "b" in mode else {"encoding": "utf-8", "errors": "surrogateescape"}
+        with os.fdopen(fd, mode, **text) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
@@ -99,23 +104,112 @@ def shared_data_dir() -> Path | None:
     return None
 
 
-def claim_output_folder(out, force: bool, outputs, what: str) -> None:
-    """Make ``out`` ready for a command's outputs: refuse a folder that holds anything unless
-    ``force``, which removes only what an earlier run wrote (``outputs``: names, or a callable
-    ``outputs(out)`` returning them), so that two runs' results are never mixed. ``what``
-    names the outputs in the messages (e.g. "the demo's outputs"). Raises ``UserError``."""
-    from fmapicon.errors import UserError
-
+def check_output_folder(out, force: bool, what: str = "the earlier outputs") -> Path:
+    """Refuse ``out`` when it is a file, or a folder that holds anything unless ``force``;
+    deletes nothing (``staged_output`` replaces the earlier outputs only once the new ones are
+    complete). ``what`` names the outputs in the message. Raises ``UserError``."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder: choose a folder for {what}")
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        raise UserError(f"--out {display_path(out)} exists and is not a folder: choose a folder for {what}")
+    entries = sorted(listed_names(out)) if out.is_dir() else []
     if entries and not force:
-        raise UserError(f"{out} already holds {len(entries)} entries ({', '.join(entries[:6])}); two runs' "
-                        f"results are never mixed: pass --force to replace {what} (other files are kept), "
-                        "or choose a new folder with --out")
-    if entries:
-        remove_entries(out, outputs(out) if callable(outputs) else outputs)
+        shown = ", ".join(display_path(name) for name in entries[:6])
+        raise UserError(f"{display_path(out)} already holds {len(entries)} entries ({shown}); two runs' "
+                        f"results are never mixed: pass --force to replace {what} once the new ones are "
+                        "complete (other files are kept), or choose a new folder with --out")
+    return out
+
+
+def listed_names(folder) -> list[str]:
+    """The names in ``folder`` that a listing shows (``fmapicon.paths.visible_entries``)."""
+    from fmapicon.paths import visible_entries
+
+    return [entry.name for entry in visible_entries(folder)]
+
+
+@contextmanager
+def staged_output(out, *, force: bool = False, outputs=(), what: str = "the earlier outputs", last=()):
+    """Build a command's output folder aside and publish it whole: the one way a result
+    folder is written, so that a rerun never destroys the last good output.
+
+    Refuses ``out`` up front as ``check_output_folder(out, force, what)`` does, then yields
+    a fresh staging folder (``Path``), a hidden sibling ``.<name>.partial-XXXX`` of ``out`` on
+    the same file system. When the block ends normally, the earlier outputs in ``out``
+    (``outputs``: names, or a callable ``outputs(out) -> names``, read at that moment) and the
+    entries of the same names as the staged ones are replaced by the staged entries (``last``:
+    names moved in last, e.g. a record that marks a complete result); other files in ``out``
+    are kept; Ctrl-C waits for the moves to finish. When the block raises (a refused input, a
+    crash, Ctrl-C) the staging folder is removed and ``out`` is left as it was.
+
+    ``--force`` therefore means "replace when done", never "delete first". Paths recorded in
+    the outputs should name ``out``, not the staging folder: see ``unstaged``.
+    """
+    import shutil
+
+    out = check_output_folder(out, force, what)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield staging
+        with _interrupts_deferred():
+            _publish(staging, out, outputs, last)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(staging: Path, out: Path, outputs, last) -> None:
+    """Move the earlier outputs of ``out`` aside, the staged entries in, then drop the old ones."""
+    import shutil
+
+    if not out.exists():
+        os.replace(staging, out)  # a new folder appears whole
+        return
+    staged = sorted(os.listdir(staging), key=lambda name: name in last)
+    earlier = set(outputs(out) if callable(outputs) else outputs) | set(staged)
+    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    try:
+        for name in earlier:
+            if os.path.lexists(out / name):
+                os.replace(out / name, trash / name)
+        for name in staged:
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextmanager
+def _interrupts_deferred():
+    """Hold SIGINT back while the block runs (main thread only), then deliver it."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+def unstaged(value, staging, out):
+    """``value`` (a string, path, or nested dict / list of them) with every path under
+    ``staging`` renamed to the same place under ``out``: what a result records about itself."""
+    staging, out = os.fspath(staging), os.fspath(out)
+    if isinstance(value, (str, os.PathLike)):
+        text = os.fspath(value)
+        if text == staging or text.startswith(staging + os.sep):
+            text = out + text[len(staging):]
+        return type(value)(text) if isinstance(value, Path) else text
+    if isinstance(value, dict):
+        return {key: unstaged(item, staging, out) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(unstaged(item, staging, out) for item in value)
+    return value
 
 
 def remove_entries(folder, names) -> None:

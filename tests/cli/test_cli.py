@@ -123,3 +123,64 @@ def test_match_names_the_flag_of_a_library_parameter_error():
     with pytest.raises(ValueError, match="^another problem") as info, _flags_named():
         raise ValueError("another problem")
     assert not isinstance(info.value, UserError)  # anything else is a bug to show, not a user error
+
+
+def test_a_closed_stdout_ends_quietly(tmp_path):
+    import subprocess
+    import sys
+
+    root = _small_root(tmp_path / "davis")
+    argv = ["eval", "--davis", str(root), "--model", "copy", "--out", str(tmp_path / "ev"), "--no-progress"]
+    code = f"import sys; from fmapicon.cli import main; sys.exit(main({argv!r}))"
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # as `fmapicon eval ... | head -0` does
+    err = process.stderr.read().decode()
+    assert process.wait() == 141 and err == ""
+    assert (tmp_path / "ev" / "eval.json").is_file()  # the work was done and published
+
+
+def _small_root(root, frames=5):
+    import numpy as np
+    from PIL import Image
+
+    from fmapicon.data.davis import write_indexed_png
+
+    mask = np.zeros((12, 16), np.uint8)
+    mask[3:8, 4:10] = 1
+    for name in ("seqa", "seqb"):
+        for t in range(frames):
+            (root / "JPEGImages" / "480p" / name).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (16, 12), (t * 20, 0, 0)).save(root / "JPEGImages" / "480p" / name / f"{t:05d}.jpg")
+            write_indexed_png(root / "Annotations" / "480p" / name / f"{t:05d}.png", mask)
+    (root / "ImageSets").mkdir()
+    (root / "ImageSets" / "val.txt").write_text("seqa\nseqb\n")
+    return root
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_eval_rerun_leaves_the_earlier_evaluation_byte_for_byte(tmp_path, capsys):
+    root = _small_root(tmp_path / "davis")
+    out = tmp_path / "ev"
+    assert main(["eval", "--davis", str(root), "--model", "copy", "--out", str(out), "--no-progress"]) == 0
+    before = _tree(out)
+    assert "eval.json" in before and "seqb/00004.png" in before
+    (root / "JPEGImages" / "480p" / "seqb" / "00003.jpg").write_bytes(b"<html>503</html>")  # a broken download
+    capsys.readouterr()
+    assert main(["eval", "--davis", str(root), "--model", "copy", "--out", str(out), "--force",
+                 "--no-progress"]) == 2
+    assert "00003.jpg" in capsys.readouterr().err
+    assert _tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["davis", "ev"]
+
+
+def test_annotations_without_frames_are_named_plainly(tmp_path, capsys):
+    root = _small_root(tmp_path / "davis")
+    (root / "JPEGImages" / "480p" / "seqb" / "00004.jpg").unlink()  # the frames stop before the annotations
+    assert main(["eval", "--davis", str(root), "--model", "copy", "--out", str(tmp_path / "ev"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "partial" not in err
+    assert "1 of 5 annotation(s) in" in err and "Annotations/480p/seqb have no frame" in err and "00004.png" in err

@@ -139,3 +139,54 @@ def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path):
     save_weights(net, target, {"step": 2})
     assert target.read_bytes() != first
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+
+
+def _rewritten(run, change):
+    """The run's weights rewritten with ``change(tensors)`` applied (same metadata)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    file = run / "checkpoints" / "last.safetensors"
+    with safe_open(str(file), "pt") as handle:
+        metadata, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+    change(tensors)
+    save_file(tensors, str(file), metadata=metadata)
+    return run
+
+
+@pytest.mark.parametrize("value, dtype", [(float("nan"), torch.float32), (float("inf"), torch.float16)])
+def test_a_non_finite_buffer_is_refused_naming_the_file_and_the_tensor(tmp_path, value, dtype):
+    def poison(tensors):
+        name = next(k for k in sorted(tensors) if k.endswith("running_var"))
+        tensors[name] = tensors[name].to(dtype)
+        tensors[name][0] = value
+        poison.name = name
+
+    run = _rewritten(_run_folder(tmp_path, _trained_like_net()), poison)
+    with pytest.raises(UserError, match="NaN and .* infinite") as error:
+        fmapicon.load(run)
+    message = str(error.value)
+    assert poison.name in message and "last.safetensors" in message and "\n" not in message
+
+
+def test_a_missing_or_unexpected_tensor_is_refused_in_one_line(tmp_path):
+    run = _run_folder(tmp_path, _trained_like_net())
+    dropped = sorted(build_network(NETWORK).state_dict())[0]
+    _rewritten(run, lambda tensors: tensors.pop(dropped))
+    with pytest.raises(UserError, match=f"missing tensors 1: {dropped}") as error:
+        fmapicon.load(run)
+    assert "\n" not in str(error.value)
+    _rewritten(run, lambda tensors: tensors.update({dropped: torch.zeros(1), "extra.weight": torch.zeros(2)}))
+    with pytest.raises(UserError, match="unexpected tensors 1: extra.weight") as error:
+        fmapicon.load(run)
+    assert f"{dropped} (1,)" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_config_that_describes_no_network_is_refused(tmp_path):
+    run = _run_folder(tmp_path, _trained_like_net())
+    (run / "config.json").write_text(json.dumps({"network": {**_config()["network"], "net": "no-such-net"}}))
+    with pytest.raises(UserError, match="config.json|config of"):
+        fmapicon.load(run)
+    (run / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        fmapicon.load(run)

@@ -258,3 +258,46 @@ def test_frames_and_annotations_in_natural_order(tmp_path):
     expected = ["1", "2", "9", "10", "11"]
     assert [p.stem for p in frame_paths(tmp_path / "frames", "seq")] == expected
     assert [p.stem for p in annotation_paths(tmp_path / "masks", "seq")] == expected
+
+
+def test_sequence_lists_in_other_encodings(tmp_path):
+    import os
+
+    root = _tiny_root(tmp_path / "r")
+    val = root / "ImageSets" / "2017" / "val.txt"
+    val.write_bytes(b"\xef\xbb\xbfa\r\nb\r\n")  # UTF-8 with a byte-order mark, Windows line ends
+    assert sequence_names(root, "val") == ["a", "b"]
+    val.write_bytes("a\nb\n".encode("utf-16"))  # UTF-16 with its mark
+    assert sequence_names(root, "val") == ["a", "b"]
+    val.write_bytes("a\nb\n".encode("utf-16-le"))  # without: refused in one line naming the file
+    with pytest.raises(UserError, match="val.txt is not a text file of names"):
+        sequence_names(root, "val")
+    images = root / "JPEGImages" / "480p"
+    (images / "b").rename(images / "s\u00e9q")  # a UTF-8 folder named in a Windows (cp1252) list
+    val.write_bytes(b"a\ns\xe9q\n")
+    assert sequence_names(root, "val") == ["a", "s\u00e9q"]
+    (images / "s\u00e9q").rename(images / os.fsdecode(b"s\xe9q"))  # and a folder of the same bytes
+    assert sequence_names(root, "val") == ["a", os.fsdecode(b"s\xe9q")]
+
+
+def test_a_missing_sequence_is_named_plainly(tmp_path):
+    import os
+
+    root = _tiny_root(tmp_path / "r")
+    (root / "ImageSets" / "2017" / "val.txt").write_bytes(b"a\nn\xe9pe\n")
+    with pytest.raises(UserError, match=r"1 sequence\(s\) named by .*val.txt have no frame folder .*: n\\xe9pe "
+                                        r"\(folders there: a, b\)"):
+        sequence_names(root, "val")
+    assert os.fsdecode(b"n\xe9pe")  # the name itself stays the file system's
+
+
+def test_hidden_files_are_no_frames_annotations_or_sets(tmp_path):
+    root = _tiny_root(tmp_path / "r")
+    images, annotations = layout(root)
+    for folder, name in ((images / "a", "._00000.jpg"), (annotations / "a", "._00000.png"),
+                         (root / "ImageSets" / "2017", "._val.txt")):
+        (folder / name).write_bytes(b"\0\x05\x16\x07")
+    (images / "a" / ".DS_Store").write_bytes(b"\0")
+    assert [p.name for p in frame_paths(images, "a")] == ["00000.jpg"]
+    assert [p.name for p in annotation_paths(annotations, "a")] == ["00000.png"]
+    assert available_sets(root) == ["val"]

@@ -471,3 +471,40 @@ def test_the_data_package_reexports_its_public_names():
     assert data.FramePairs is pairs_class and data.read_video_pair is reader
     with pytest.raises(AttributeError):
         data.no_such_name  # noqa: B018
+
+
+def test_dangling_links_and_companion_files_in_training_data(tmp_path, cache):
+    frames = write_jpegs(tmp_path / "data" / "clip", numbered_frames(4))
+    (frames / "._00000.jpg").write_bytes(b"\0\x05\x16\x07" + b"\0" * 100)  # macOS companion: not data
+    (tmp_path / "data" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (frames / "00009.jpg").symlink_to(tmp_path / "gone.jpg")  # a link whose target was deleted
+    (tmp_path / "data" / "old.mp4").symlink_to(tmp_path / "gone.mp4")
+    with pytest.warns(SkippedFileWarning) as caught:
+        pairs = FramePairs(tmp_path / "data", size=16, cache_dir=cache)
+    assert pairs.summary["clips"] == 1 and pairs.clips[0].frames == 4
+    assert pairs.summary["skipped"] == {"broken_link": 2}
+    warned = [str(w.message) for w in caught if issubclass(w.category, SkippedFileWarning)]
+    assert sorted(m.split(": ")[0].rsplit("/", 1)[-1] for m in warned) == ["00009.jpg", "old.mp4"]
+
+
+def test_a_video_cut_without_reencoding_counts_the_frames_that_decode(tmp_path, cache):
+    """A stream copy that starts mid-GOP (``ffmpeg -ss T -c copy``): its first packets need a
+    keyframe that was cut off. They are no frames: frame 0 is the first that decodes."""
+    av = pytest.importorskip("av")
+    full = write_video(tmp_path / "full.mp4", numbered_frames(48), gop=12)
+    cut = tmp_path / "clips" / "cut.mp4"
+    cut.parent.mkdir()
+    with av.open(str(full)) as source, av.open(str(cut), "w") as target:
+        stream = target.add_stream_from_template(source.streams.video[0])
+        packets = sorted((p for p in source.demux(video=0) if p.size), key=lambda p: p.dts)
+        for packet in packets[17:]:  # packets before the keyframe of frame 24 first
+            packet.stream = stream
+            target.mux(packet)
+    with av.open(str(cut)) as container:
+        decoded = [frame_number(frame.to_image()) for frame in container.decode(video=0)]
+    assert len(decoded) < len(packets) - 17  # the packets before the keyframe never decode
+    pairs = FramePairs(cut.parent, size=16, cache_dir=cache)
+    assert pairs.clips[0].frames == len(decoded)
+    for a, b in ((0, 2), (3, 9), (len(decoded) - 3, len(decoded) - 1)):
+        image_a, image_b, b_read = read_video_pair(cut, a, b)
+        assert (frame_number(image_a), frame_number(image_b), b_read) == (decoded[a], decoded[b], b)

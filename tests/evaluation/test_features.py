@@ -197,7 +197,7 @@ def test_extract_at_a_scale_equals_extract_of_the_resized_images():
     resized = resize_maps(images, (32, 48))
     torch.testing.assert_close(at_scale, extract(model, resized, scale=1.0, stride=4))
     torch.testing.assert_close(at_scale.norm(dim=1), torch.ones(1, 8, 12))
-    with pytest.raises(UserError, match="input scale must be a positive"):
+    with pytest.raises(ValueError, match="input scale must be a positive"):  # API misuse, not a UserError
         extract(model, images, scale=0, stride=8)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -147,7 +149,8 @@ def _write_root(root, sequences: dict, set_name="val"):
             Image.new("RGB", mask.shape[::-1]).save(frames / f"{t:05d}.jpg")
             write_indexed_png(root / "Annotations" / "480p" / name / f"{t:05d}.png", mask)
     (root / "ImageSets" / "2017").mkdir(parents=True, exist_ok=True)
-    (root / "ImageSets" / "2017" / f"{set_name}.txt").write_text("".join(f"{n}\n" for n in sequences))
+    names = b"".join(os.fsencode(n) + b"\n" for n in sequences)  # names in bytes, as a file system holds them
+    (root / "ImageSets" / "2017" / f"{set_name}.txt").write_bytes(names)
     return root
 
 
@@ -367,3 +370,61 @@ def test_cli_score_picks_the_only_list_as_eval(tmp_path, capsys):
     assert main(["score", "--davis", str(root), "--results", str(tmp_path / "pred")]) == 0
     assert "Global results for dev" in capsys.readouterr().out
     assert (tmp_path / "pred" / "global_results-dev.csv").is_file()
+
+
+def _moving_and_still(frames=6):
+    """(moving, still): a square that moves 3 px a frame, and one that stays put."""
+    moving = np.zeros((frames, 40, 60), np.uint8)
+    for t in range(frames):
+        moving[t, 10:25, 5 + 3 * t:20 + 3 * t] = 1
+    still = np.zeros((frames, 40, 60), np.uint8)
+    still[:, 12:30, 20:40] = 1
+    return moving, still
+
+
+def test_a_repeated_sequence_counts_once_in_the_global_mean(tmp_path):
+    moving, still = _moving_and_still()
+    root = _write_root(tmp_path / "davis", {"moving": moving, "still": still})
+    (root / "ImageSets" / "2017" / "val.txt").write_text("moving\nstill\nstill\n")
+    for name, masks in (("moving", moving), ("still", still)):
+        _write_predictions(tmp_path / "pred", name, np.repeat(masks[:1], len(masks), axis=0))  # the copy baseline
+    once = score_davis(root, tmp_path / "pred", sequences=["moving", "still"], progress=False)
+    with pytest.warns(UserWarning, match="still more than once"):
+        listed = score_davis(root, tmp_path / "pred", progress=False)
+    with pytest.warns(UserWarning, match="still more than once"):
+        given = score_davis(root, tmp_path / "pred", sequences=["moving", "still", "still"], progress=False)
+    assert once["global"]["J-Mean"] < 0.9  # the two sequences differ, so a double weight would show
+    for result in (listed, given):
+        assert result["global"] == once["global"]
+        assert [o["Sequence"] for o in result["objects"]] == ["moving_1", "still_1"]
+
+
+def test_companion_files_beside_frames_and_annotations_change_nothing(tmp_path):
+    moving, still = _moving_and_still()
+    clean = _write_root(tmp_path / "clean", {"moving": moving, "still": still})
+    mac = _write_root(tmp_path / "mac", {"moving": moving, "still": still})
+    for folder in [*(mac / "JPEGImages" / "480p").iterdir(), *(mac / "Annotations" / "480p").iterdir()]:
+        for path in list(folder.iterdir()):
+            (folder / f"._{path.name}").write_bytes(b"\0\x05\x16\x07" + b"\0" * 4092)  # AppleDouble, not an image
+    (mac / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (mac / "Annotations" / "480p" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    _write_predictions(tmp_path / "pred", "moving", np.roll(moving, 1, axis=2))
+    _write_predictions(tmp_path / "pred", "still", still)
+    (tmp_path / "pred" / "moving" / "._00001.png").write_bytes(b"\0")
+    results = [score_davis(root, tmp_path / "pred", progress=False) for root in (clean, mac)]
+    assert results[0]["global"] == results[1]["global"] and results[0]["objects"] == results[1]["objects"]
+
+
+def test_a_latin1_folder_name_round_trips_into_the_csvs(tmp_path, capsys):
+    from fmapicon.cli import main
+
+    latin = os.fsdecode(b"s\xe9q")  # the name as Python gives it: a surrogate for the byte 0xe9
+    moving, still = _moving_and_still()
+    root = _write_root(tmp_path / "davis", {"seqa": moving, latin: still})
+    (root / "ImageSets" / "2017" / "val.txt").write_bytes(b"seqa\ns\xe9q\n")  # the list in Latin-1 too
+    _write_predictions(tmp_path / "pred", "seqa", moving)
+    _write_predictions(tmp_path / "pred", latin, still)
+    assert main(["score", "--davis", str(root), "--results", str(tmp_path / "pred")]) == 0
+    rows = (tmp_path / "pred" / "per-sequence_results-val.csv").read_bytes().splitlines()
+    assert [row.split(b",")[0] for row in rows] == [b"Sequence", b"seqa_1", b"s\xe9q_1"]
+    assert "s\\xe9q_1" in capsys.readouterr().out  # printed readably, not as a traceback

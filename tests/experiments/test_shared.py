@@ -1,4 +1,4 @@
-"""What the demo and the ablation share: held-out flow pairs, the output folder, seeds, the run's config."""
+"""What the demo and the ablation share: held-out flow pairs, seeds, the run's config."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import dataclasses
 import numpy as np
 import pytest
 
-from fmapicon.errors import UserError
 from fmapicon.experiments import demo, shared
 
 
@@ -31,19 +30,6 @@ def test_synthetic_pairs_have_the_exact_flow_of_the_held_out_scenes(tmp_path):
     # the frames of a gap-2 pair: the surface moves on, so the flow grows
     two = shared.synthetic_pairs(dataclasses.replace(setup, epe_gap=2, epe_pairs=1), seed=4)[0]
     assert np.abs(two.flow).mean() > np.abs(pairs[0].flow).mean()
-
-
-def test_force_removes_only_the_demos_outputs(tmp_path):
-    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
-    (tmp_path / "results.json").write_text("{}")
-    (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="--force"):
-        shared.prepare_output(tmp_path, force=False, outputs=demo.OUTPUTS)
-    shared.prepare_output(tmp_path, force=True, outputs=demo.OUTPUTS)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
-    (tmp_path / "file").write_text("")
-    with pytest.raises(UserError, match="not a folder"):
-        shared.prepare_output(tmp_path / "file", force=True, outputs=demo.OUTPUTS)
 
 
 def test_training_and_held_out_scenes_never_share_a_seed():

@@ -76,6 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     # 5x slower on a busy machine (measured: fmapicon bench loss --omp-wait-policy inherit);
     # it must be set before torch loads, so the command sets it unless the user has.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    _printable_streams()
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # here, where a closed stdout can still end quietly (also after --help)
+    except BrokenPipeError:
+        return _stdout_closed()
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args, unknown = parser.parse_known_args(argv)
@@ -88,11 +99,35 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             return int(args.run(args) or 0)
-    except (UserError, FileNotFoundError, NotADirectoryError, PermissionError) as error:
+    except BrokenPipeError:
+        raise
+    except (UserError, OSError) as error:  # a missing file, a full disk, a folder without permission
         if os.environ.get("FMAPICON_DEBUG"):
             raise
-        print(f"fmapicon {args.command}: error: {error}", file=sys.stderr)
+        print(f"fmapicon {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fmapicon {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _printable_streams() -> None:
+    """stdout and stderr print any file name: a non-UTF-8 byte as ``\\xNN``, never an error."""
+    from fmapicon.paths import DISPLAY_ERRORS
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors=DISPLAY_ERRORS)
+        except (AttributeError, ValueError, OSError):  # not a text stream we may reconfigure
+            pass
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``fmapicon ... | head``): end quietly, as a command
+    killed by SIGPIPE does (status 141), without Python's complaint when it flushes at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141

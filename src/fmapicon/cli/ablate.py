@@ -60,7 +60,8 @@ def register(subparsers) -> None:
     parser.add_argument("--quick", action="store_true", default=False,
                         help="24 x 24 training, 150 steps per attempt, tiny evaluation: a few minutes (default: off)")
     parser.add_argument("--force", action="store_true", default=False,
-                        help="replace the outputs of an earlier ablation in --out (default: refuse)")
+                        help="replace the outputs of an earlier ablation in --out once the new ones are complete; a "
+                        "failed or interrupted run leaves them as they were (default: refuse)")
     parser.add_argument("--device", type=device_name, default="auto",
                         help="auto (CUDA when available), cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--seed", type=non_negative_int, default=0,

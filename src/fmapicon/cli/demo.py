@@ -44,8 +44,9 @@ def register(subparsers) -> None:
                         help="a tiny version of every stage in about a minute (for tests and CI; the numbers "
                         "mean little) (default: off)")
     parser.add_argument("--force", action="store_true", default=False,
-                        help="replace the outputs of an earlier demo in --out (other files are kept) "
-                        "(default: refuse a non-empty folder)")
+                        help="replace the outputs of an earlier demo in --out once the new ones are complete (other "
+                        "files are kept; a failed or interrupted run leaves them as they were) (default: refuse "
+                        "a non-empty folder)")
     parser.add_argument("--device", type=device_name, default="auto",
                         help="auto (CUDA when available), cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--seed", type=non_negative_int, default=0,

@@ -32,8 +32,9 @@ def register(subparsers) -> None:
                         help="output folder for predictions, CSVs and eval.json; must not exist or be empty "
                         "unless --force (default: runs/eval)")
     parser.add_argument("--force", action="store_true", default=False,
-                        help="replace an earlier evaluation in DIR (its sequence folders, CSVs and eval.json; "
-                        "other files are kept) (default: refuse a non-empty DIR)")
+                        help="replace an earlier evaluation in DIR once the new one is complete (its sequence "
+                        "folders, CSVs and eval.json; other files are kept; a failed or interrupted run "
+                        "leaves the earlier one as it was) (default: refuse a non-empty DIR)")
     parser.add_argument("--protocol", choices=["crw", "original"], default="crw",
                         help="crw: context of first + previous frames, local radius, top-k (default); "
                         "original: the original code's hard nearest neighbour in the first frame at 1/4 scale")
@@ -68,20 +69,13 @@ def register(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def _check_out(out, force: bool) -> None:
-    """Refuse a non-empty output folder unless ``force``; with it, remove the earlier
-    evaluation's outputs there (two runs' results are never mixed)."""
-    from fmapicon.evaluation.davis_eval import previous_outputs
-    from fmapicon.runtime import claim_output_folder
-
-    claim_output_folder(out, force, previous_outputs, "the earlier evaluation")
-
-
 def run(args) -> int:
     from fmapicon.evaluation.davis_eval import evaluate_davis
     from fmapicon.evaluation.propagate import PropagationParams
+    from fmapicon.paths import display_path
+    from fmapicon.runtime import check_output_folder
 
-    _check_out(args.out, args.force)
+    check_output_folder(args.out, args.force, "the earlier evaluation")  # refused now, replaced when done
 
     params = PropagationParams(
         protocol=args.protocol, input_scale=args.input_scale, stride=args.stride, context=args.context,
@@ -97,6 +91,7 @@ def run(args) -> int:
               f"({totals['features_s_per_frame']:.3f} s/frame), propagation {totals['propagation_s']:.1f} s "
               f"({totals['propagation_s_per_frame']:.3f} s/frame)")
     if result["skipped"]:
-        print(f"{len(result['skipped'])} sequence(s) skipped with nothing to score: {', '.join(result['skipped'])}")
-    print(f"wrote {result['eval_json']}")
+        skipped = ", ".join(display_path(name) for name in result["skipped"])
+        print(f"{len(result['skipped'])} sequence(s) skipped with nothing to score: {skipped}")
+    print(f"wrote {display_path(result['eval_json'])}")
     return 0

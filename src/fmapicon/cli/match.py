@@ -17,6 +17,9 @@ import contextlib
 
 from fmapicon.cli._types import device_name, non_negative_int, positive_float, positive_int
 
+#: what match writes under --out (replaced whole when a new match is complete)
+OUTPUTS = ("flow_ab.flo", "flow_ba.flo", "metrics.json", "match.png")
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -66,7 +69,7 @@ def run(args) -> int:
     from fmapicon.data.images import read_image, to_tensor
     from fmapicon.evaluation.correspond import load_feature_model, match_images
     from fmapicon.data.flow import write_flo
-    from fmapicon.runtime import resolve_device, write_json
+    from fmapicon.runtime import resolve_device, staged_output, write_json
 
     device = resolve_device(args.device)
     image_a, image_b = (to_tensor(read_image(path), device)[None] for path in (args.image_a, args.image_b))
@@ -80,13 +83,14 @@ def run(args) -> int:
     seconds = time.perf_counter() - start
     out = Path(args.out)
     flow_ab = match.flow_ab[0].permute(1, 2, 0).cpu().numpy()
-    write_flo(out / "flow_ab.flo", flow_ab)
-    write_flo(out / "flow_ba.flo", match.flow_ba[0].permute(1, 2, 0).cpu().numpy())
     metrics = _metrics(args, model, match, flow_ab, gt_flow, seconds)
-    write_json(out / "metrics.json", metrics)
     from fmapicon.experiments.figures import match_picture, save_png
 
-    save_png(out / "match.png", match_picture(image_a, image_b, match, gt_flow))
+    with staged_output(out, force=True, outputs=OUTPUTS, what="the earlier match") as staging:
+        write_flo(staging / "flow_ab.flo", flow_ab)
+        write_flo(staging / "flow_ba.flo", match.flow_ba[0].permute(1, 2, 0).cpu().numpy())
+        write_json(staging / "metrics.json", metrics)
+        save_png(staging / "match.png", match_picture(image_a, image_b, match, gt_flow))
     _print_summary(out, metrics)
     return 0
 
@@ -142,4 +146,6 @@ def _metrics(args, model, match, flow_ab, gt_flow, seconds: float) -> dict:
 def _print_summary(out, metrics: dict) -> None:
     keys = ["ic_error_mean", "epe_mean", "epe_median", "outliers_3px", "seconds"]
     print("  ".join(f"{key} {metrics[key]:.4g}" for key in keys if key in metrics))
-    print(f"wrote {out}/flow_ab.flo, flow_ba.flo, metrics.json, match.png")
+    from fmapicon.paths import display_path
+
+    print(f"wrote {display_path(out)}/flow_ab.flo, flow_ba.flo, metrics.json, match.png")

@@ -39,14 +39,20 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from pathlib import Path
+
     from fmapicon.evaluation.metrics import format_results, score_davis, write_results
+    from fmapicon.paths import display_path
+    from fmapicon.runtime import staged_output
 
     results = score_davis(args.davis, args.results, args.set_name, args.sequences,
                           exclude_void=args.exclude_void)
-    paths = write_results(results, args.results, results["set"])
+    with staged_output(args.results, force=True) as staging:  # both CSVs replace the earlier pair together
+        names = [path.name for path in write_results(results, staging, results["set"])]
     print(format_results(results))
     if results["skipped"]:
-        print(f"{len(results['skipped'])} sequence(s) skipped with nothing to score: {', '.join(results['skipped'])}")
-    for path in paths:
-        print(f"wrote {path}")
+        skipped = ", ".join(display_path(name) for name in results["skipped"])
+        print(f"{len(results['skipped'])} sequence(s) skipped with nothing to score: {skipped}")
+    for name in names:
+        print(f"wrote {display_path(Path(args.results) / name)}")
     return 0

@@ -38,7 +38,8 @@ def register(subparsers) -> None:
                         help="image-set name: ImageSets/2017/SET.txt (default val)")
     parser.add_argument("--no-video", dest="video", action="store_false", help="skip Videos/*.mp4 (no PyAV needed)")
     parser.add_argument("--force", action="store_true",
-                        help="replace a previous synth output in OUT (other files there are never deleted)")
+                        help="replace a previous synth output in OUT once the new scenes are complete (other files "
+                        "there are never deleted)")
     parser.set_defaults(run=run)
 
 

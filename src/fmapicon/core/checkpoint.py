@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from fmapicon.errors import UserError
+from fmapicon.paths import display_path
 from fmapicon.runtime import atomic_write
 
 WHICH = ("last", "best")
@@ -82,18 +83,20 @@ def load(path, device="cpu", *, which: str = "last"):
     ``UnitFeatures`` in eval mode on ``device``: ``B x 3 x H x W`` images in [0, 1] ->
     ``B x C x h x w`` unit-norm features, with ``.stride``, ``.channels``,
     ``.config`` (the run's resolved config, a dict including ``input_scale``) and
-    ``.defaults`` (``DEFAULTS_KEY``: protocol values validated for these weights, e.g.
+    ``.defaults`` (``DEFAULTS_KEY``: evaluation values validated for these weights, e.g.
     ``{"pixels_weight": 0.85}``; ``{}`` when the file records none).
-    """
-    from safetensors.torch import load_file
 
-    from fmapicon.core.networks import UnitFeatures, build_network, network_config
+    Raises ``UserError`` naming the file (and the tensor) for a file that is not readable
+    safetensors, a config that names no network or one the tensors do not fit, a missing or
+    unexpected tensor, and any NaN or infinite value in a parameter or buffer.
+    """
+    from fmapicon.core.networks import UnitFeatures
     from fmapicon.runtime import resolve_device
 
     file = weights_file(path, which)
     config = read_config(file)
-    net = build_network(network_config(config, source=f"the config of {file}"))
-    _load_state(net, load_file(str(file), device="cpu"), file)
+    net = _described_network(config, file)
+    _load_state(net, _read_tensors(file), file)
     model = UnitFeatures(net).to(device if not isinstance(device, str) else resolve_device(device)).eval()
     model.config = config
     model.defaults = read_defaults(file)
@@ -138,10 +141,10 @@ def read_config(file: Path) -> dict:
     """The run config of a weights file: its metadata, else a config.json nearby."""
     embedded = _metadata(file).get(_CONFIG_KEY)
     if embedded:
-        return json.loads(embedded)
+        return _config_json(embedded, f"the {_CONFIG_KEY!r} metadata of {display_path(file)}")
     for folder in (file.parent, file.parent.parent):
         if (folder / "config.json").is_file():
-            return json.loads((folder / "config.json").read_text())
+            return _config_json((folder / "config.json").read_text(), display_path(folder / "config.json"))
     raise UserError(f"{file} carries no config (metadata {_CONFIG_KEY!r}) and no config.json was found beside "
                     "it or two levels up; keep it in its run folder (RUN/checkpoints/) to load it")
 
@@ -152,9 +155,9 @@ def read_defaults(file: Path) -> dict:
     try:
         defaults = json.loads(text) if text else {}
     except ValueError as error:
-        raise UserError(f"{file}: its {DEFAULTS_KEY} metadata is not JSON ({error})") from error
+        raise UserError(f"{display_path(file)}: its {DEFAULTS_KEY} metadata is not JSON ({error})") from error
     if not isinstance(defaults, dict):
-        raise UserError(f"{file}: its {DEFAULTS_KEY} metadata must be a JSON object, got {text!r}")
+        raise UserError(f"{display_path(file)}: its {DEFAULTS_KEY} metadata must be a JSON object, got {text!r}")
     return defaults
 
 
@@ -176,11 +179,77 @@ def _metadata(file: Path) -> dict:
                         "not a checkpoint") from error
 
 
-def _load_state(net, state: dict, file: Path) -> None:
+# --------------------------------------------------------------------------- checks on load
+
+
+def _config_json(text: str, where: str) -> dict:
+    """A run config from JSON text, or a one-line refusal naming ``where`` it came from."""
     try:
-        result = net.load_state_dict(state, strict=False)
-    except RuntimeError as error:  # a tensor of the wrong shape
-        raise UserError(f"{file} does not match the network its config describes: {error}") from error
-    if result.missing_keys or result.unexpected_keys:
-        raise UserError(f"{file} does not match the network its config describes: missing "
-                        f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+        config = json.loads(text)
+    except ValueError as error:
+        raise UserError(f"{where} is not valid JSON ({error}); the run config is unreadable") from error
+    if not isinstance(config, dict):
+        raise UserError(f"{where} holds a JSON {type(config).__name__}, expected a run config (an object)")
+    return config
+
+
+def _described_network(config: dict, file: Path):
+    """The network that ``config`` describes, or a one-line refusal naming the file."""
+    from fmapicon.core.networks import build_network, network_config
+
+    try:
+        return build_network(network_config(config, source=f"the config of {display_path(file)}"))
+    except (ValueError, TypeError, KeyError) as error:  # UserError included
+        if isinstance(error, UserError) and str(file) in str(error):
+            raise
+        raise UserError(f"the config of {display_path(file)} does not describe a network fmapicon can build "
+                        f"({' '.join(str(error).split())})") from error
+
+
+def _read_tensors(file: Path) -> dict:
+    """Every tensor of a weights file, each checked to hold only finite values."""
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(file), device="cpu")
+    except Exception as error:  # safetensors raises its own error types for a bad body
+        raise UserError(f"{display_path(file)} is not a readable safetensors file ({error}); it may be "
+                        "truncated or not a checkpoint") from error
+    for name, tensor in state.items():
+        check_finite(tensor, name, file)
+    return state
+
+
+def check_finite(tensor, name: str, file) -> None:
+    """Refuse a weights tensor with NaN or infinite values (a diverged run, a float16 copy
+    that overflowed, a damaged file): features from it would be meaningless numbers."""
+    import torch
+
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        return
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return
+    nan = int(torch.isnan(tensor).sum())
+    infinite = int((~finite).sum()) - nan
+    raise UserError(f"{display_path(file)}: tensor {name!r} ({tuple(tensor.shape)}, {str(tensor.dtype)[6:]}) holds "
+                    f"{nan} NaN and {infinite} infinite value(s) of {tensor.numel()}; these weights cannot give "
+                    "features: use another checkpoint (e.g. checkpoints/best.safetensors or one saved before "
+                    "the run diverged)")
+
+
+def _load_state(net, state: dict, file: Path) -> None:
+    """Load ``state`` into ``net`` exactly: every tensor present, none extra, every shape equal."""
+    expected = net.state_dict()
+    missing = [name for name in expected if name not in state]
+    unexpected = [name for name in state if name not in expected]
+    shapes = [f"{name} {tuple(state[name].shape)} (network: {tuple(expected[name].shape)})"
+              for name in expected if name in state and state[name].shape != expected[name].shape]
+    problems = [f"{label} {len(names)}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+                for label, names in (("missing tensors", missing), ("unexpected tensors", unexpected),
+                                     ("tensors of another shape", shapes)) if names]
+    if problems:
+        raise UserError(f"{display_path(file)} does not match the network its config describes "
+                        f"({type(net).__name__}): {'; '.join(problems)}; the config and the weights "
+                        "come from different runs")
+    net.load_state_dict(state, strict=True)

@@ -14,6 +14,7 @@ grayscale PNGs with 0 = background and 255 = the single object, read as id 1.
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from fmapicon.errors import UserError
+from fmapicon.paths import display_path, visible_entries, visible_files, visible_folders
 
 VOID = 255
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -297,15 +299,16 @@ def layout(root, resolution: str = "480p") -> tuple[Path, Path]:
     """
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"DAVIS root {root} is not a folder: pass --davis the folder that holds "
+        raise UserError(f"DAVIS root {display_path(root)} is not a folder: pass --davis the folder that holds "
                         "JPEGImages/ and Annotations/")
     found = []
     for name in ("JPEGImages", "Annotations"):
         folder = root / name
         if not folder.is_dir():
-            raise UserError(f"{root} is not a DAVIS root: expected {root / name}/{resolution}/<sequence>/ "
-                            f"(JPEGImages with the frames, Annotations with the masks); "
-                            f"it holds {sorted(p.name for p in root.iterdir())[:8]}")
+            raise UserError(f"{display_path(root)} is not a DAVIS root: expected "
+                            f"{display_path(root / name)}/{resolution}/<sequence>/ (JPEGImages with the frames, "
+                            f"Annotations with the masks); it holds "
+                            f"{[display_path(p.name) for p in sorted(visible_entries(root), key=lambda e: e.name)][:8]}")
         found.append(folder / resolution if (folder / resolution).is_dir() else folder)
     return found[0], found[1]
 
@@ -322,7 +325,8 @@ def image_set_path(root, set_name: str) -> Path | None:
 def available_sets(root) -> list[str]:
     """Names of the sequence lists under ``ROOT/ImageSets`` (and its 2017 folder)."""
     folder = Path(root) / "ImageSets"
-    return sorted({p.stem for p in folder.glob("*.txt")} | {p.stem for p in folder.glob("2017/*.txt")})
+    lists = visible_files(folder, (".txt",)) + visible_files(folder / "2017", (".txt",))
+    return sorted({p.stem for p in lists})
 
 
 def resolve_set(root, set_name: str | None, option: str = "--set") -> str:
@@ -339,12 +343,14 @@ def resolve_set(root, set_name: str | None, option: str = "--set") -> str:
 
 
 def sequence_names(root, set_name: str | None = None, sequences=None) -> list[str]:
-    """The sequences to use: ``sequences`` (a list or "a,b,c") when given, else the list of
-    ``set_name`` (None: ``resolve_set``'s default).
+    """The sequences to use, each once: ``sequences`` (a list or "a,b,c") when given, else the
+    list of ``set_name`` (None: ``resolve_set``'s default; read by ``read_sequence_list``).
 
-    Every name must have a frame folder; raises UserError naming what is missing.
+    A name given twice is used once (the official toolkit keeps the sequences in a dict), with
+    one warning. Every name must have a frame folder; raises UserError naming what is missing.
     """
     images_dir, _ = layout(root)
+    source = "--sequences"
     if sequences:
         names = sequences.split(",") if isinstance(sequences, str) else list(sequences)
         names = [n.strip() for n in names if n.strip()]
@@ -352,36 +358,87 @@ def sequence_names(root, set_name: str | None = None, sequences=None) -> list[st
         set_name = resolve_set(root, set_name)
         path = image_set_path(root, set_name)
         if path is None:
-            raise UserError(f"no sequence list for set {set_name!r} in {Path(root) / 'ImageSets'} "
+            raise UserError(f"no sequence list for set {set_name!r} in {display_path(Path(root) / 'ImageSets')} "
                             f"(looked for 2017/{set_name}.txt and {set_name}.txt); available sets: "
                             f"{available_sets(root) or 'none'}; pass --set NAME or --sequences a,b,c")
-        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        names, source = read_sequence_list(path, images_dir), display_path(path)
+    names = _once(names, source)
+    if not names:
+        raise UserError(f"no sequences selected in {display_path(root)} ({source} names none)")
     missing = [n for n in names if not (images_dir / n).is_dir()]
     if missing:
-        raise UserError(f"sequence(s) {missing[:5]} have no frame folder under {images_dir}")
-    if not names:
-        raise UserError(f"no sequences selected in {root} (set {set_name!r})")
+        shown = ", ".join(display_path(n) for n in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        present = ", ".join(display_path(p.name) for p in visible_folders(images_dir)[:5]) or "none"
+        raise UserError(f"{len(missing)} sequence(s) named by {source} have no frame folder under "
+                        f"{display_path(images_dir)}: {shown} (folders there: {present}); fix the list or "
+                        "pass --sequences with names that exist")
     return names
 
 
+def _once(names: list[str], source: str) -> list[str]:
+    """``names`` without repeats (first place kept), with one warning naming the repeats."""
+    unique = list(dict.fromkeys(names))
+    if len(unique) < len(names):
+        repeated = [n for n in unique if names.count(n) > 1]
+        warnings.warn(f"{source} names {', '.join(display_path(n) for n in repeated)} more than once: "
+                      "each sequence is evaluated and scored once")
+    return unique
+
+
+def read_sequence_list(path, images_dir=None) -> list[str]:
+    """The names of a sequence list, one per line (blank lines skipped, spaces trimmed).
+
+    Read as UTF-8, with or without a byte-order mark (UTF-16 with its mark too). A line that is
+    not UTF-8 is a name in bytes, read as the file system reads names (``os.fsdecode``), so it
+    matches a folder of the same bytes; where no such folder exists under ``images_dir`` but
+    one of its Windows-1252 reading does, that one. Raises UserError for a file that is not
+    text (NUL bytes: UTF-16 without a mark), naming it.
+    """
+    import codecs
+
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raw = raw.decode("utf-16").encode("utf-8", errors="surrogateescape")
+    raw = raw[len(codecs.BOM_UTF8):] if raw.startswith(codecs.BOM_UTF8) else raw
+    if b"\0" in raw:
+        raise UserError(f"sequence list {display_path(path)} is not a text file of names (it holds NUL bytes: "
+                        "UTF-16 without a byte-order mark?): save it as UTF-8, one sequence name per line")
+    return [_list_name(line.strip(), images_dir) for line in raw.splitlines() if line.strip()]
+
+
+def _list_name(line: bytes, images_dir) -> str:
+    name = os.fsdecode(line)
+    if images_dir is None or (Path(images_dir) / name).is_dir():
+        return name
+    try:
+        line.decode("utf-8")
+        return name
+    except UnicodeDecodeError:
+        other = line.decode("cp1252", errors="replace")
+        return other if (Path(images_dir) / other).is_dir() else name
+
+
 def frame_paths(images_dir, sequence: str) -> list[Path]:
-    """The frames of a sequence in natural order (``fmapicon.data.sources.natural_key``: 2.jpg before 10.jpg)."""
+    """The frames of a sequence in natural order (``fmapicon.data.sources.natural_key``: 2.jpg
+    before 10.jpg); hidden files (``fmapicon.paths.is_hidden``: ``._00000.jpg``) are no frames."""
     from fmapicon.data.sources import natural_sorted
 
     folder = Path(images_dir) / sequence
-    paths = natural_sorted(p for p in folder.iterdir() if p.suffix.lower() in FRAME_SUFFIXES) if folder.is_dir() else []
+    paths = natural_sorted(visible_files(folder, FRAME_SUFFIXES))
     if not paths:
-        raise UserError(f"no frames (.jpg/.png) in {folder}")
+        raise UserError(f"no frames (.jpg/.png) in {display_path(folder)}")
     return paths
 
 
 def annotation_paths(annotations_dir, sequence: str) -> list[Path]:
     """The annotation PNGs of a sequence in natural order (``fmapicon.data.sources.natural_key``;
-    for zero-padded names, as DAVIS's, the toolkit's string order)."""
+    for zero-padded names, as DAVIS's, the toolkit's string order); hidden files are skipped."""
     from fmapicon.data.sources import natural_sorted
 
     folder = Path(annotations_dir) / sequence
-    paths = natural_sorted(folder.glob("*.png")) if folder.is_dir() else []
+    paths = natural_sorted(visible_files(folder, (".png",)))
     if not paths:
-        raise UserError(f"no annotations (*.png) in {folder}: the ground truth of sequence {sequence!r} is missing")
+        raise UserError(f"no annotations (*.png) in {display_path(folder)}: the ground truth of sequence "
+                        f"{display_path(sequence)!r} is missing")
     return paths

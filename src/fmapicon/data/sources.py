@@ -2,7 +2,9 @@
 the frame-count index (a JSON cache), the project's natural frame order, and decoding a
 pair of frames from a video (PyAV: seek to the keyframe at or before A, decode to B).
 
-Bad files are skipped with one ``SkippedFileWarning`` each and counted in a ``ScanReport``.
+Folders are listed by the project's one rule (``fmapicon.paths.visible_entries``: names
+starting with ``.`` are not data). Bad files, dangling links included, are skipped with one
+``SkippedFileWarning`` each and counted in a ``ScanReport``.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from pathlib import Path
 
 from PIL import Image
 
+from fmapicon.paths import display_path, visible_entries
+
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v"})
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp", ".tif", ".tiff"})
 INDEX_FILE = "frame_index.json"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 
 
 class SkippedFileWarning(UserWarning):
@@ -63,7 +67,7 @@ class ScanReport:
         self.skipped[reason] += 1
         self.skipped_files.append({"path": str(path), "reason": reason, "detail": detail})
         detail = " ".join(str(detail).split())  # one line, whatever the decoder said
-        message = f"skipping {path}: {reason.replace('_', ' ')}" + (f" ({detail})" if detail else "")
+        message = f"skipping {display_path(path)}: {reason.replace('_', ' ')}" + (f" ({detail})" if detail else "")
         warnings.warn(message, SkippedFileWarning, stacklevel=4)
 
 
@@ -174,16 +178,17 @@ def _scan_folder(folder: Path, index: FrameIndex, report: ScanReport, visited: s
         inner = davis / "480p" if (davis / "480p").is_dir() else davis
         return _scan_folder(inner, index, report, visited)
     try:
-        entries = sorted(os.scandir(folder), key=lambda e: natural_key(e.name))
+        entries = sorted(visible_entries(folder), key=lambda e: natural_key(e.name))  # the one listing rule
     except OSError as error:
         report.skip(folder, "unreadable_folder", str(error))
         return []
     clips, images = [], []
     for entry in entries:
-        if entry.name.startswith("."):
-            continue
         suffix = os.path.splitext(entry.name)[1].lower()
-        if entry.is_dir():
+        if entry.is_symlink() and not os.path.exists(entry.path):
+            report.skip(Path(entry.path), "broken_link", f"a link to {display_path(os.readlink(entry.path))}, "
+                        "which does not exist")
+        elif entry.is_dir():
             clips += _scan_folder(Path(entry.path), index, report, visited)
         elif suffix in IMAGE_EXTENSIONS:
             images.append(entry)
@@ -271,7 +276,8 @@ def _open_video(path):
 def _probe_video(path: Path, nbytes: int) -> dict:
     """Frame count (the container's when it states one, else the video packets counted) and
     the frame size as a player shows it (rotation and sample aspect ratio applied), after
-    decoding the first frame to prove the file is a readable video."""
+    decoding the first frame to prove the file is a readable video. Packets before the first
+    frame that decodes (a video cut mid-GOP without re-encoding) are not counted as frames."""
     if nbytes == 0:
         return {"kind": "video", "error": "zero_bytes", "detail": ""}
     try:
@@ -280,22 +286,30 @@ def _probe_video(path: Path, nbytes: int) -> dict:
                 return {"kind": "video", "error": "no_video_stream", "detail": "the file has no video stream"}
             stream = container.streams.video[0]
             count = int(stream.frames) if stream.frames and stream.frames > 0 else None
-            first = next(iter(container.decode(stream)), None)
+            first, stamps = _first_frame(container, stream, count_all=count is None)
             if first is None:
                 return {"kind": "video", "error": "unreadable_video", "detail": "no frame decodes"}
             width, height = displayed_image(first, stream).size
-        if count is None:
-            count = _count_packets(path)
+        lead = sum(1 for pts in stamps if pts is not None and first.pts is not None and pts < first.pts)
+        count = (len(stamps) if count is None else count) - lead
     except Exception as error:  # noqa: BLE001 - PyAV raises many types for broken files
         return {"kind": "video", "error": "unreadable_video", "detail": f"{type(error).__name__}: {error}"}
     return {"kind": "video", "error": None, "frames": int(count), "width": width, "height": height}
 
 
-def _count_packets(path: Path) -> int:
-    """Count the video packets without decoding them (one frame each for video codecs)."""
-    with _open_video(path) as container:
-        stream = container.streams.video[0]
-        return sum(1 for packet in container.demux(stream) if packet.size)
+def _first_frame(container, stream, count_all: bool):
+    """(the first frame that decodes or None, the timestamps of the packets demuxed): up to
+    that frame, or every packet of the stream when ``count_all``."""
+    first, stamps = None, []
+    for packet in container.demux(stream):
+        if packet.size:
+            stamps.append(packet.pts)
+        if first is None:
+            decoded = packet.decode()  # the empty packet at the end flushes the decoder
+            first = decoded[0] if decoded else None
+        elif not count_all:
+            break
+    return first, stamps
 
 
 def displayed_image(frame, stream=None) -> Image.Image:
@@ -322,23 +336,42 @@ _TIMESTAMPS: dict = {}
 
 def frame_timestamps(path) -> tuple | None:
     """The presentation timestamps of the video's frames in presentation order (frame i has
-    the i-th smallest), from the packets (demuxed, not decoded), cached per file version;
-    None when some packet carries no timestamp (then frames are counted while decoding)."""
+    the i-th smallest), from the packets (demuxed; only the first frame is decoded), cached
+    per file version; None when some packet carries no timestamp (then frames are counted
+    while decoding). Frames before the first one that decodes are no frames (a video cut
+    without re-encoding, mid-GOP, starts with frames whose keyframe was cut off)."""
+    return _timing(path)[0]
+
+
+def undecodable_lead(path) -> int:
+    """How many frames of the video's packets come before the first frame that decodes."""
+    return _timing(path)[1]
+
+
+def _timing(path) -> tuple:
+    """(``frame_timestamps``, ``undecodable_lead``) of a video, cached per file version."""
     path = Path(path)
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _TIMESTAMPS:
-        stamps = [None]
+        stamps, first = [None], None
         try:
             with _open_video(path) as container:
                 stream = container.streams.video[0]
                 stamps = [packet.pts for packet in container.demux(stream) if packet.size]
+            with _open_video(path) as container:
+                frame = next(iter(container.decode(container.streams.video[0])), None)
+                first = None if frame is None else frame.pts
         except Exception:  # noqa: BLE001 - a broken file: count frames while decoding instead
             pass
         table = None if any(p is None for p in stamps) or len(set(stamps)) != len(stamps) else tuple(sorted(stamps))
+        lead = 0
+        if table is not None and first is not None:
+            lead = sum(1 for pts in table if pts < first)
+            table = table[lead:]
         if len(_TIMESTAMPS) > 256:
             _TIMESTAMPS.clear()
-        _TIMESTAMPS[key] = table
+        _TIMESTAMPS[key] = (table, lead)
     return _TIMESTAMPS[key]
 
 

@@ -4,7 +4,6 @@ flow (``Flow/``), videos (``Videos/``) and a marker file (``synth.json``)."""
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 
 from fmapicon.data.synth import Scene, check_counts, check_size, generate_scene, scene_seed, sequence_name
 from fmapicon.errors import UserError
+from fmapicon.runtime import staged_output
 
 LAYOUT_DIRS = ("JPEGImages", "Annotations", "ImageSets", "Flow", "Videos")
 MARKER = "synth.json"
@@ -36,7 +36,8 @@ def write_scenes(out, sequences: int = 4, frames: int = 30, size: tuple[int, int
     ("480p" is the layout's folder name; the frames are ``size``.) The same arguments give
     the same bytes on the same installation (the encoder runs single-threaded). A folder
     that already holds files is refused unless ``overwrite``: then a previous synth output
-    is replaced; a folder with other DAVIS-like data is never touched.
+    is replaced once the new one is complete (built aside: ``fmapicon.runtime.staged_output``);
+    a folder with other DAVIS-like data is never touched.
     """
     out = Path(out)
     height, width = check_size(size)
@@ -51,33 +52,32 @@ def write_scenes(out, sequences: int = 4, frames: int = 30, size: tuple[int, int
         from fmapicon.runtime import require
 
         av = require("av")
-    _prepare_output(out, overwrite)
+    _check_output(out, overwrite)
     params = dict(sequences=sequences, frames=frames, size=[height, width], objects=objects, seed=seed,
                   set_name=set_name, video=bool(video))
-    # the marker comes first (an interrupted output is still ours to replace) and is
-    # rewritten with complete=true at the end
-    _write_marker(out, {**params, "complete": False})
     names = [sequence_name(i) for i in range(sequences)]
-    for index, name in enumerate(names):
-        scene = generate_scene(scene_seed(seed, index), frames, (height, width), objects, visibility=False)
-        _write_sequence(out, name, scene)
-        if av is not None:
-            _write_video(av, out / "Videos" / f"{name}.mp4", scene.frames)
-    image_set = out / "ImageSets" / "2017" / f"{set_name}.txt"
-    image_set.parent.mkdir(parents=True, exist_ok=True)
-    image_set.write_text("".join(f"{name}\n" for name in names))
-    _write_marker(out, {**params, "complete": True, "names": names})
+    with staged_output(out, force=overwrite, outputs=(*LAYOUT_DIRS, MARKER), what="the earlier synth output",
+                       last=(MARKER,)) as work:
+        for index, name in enumerate(names):
+            scene = generate_scene(scene_seed(seed, index), frames, (height, width), objects, visibility=False)
+            _write_sequence(work, name, scene)
+            if av is not None:
+                _write_video(av, work / "Videos" / f"{name}.mp4", scene.frames)
+        image_set = work / "ImageSets" / "2017" / f"{set_name}.txt"
+        image_set.parent.mkdir(parents=True, exist_ok=True)
+        image_set.write_text("".join(f"{name}\n" for name in names))
+        _write_marker(work, {**params, "complete": True, "names": names})
     return names
 
 
-def _prepare_output(out: Path, overwrite: bool) -> None:
-    """Refuse to mix with existing files; with ``overwrite`` remove a previous synth output."""
-    if not out.exists():
-        out.mkdir(parents=True)
-        return
-    if not out.is_dir():
+def _check_output(out: Path, overwrite: bool) -> None:
+    """Refuse to mix with existing files; with ``overwrite`` only a previous synth output is
+    replaced (by ``staged_output``, once the new scenes are complete)."""
+    from fmapicon.runtime import listed_names
+
+    if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder: choose a folder for the synthetic scenes")
-    entries = [p for p in out.iterdir()]
+    entries = listed_names(out) if out.is_dir() else []
     if not entries:
         return
     is_synth = (out / MARKER).is_file()
@@ -85,16 +85,10 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
         what = "synthetic scenes from an earlier run" if is_synth else f"{len(entries)} entries"
         raise UserError(f"{out} is not empty (it holds {what}); writing would mix old and new files: "
                         "choose an empty folder or pass --force (overwrite=True) to replace a synth output")
-    clashes = [p.name for p in entries if p.name in LAYOUT_DIRS]
+    clashes = [name for name in entries if name in LAYOUT_DIRS]
     if clashes and not is_synth:
         raise UserError(f"{out} holds {', '.join(clashes)} that fmapicon synth did not write (no {MARKER}); "
                         "refusing to delete or mix them: choose another folder")
-    for name in (*LAYOUT_DIRS, MARKER):
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
 
 
 def _write_sequence(out: Path, name: str, scene: Scene) -> None:

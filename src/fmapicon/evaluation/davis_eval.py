@@ -8,9 +8,6 @@ as it was.
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +16,7 @@ import torch
 
 from fmapicon.errors import UserError
 from fmapicon.evaluation.propagate import PropagationParams, propagate_sequence
+from fmapicon.runtime import staged_output
 
 
 def _resolve_model(model, params: PropagationParams, device):
@@ -58,10 +56,11 @@ def evaluate_davis(model, davis_root, out_dir, set_name: str | None = None, sequ
     device : where features and affinities are computed (default: a model object's own
         device, else ``auto``)
 
-    Everything is written into a temporary sibling of ``out_dir`` first and moved into
-    ``out_dir`` only when the whole evaluation succeeded (``eval.json`` last), so a failed run
-    leaves ``out_dir`` as it was; entries of ``out_dir`` with the same names are replaced,
-    others are kept (``fmapicon eval`` refuses a non-empty ``out_dir`` without ``--force``).
+    Everything is written into a staging sibling of ``out_dir`` and published only when the
+    whole evaluation succeeded (``fmapicon.runtime.staged_output``, ``eval.json`` last), so a
+    failed or interrupted run leaves ``out_dir`` as it was; then the earlier evaluation's
+    entries (``previous_outputs``) and entries of the same names are replaced, other files are
+    kept (``fmapicon eval`` refuses a non-empty ``out_dir`` without ``--force``).
 
     Returns
     -------
@@ -77,18 +76,15 @@ def evaluate_davis(model, davis_root, out_dir, set_name: str | None = None, sequ
     names = sequence_names(davis_root, set_name, sequences)
     feature_model, model_name, device = _resolve_model(model, params, device)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
-        return _evaluate_into(feature_model, model_name, device, davis_root, out_dir, staging, set_name, names,
-                              params, progress, exclude_void)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with staged_output(out_dir, force=True, outputs=previous_outputs, last=("eval.json",)) as staging:
+        result = _evaluate_into(feature_model, model_name, device, davis_root, staging, set_name, names,
+                                params, progress, exclude_void)
+    return {**result, "eval_json": str(out_dir / "eval.json")}
 
 
-def _evaluate_into(feature_model, model_name, device, davis_root, out_dir: Path, staging: Path, set_name, names,
+def _evaluate_into(feature_model, model_name, device, davis_root, staging: Path, set_name, names,
                    params, progress, exclude_void) -> dict:
-    """``evaluate_davis``'s work, written into ``staging`` and moved into ``out_dir`` at the end."""
+    """``evaluate_davis``'s work, written into ``staging`` (published by the caller)."""
     from fmapicon.evaluation.metrics import format_results, score_davis, write_results
 
     timings = _propagate_set(feature_model, davis_root, names, staging, params, progress)
@@ -105,9 +101,7 @@ def _evaluate_into(feature_model, model_name, device, davis_root, out_dir: Path,
         "global": results["global"], "objects": results["objects"], "jf_mean": results["jf_mean"],
     }
     _write_record(record, staging)
-    publish(staging, out_dir)
-    eval_json = out_dir / "eval.json"
-    return {**results, "timings": timings, "totals": record["totals"], "eval_json": str(eval_json),
+    return {**results, "timings": timings, "totals": record["totals"],
             "table": format_results(results), "model": model_name, "input_scale": input_scale}
 
 
@@ -127,9 +121,7 @@ def _propagate_set(feature_model, davis_root, names, out_dir: Path, params, prog
         paths = frame_paths(images_dir, name)
         truths = annotation_paths(annotations_dir, name)
         stems = [p.stem for p in paths]
-        if truths[0].stem not in stems:
-            raise UserError(f"the first annotation {truths[0]} has no frame of the same name in {images_dir / name} "
-                            f"(frames {stems[0]}..{stems[-1]}): name annotations as the frames they belong to")
+        _check_frames_cover(truths, stems, images_dir / name)
         start = stems.index(truths[0].stem)
         frames = read_frames(paths[start:])
         first_ids = read_annotation(truths[0], annotation_style(truths))
@@ -142,16 +134,18 @@ def _propagate_set(feature_model, davis_root, names, out_dir: Path, params, prog
     return timings
 
 
-def publish(staging: Path, out_dir: Path) -> None:
-    """Move every entry of ``staging`` into ``out_dir`` (replacing entries of the same name),
-    ``eval.json`` last, so that a complete-looking result is never half there."""
-    from fmapicon.runtime import remove_entries
+def _check_frames_cover(truths: list[Path], stems: list[str], frames_dir: Path) -> None:
+    """Refuse annotations without a frame of the same name: a prediction is written per frame,
+    so such an annotation could never be scored (a sequence cut short, frames renamed)."""
+    from fmapicon.paths import display_path
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    entries = sorted(staging.iterdir(), key=lambda p: p.name == "eval.json")
-    for entry in entries:
-        remove_entries(out_dir, [entry.name])
-        os.replace(entry, out_dir / entry.name)
+    lonely = [t for t in truths if t.stem not in set(stems)]
+    if lonely:
+        shown = ", ".join(display_path(t.name) for t in lonely[:3]) + (", ..." if len(lonely) > 3 else "")
+        raise UserError(f"{len(lonely)} of {len(truths)} annotation(s) in {display_path(lonely[0].parent)} have no "
+                        f"frame of the same name in {display_path(frames_dir)} ({len(stems)} frames, "
+                        f"{display_path(stems[0])}..{display_path(stems[-1])}): {shown}; add the missing frames "
+                        "or remove those annotations (frames and annotations are matched by name)")
 
 
 def previous_outputs(out_dir: Path) -> list[str]:

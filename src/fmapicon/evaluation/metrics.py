@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from fmapicon.errors import UserError
+from fmapicon.paths import display_path
 
 BOUNDARY_TOLERANCE = 0.008
 GLOBAL_COLUMNS = ["J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay"]
@@ -224,7 +225,7 @@ def _read_prediction(path: Path, truth_path: Path, shape, objects: int, style=No
     from fmapicon.data.davis import AnnotationStyle, read_annotation
 
     if not path.is_file():
-        raise UserError(f"missing prediction {path}: expected one indexed PNG per annotated frame "
+        raise UserError(f"missing prediction {display_path(path)}: expected one indexed PNG per annotated frame "
                         f"(named as the annotation), in the DAVIS palette")
     ids = read_annotation(path, AnnotationStyle(colours=style.colours) if style is not None else None)
     if ids.shape != tuple(shape):
@@ -318,7 +319,8 @@ def score_davis(davis_root, results_dir, set_name: str | None = "val", sequences
     names = sequence_names(davis_root, set_name, sequences)
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
-        raise UserError(f"results folder {results_dir} does not exist: expected <seq>/<frame>.png predictions")
+        raise UserError(f"results folder {display_path(results_dir)} does not exist: expected <seq>/<frame>.png "
+                        "predictions")
     objects, per_frame, skipped = [], {}, []
     for name in tqdm(names, desc="score", unit="seq", disable=not progress, leave=False):
         scores = score_sequence(annotation_paths(annotations_dir, name), results_dir / name, exclude_void)
@@ -364,7 +366,8 @@ def _csv_text(columns: list[str], rows: list[dict]) -> str:
 
 def write_results(results: dict, out_dir, set_name: str | None = None) -> tuple[Path, Path]:
     """Write ``global_results-<set>.csv`` and ``per-sequence_results-<set>.csv`` (the
-    toolkit's files: same columns, three decimals) atomically; return their paths."""
+    toolkit's files: same columns, three decimals) atomically; return their paths. UTF-8,
+    sequence names that are not UTF-8 as their bytes on disk (``fmapicon.paths``)."""
     from fmapicon.runtime import atomic_write
 
     set_name = set_name or results["set"]
@@ -372,13 +375,15 @@ def write_results(results: dict, out_dir, set_name: str | None = None) -> tuple[
     paths = (out_dir / f"global_results-{set_name}.csv", out_dir / f"per-sequence_results-{set_name}.csv")
     texts = (_csv_text(GLOBAL_COLUMNS, [results["global"]]), _csv_text(SEQUENCE_COLUMNS, results["objects"]))
     for path, text in zip(paths, texts):
-        with atomic_write(path, "w") as handle:
+        with atomic_write(path, "w") as handle:  # a name's non-UTF-8 bytes are written back as they were
             handle.write(text)
     return paths
 
 
 def _text_table(columns: list[str], rows: list[dict]) -> str:
-    cells = [[_cell(row[c]) for c in columns] for row in rows]
+    from fmapicon.paths import display_path
+
+    cells = [[display_path(_cell(row[c])) for c in columns] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
     lines = [" ".join(c.rjust(w) for c, w in zip(columns, widths))]
     lines += [" ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]

@@ -356,18 +356,26 @@ def feature_picture(runs: dict, heldout: Path, stride: int, path: Path, device, 
 def run_ablation(config: AblationConfig, say=print) -> list[dict]:
     """Train and evaluate every chosen attempt; write the tables and pictures; return the rows."""
     from fmapicon.data.davis import resolve_set
-    from fmapicon.experiments.shared import prepare_output, synthetic_pairs, write_heldout
-    from fmapicon.runtime import resolve_device
-    from fmapicon.train import train
+    from fmapicon.runtime import resolve_device, staged_output
 
     attempts = select_attempts(config.attempts, config.extra)
     setup = config.setup()
     device = resolve_device(config.device)
     davis = (Path(config.davis), resolve_set(config.davis, config.davis_set, "--davis-set")) if config.davis else None
     out = Path(config.out)
-    prepare_output(out, config.force, outputs=(*OUTPUTS, *(f"attempt{a.name}" for a in attempts)))
+    outputs = (*OUTPUTS, *(f"attempt{a.name}" for a in attempts))
+    with staged_output(out, force=config.force, outputs=outputs, what="the earlier ablation",
+                       last=("ablation.json",)) as work:
+        return _run_attempts(config, attempts, setup, work, device, davis, say)
+
+
+def _run_attempts(config: AblationConfig, attempts, setup, work: Path, device, davis, say) -> list[dict]:
+    """Train, evaluate and tabulate ``attempts`` into ``work`` (the staging folder of DIR)."""
+    from fmapicon.experiments.shared import synthetic_pairs, write_heldout
+    from fmapicon.train import train
+
     started = time.monotonic()
-    heldout = out / "heldout"
+    heldout = work / "heldout"
     write_heldout(heldout, setup, config.seed)
     pairs = heldout_batch(heldout, setup, seed=config.seed)
     flow_pairs = synthetic_pairs(setup, config.seed)
@@ -375,12 +383,12 @@ def run_ablation(config: AblationConfig, say=print) -> list[dict]:
     for attempt in attempts:
         say(f"attempt {attempt.name}: aug {attempt.aug}, center {str(attempt.center).lower()} ({attempt.note})")
         attempt_config = train_config(config, setup, attempt)
-        runs[attempt.name] = train(attempt_config, out / f"attempt{attempt.name}", progress=config.progress)
+        runs[attempt.name] = train(attempt_config, work / f"attempt{attempt.name}", progress=config.progress)
         rows.append(evaluate_attempt(runs[attempt.name], attempt, setup, heldout, pairs, flow_pairs,
-                                     out / "eval" / f"attempt{attempt.name}", device, config.progress, davis))
+                                     work / "eval" / f"attempt{attempt.name}", device, config.progress, davis))
         say("  " + ", ".join(f"{k} {_csv_cell(v)}" for k, v in rows[-1].items() if k not in ("attempt",)))
-    baseline = copy_row(heldout, setup, flow_pairs, out / "eval" / "copy", davis)
-    write_outputs(out, rows, baseline, runs, setup, config, heldout, device, davis,
+    baseline = copy_row(heldout, setup, flow_pairs, work / "eval" / "copy", davis)
+    write_outputs(work, rows, baseline, runs, setup, config, heldout, device, davis,
                   seconds=time.monotonic() - started)
     return rows
 

@@ -30,7 +30,9 @@ PixelCenter's running mean in the weights file is the one recomputed at the fina
 which is what its EPE reports.
 
 A DIR that already holds files is refused (results of two runs never mix) unless
-``force``, which replaces the demo's own outputs and leaves other files alone.
+``force``, which replaces the demo's own outputs once the new ones are complete and leaves
+other files alone: everything is built in a staging folder (``fmapicon.runtime.staged_output``),
+so a demo that fails or is interrupted leaves DIR as it was.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fmapicon.data.flow import FlowPair, flow_pairs
-from fmapicon.experiments.shared import (TRAINING_RECIPE, DemoSetup, match_pair, prepare_output, propagation_params,
-                                         recipe_changes, synthetic_pairs, train_config, with_budget, write_heldout)
+from fmapicon.experiments.shared import (TRAINING_RECIPE, DemoSetup, match_pair, propagation_params, recipe_changes,
+                                         synthetic_pairs, train_config, with_budget, write_heldout)
+from fmapicon.paths import display_path
 from fmapicon.runtime import write_json
 
 #: the models of the results, in the order of the table
@@ -166,8 +169,7 @@ def correspondence_scores(models: dict, pairs: list[FlowPair], stride: int) -> d
 
 def run_demo(config: DemoConfig, say=print) -> dict:
     """Run the demo pipeline; return the results written to ``DIR/results.json``."""
-    from fmapicon.runtime import resolve_device
-    from fmapicon.train import train
+    from fmapicon.runtime import resolve_device, staged_output
 
     setup = config.setup()
     out = Path(config.out)
@@ -176,9 +178,19 @@ def run_demo(config: DemoConfig, say=print) -> dict:
         from fmapicon.data.davis import resolve_set
 
         davis_set = resolve_set(config.davis, config.davis_set, "--davis-set")
-    prepare_output(out, config.force, OUTPUTS)
-    write_json(out / "demo.json", {"status": "running", "config": dataclasses.asdict(config),
-                                    "recipe": dataclasses.asdict(setup)})
+    else:
+        davis_set = None
+    with staged_output(out, force=config.force, outputs=OUTPUTS, what="the earlier demo", last=("demo.json",)) as work:
+        return _run_stages(config, setup, work, out, device, davis_set, say)
+
+
+def _run_stages(config: DemoConfig, setup, work: Path, out: Path, device, davis_set, say) -> dict:
+    """The demo's five stages, written into ``work`` (the staging folder published as ``out``)."""
+    from fmapicon.runtime import unstaged
+    from fmapicon.train import train
+
+    write_json(work / "demo.json", {"status": "running", "config": dataclasses.asdict(config),
+                                     "recipe": dataclasses.asdict(setup)})
     timings, started = {}, time.monotonic()
 
     def stage(name):
@@ -186,23 +198,23 @@ def run_demo(config: DemoConfig, say=print) -> dict:
         stage.last = time.monotonic()
 
     stage.last = started
-    say(f"[1/5] writing {setup.eval_sequences} held-out synthetic sequences to {out / 'heldout'}")
-    write_heldout(out / "heldout", setup, config.seed)
+    say(f"[1/5] writing {setup.eval_sequences} held-out synthetic sequences to {display_path(out / 'heldout')}")
+    write_heldout(work / "heldout", setup, config.seed)
     stage("heldout_scenes_s")
     flags = " ".join(f"--{key.replace('_', '-')} {value:g}" for key, value in recipe_changes(setup).items())
     say(f"[2/5] training: fmapicon train --recipe {TRAINING_RECIPE} {flags} (sized for ~10 min on 2 CPU cores), "
-        f"at most {setup.minutes:g} min, into {out / 'run'}")
+        f"at most {setup.minutes:g} min, into {display_path(out / 'run')}")
     training = train_config(config, setup)
-    run = train(training, out / "run", progress=config.progress)
+    run = train(training, work / "run", progress=config.progress)
     stage("train_s")
     say("[3/5] label propagation (J&F) on the held-out scenes: " + ", ".join(MODELS))
-    synth = propagation_scores(run, out / "heldout", "val", out / "eval" / "synth",
+    synth = propagation_scores(run, work / "heldout", "val", work / "eval" / "synth",
                                propagation_params(setup.eval_stride), device, config.progress)
     stage("propagation_synth_s")
     davis = None
     if config.davis:
-        say(f"      and on DAVIS {config.davis} (set {davis_set}) with the default protocol")
-        davis = propagation_scores(run, Path(config.davis), davis_set, out / "eval" / "davis",
+        say(f"      and on DAVIS {display_path(config.davis)} (set {davis_set}) with the default protocol")
+        davis = propagation_scores(run, Path(config.davis), davis_set, work / "eval" / "davis",
                                    propagation_params(), device, config.progress)
         stage("propagation_davis_s")
     say("[4/5] correspondence: end-point error against the exact flow, inverse-consistency error")
@@ -212,14 +224,16 @@ def run_demo(config: DemoConfig, say=print) -> dict:
     chairs = chairs_pairs(config.pairs) if config.pairs else None
     flow_chairs = correspondence_scores(models, chairs, 4) if chairs else None
     stage("correspondence_s")
-    results = assemble_results(config, setup, run, synth, davis, flow_synth, flow_chairs, timings)
+    # the results name the published folder, never the staging one
+    results = unstaged(assemble_results(config, setup, run, synth, davis, flow_synth, flow_chairs, timings),
+                       work, out)
     say("[5/5] writing the report")
-    write_report(out, results, models, synth_pairs, davis_set if config.davis else None)
+    write_report(work, results, models, synth_pairs, davis_set if config.davis else None)
     stage("report_s")
     timings["total_s"] = round(time.monotonic() - started, 2)
-    write_json(out / "results.json", results)
-    write_json(out / "demo.json", {"status": "done", "config": dataclasses.asdict(config),
-                                    "recipe": dataclasses.asdict(setup), "timings": timings})
+    write_json(work / "results.json", results)
+    write_json(work / "demo.json", {"status": "done", "config": dataclasses.asdict(config),
+                                     "recipe": dataclasses.asdict(setup), "timings": timings})
     return results
 
 
@@ -274,7 +288,7 @@ def write_report(out: Path, results: dict, models: dict, pairs: list[FlowPair], 
 
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    run = Path(results["training"]["run"])
+    run = out / "run"
     sections = [report.Section("Results", text=_summary_text(results), html=results_table(results))]
     curves = pictures.plot_training_curves(run, figures / "training_curves.png", title="training of the demo's run")
     sections.append(report.Section("Training", text=_CURVES_TEXT, images=[(curves, "loss and log_p per step")]))

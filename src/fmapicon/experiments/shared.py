@@ -1,5 +1,5 @@
 """What the demo and the ablation share: the setup (data, network, budget, held-out
-evaluation), the output folder, the held-out synthetic scenes and their flow pairs, the
+evaluation), the held-out synthetic scenes and their flow pairs, the
 training config of a run, and matching one flow pair.
 
 The setup's defaults were chosen by measurement: see ``docs/experiments.md``.
@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fmapicon.data.flow import FlowPair
-from fmapicon.runtime import claim_output_folder
 
 
 @dataclass(frozen=True)
@@ -65,15 +64,6 @@ def with_budget(setup, minutes: float | None, steps: int | None):
     """``setup`` (a ``DemoSetup`` or a subclass) with the given ``minutes`` / ``steps``, where not None."""
     budget = {"minutes": None if minutes is None else float(minutes), "steps": None if steps is None else int(steps)}
     return dataclasses.replace(setup, **{key: value for key, value in budget.items() if value is not None})
-
-
-# --------------------------------------------------------------------------- the output folder
-
-
-def prepare_output(out: Path, force: bool, outputs) -> None:
-    """Make ``out`` ready (``runtime.claim_output_folder``) and create it."""
-    claim_output_folder(out, force, outputs, "the earlier outputs")
-    out.mkdir(parents=True, exist_ok=True)
 
 
 # --------------------------------------------------------------------------- held-out scenes and runs
