@@ -18,6 +18,10 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--davis", required=True, metavar="ROOT",
                         help="DAVIS folder with JPEGImages/480p/, Annotations/480p/ and ImageSets/ (required)")
+    parser.add_argument("--badja", default=None, metavar="DIR",
+                        help="score keypoint propagation on BADJA instead (DIR: <sequence>.json files) with "
+                        "PCK-T; --davis then gives the frames (several roots: ROOT,ROOT2), writing "
+                        "DIR/pck.json and DIR/pck-per-sequence.csv")
     parser.add_argument("--set", dest="set_name", default=None, metavar="NAME",
                         help="sequence list ImageSets/2017/NAME.txt or ImageSets/NAME.txt (default: val, or "
                         "the folder's only list)")
@@ -57,7 +61,27 @@ def _check_out(out, force: bool) -> None:
     claim_output_folder(out, force, previous_outputs, "the earlier evaluation")
 
 
+def _run_badja(args) -> int:
+    from fmapicon.evaluation.keypoints import evaluate_badja
+
+    claim_output_folder_for_badja(args.out, args.force)
+    record = evaluate_badja(args.model, args.badja, args.davis.split(","), args.out, protocol_params(args),
+                            device=args.device, progress=args.progress)
+    mean = record["pck_t_mean"]
+    print(f"PCK-T mean over {len(record['sequences'])} sequences: {'-' if mean is None else f'{mean:.3f}'}")
+    print(f"wrote {args.out}/pck.json")
+    return 0
+
+
+def claim_output_folder_for_badja(out, force: bool) -> None:
+    from fmapicon.runtime import claim_output_folder
+
+    claim_output_folder(out, force, ["pck.json", "pck-per-sequence.csv"], "the earlier BADJA scores")
+
+
 def run(args) -> int:
+    if args.badja:
+        return _run_badja(args)
     from fmapicon.evaluation.davis_eval import evaluate_davis
     _check_out(args.out, args.force)
 

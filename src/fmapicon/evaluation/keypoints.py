@@ -147,3 +147,91 @@ def score_sequence(sequence: BadjaSequence, predicted: dict, areas: dict) -> dic
         correct, total = correct + int(hits.sum()), total + int(joints.sum())
     return {"pck_t": correct / total if total else None, "joints": total, "correct": correct,
             "tracked": int(query.sum()), "frames_scored": len(sequence.frames) - 1}
+
+
+def _find_sequence(roots: list, name: str):
+    from fmapicon.data.davis import layout
+
+    for root in roots:
+        images, annotations = layout(root)
+        if (images / name).is_dir():
+            return images / name, annotations / name
+    return None
+
+
+def evaluate_badja(model, badja_dir, davis_roots, out_dir, params=None, device="auto", progress: bool = True) -> dict:
+    """Keypoint propagation on BADJA, scored by PCK-T (see the module docstring).
+
+    Parameters
+    ----------
+    model : a spec for ``fmapicon.evaluation.features.load_model`` or a ``FeatureModel``
+    badja_dir : folder of BADJA JSON files, ``<sequence>.json``
+    davis_roots : one DAVIS root or a list of them: the 480p frames and masks of the sequences
+        (a sequence found in none is reported under ``missing``)
+    out_dir : where ``pck.json`` (``pck_t_mean`` over sequences; per sequence its PCK-T, the
+        joints scored, ...) and ``pck-per-sequence.csv`` are written (atomically, pck.json last)
+    params : the ``PropagationParams`` (CRW)
+
+    Returns pck.json's record. Raises ``UserError`` when ``badja_dir`` holds no JSON file.
+    """
+    import csv
+    import dataclasses
+    import io
+
+    from fmapicon.data.davis import read_annotation
+    from fmapicon.data.sources import frame_files
+    from fmapicon.evaluation.features import load_model
+    from fmapicon.evaluation.propagate import PropagationParams
+    from fmapicon.evaluation.track import Points, track
+    from fmapicon.runtime import atomic_write, resolve_device, write_json
+
+    params = (params or PropagationParams()).checked()
+    files = sorted(Path(badja_dir).glob("*.json")) if Path(badja_dir).is_dir() else []
+    if not files:
+        raise UserError(f"no BADJA annotations (*.json) in {badja_dir}: give the folder of <sequence>.json files")
+    roots = [davis_roots] if isinstance(davis_roots, (str, Path)) else list(davis_roots)
+    if not hasattr(model, "default_input_scale"):
+        model = load_model(model, resolve_device(device), **({"stride": params.stride} if model == "pixels" else {}))
+    sequences, missing = {}, []
+    for path in files:
+        sequence = read_badja(path)
+        found = _find_sequence(roots, sequence.name)
+        if found is None:
+            missing.append(sequence.name)
+            continue
+        images, annotations = found
+        stems = [p.stem for p in frame_files(images)]
+        absent = [f for f in sequence.frames if f not in stems]
+        if absent:
+            raise UserError(f"{path} annotates frame {absent[0]} that {images} does not hold: give the DAVIS root "
+                            "of this sequence's 480p frames with --davis")
+        query = np.flatnonzero(sequence.visible[0])
+        start = stems.index(sequence.frames[0])
+        points = Points(np.full(len(query), start), sequence.joints[0][query], [str(j) for j in query])
+        wanted = {stems.index(f): f for f in sequence.frames[1:]}
+        predicted = {}
+        for result in track(images, points=points, model=model, **dataclasses.asdict(params)):
+            if result.index in wanted:
+                joints = np.full(sequence.joints.shape[1:], np.nan)
+                joints[query] = result.points
+                predicted[wanted[result.index]] = joints
+        areas = {f: int((read_annotation(annotations / f"{f}.png") > 0).sum()) for f in sequence.frames[1:]}
+        sequences[sequence.name] = score_sequence(sequence, predicted, areas)
+        if progress:
+            print(f"{sequence.name}: PCK-T {sequences[sequence.name]['pck_t']:.3f}", flush=True)
+    scores = [s["pck_t"] for s in sequences.values() if s["pck_t"] is not None]
+    record = {"pck_t_mean": float(np.mean(scores)) if scores else None, "sequences": sequences, "missing": missing,
+              "model": getattr(model, "name", str(model)), "params": dataclasses.asdict(params),
+              "threshold": f"{PCK_FRACTION} sqrt(mask area)", "badja": str(badja_dir), "davis": [str(r) for r in roots]}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = io.StringIO()
+    rows = csv.writer(table)
+    rows.writerow(["sequence", "pck_t", "joints", "correct", "tracked", "frames_scored"])
+    for name, s in sequences.items():
+        rows.writerow([name, "" if s["pck_t"] is None else f"{s['pck_t']:.4f}", s["joints"], s["correct"],
+                       s["tracked"], s["frames_scored"]])
+    with atomic_write(out_dir / "pck-per-sequence.csv", "w") as handle:
+        handle.write(table.getvalue())
+    write_json(out_dir / "pck.json", record)
+    return record
