@@ -446,9 +446,13 @@ def video_frames(path):
 
 
 def video_rate(path) -> float | None:
-    """The video's average frame rate (frames per second), or None when it states none."""
-    with _open_video(path) as container:
-        rate = container.streams.video[0].average_rate if container.streams.video else None
+    """The video's average frame rate (frames per second), or None when it states none or
+    cannot be opened (``video_frames`` then says why)."""
+    try:
+        with _open_video(path) as container:
+            rate = container.streams.video[0].average_rate if container.streams.video else None
+    except Exception:  # noqa: BLE001 - PyAV raises many types for broken files
+        return None
     return float(rate) if rate else None
 
 
