@@ -24,6 +24,7 @@ _LAZY = {
     "log_p_dense": "fmapicon.core.objective",
     "load": "fmapicon.core.checkpoint",
     "build_network": "fmapicon.core.networks",
+    "track": "fmapicon.evaluation.track",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -184,3 +184,89 @@ def test_annotations_without_frames_are_named_plainly(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "partial" not in err
     assert "1 of 5 annotation(s) in" in err and "Annotations/480p/seqb have no frame" in err and "00004.png" in err
+
+
+# --------------------------------------------------------------------------- fmapicon track
+
+
+def _track_inputs(synth_root):
+    name = sorted(p.name for p in (synth_root / "JPEGImages" / "480p").iterdir())[0]
+    return synth_root / "Videos" / f"{name}.mp4", synth_root / "Annotations" / "480p" / name / "00000.png"
+
+
+def test_track_writes_masks_points_a_playable_overlay_and_its_record(synth_root, tmp_path, capsys):
+    import json
+
+    import av
+
+    video, mask = _track_inputs(synth_root)
+    points = tmp_path / "points.csv"
+    points.write_text("frame,x,y,id\n0,40,50,nose\n2,20.5,60,tail\n")
+    out = tmp_path / "out"
+    assert main(["track", str(video), "--mask", str(mask), "--points", str(points), "--out", str(out),
+                 "--model", "pixels", "--stride", "4", "--no-progress"]) == 0
+    record = json.loads((out / "track.json").read_text())
+    assert record["frames"] == 12 and record["protocol"]["stride"] == 4 and record["points"] == 2
+    assert len(list((out / "masks").glob("*.png"))) == 12
+    rows = (out / "points.csv").read_text().splitlines()
+    assert rows[0] == "id,frame,x,y,score" and len(rows) == 1 + 12 + 10
+    with av.open(str(out / "overlay.mp4")) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name in ("h264", "mpeg4")
+        decoded = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    assert len(decoded) == 12 and decoded[0].shape == (96, 96, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "points.csv"]      # no staging left
+
+
+@pytest.mark.parametrize("case, message", [
+    ("mask_size", "pixels but the frames are 96 x 96"),
+    ("mask_late", "is for frame 40 but the video has 12 frames"),
+    ("no_column", "has no column y"),
+    ("outside", "outside the 96 x 96 frames"),
+    ("not_number", "must be numbers"),
+    ("empty_video", "is empty"),
+    ("not_empty", "already holds"),
+    ("frame_word", "a whole number"),
+])
+def test_track_bad_input_is_one_line_exit_2_and_nothing_written(case, message, synth_root, tmp_path, capsys):
+    import numpy as np
+
+    from fmapicon.data.davis import write_indexed_png
+
+    video, mask = _track_inputs(synth_root)
+    out, points = tmp_path / "out", tmp_path / "points.csv"
+    argv = ["track", str(video), "--out", str(out), "--model", "pixels", "--no-progress", "--mask", str(mask)]
+    if case == "mask_size":
+        write_indexed_png(tmp_path / "small.png", np.ones((20, 30), np.uint8))
+        argv[-1] = str(tmp_path / "small.png")
+    elif case == "mask_late":
+        argv[-1] = f"{mask}@40"
+    elif case in ("no_column", "outside", "not_number"):
+        points.write_text({"no_column": "frame,x\n0,3\n", "outside": "frame,x,y\n0,3,200\n",
+                           "not_number": "frame,x,y\nfirst,3,4\n"}[case])
+        argv += ["--points", str(points)]
+    elif case == "empty_video":
+        (tmp_path / "empty.mp4").write_bytes(b"")
+        argv[1] = str(tmp_path / "empty.mp4")
+    elif case == "not_empty":
+        out.mkdir()
+        (out / "mine.txt").write_text("keep")
+    elif case == "frame_word":
+        argv[-1] = f"{mask}@first"
+    with pytest.raises(SystemExit) if case == "frame_word" else _no_exit() as stopped:
+        code = main(argv)
+    err = capsys.readouterr().err.strip()
+    lines = err.splitlines()[-1:] if case == "frame_word" else err.splitlines()   # argparse: usage, then error
+    assert message in err and len(lines) == 1, err
+    assert (stopped.value.code if case == "frame_word" else code) == 2
+    left = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert left == (["mine.txt"] if case == "not_empty" else [])
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+class _no_exit:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

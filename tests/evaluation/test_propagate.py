@@ -15,8 +15,8 @@ from fmapicon.errors import UserError
 from fmapicon.evaluation.davis_eval import evaluate_davis
 from fmapicon.evaluation.features import FeatureModel
 from fmapicon.evaluation.metrics import score_davis
-from fmapicon.evaluation.propagate import (PropagationParams, _key_users, context_slots, labels_to_ids,
-                                propagate_labels, propagate_sequence, soft_labels)
+from fmapicon.evaluation.propagate import (LabelStream, PropagationParams, _key_users, context_slots,
+                                           labels_to_ids, propagate_labels, propagate_sequence, soft_labels)
 
 
 def dense_propagation(features, first_labels, context, radius, topk, temperature, restrict_first=False):
@@ -53,9 +53,8 @@ def test_context_is_the_previous_frames_padded_with_the_first():
     assert context_slots(1, 3) == [0, 0, 0]
     assert context_slots(2, 3) == [0, 0, 1]
     assert context_slots(5, 3) == [2, 3, 4]
-    assert _key_users(0, 6, PropagationParams(context=3)) == [(1, 3), (2, 2), (3, 1)]
-    assert _key_users(2, 6, PropagationParams(context=3)) == [(3, 1), (4, 1), (5, 1)]
-    assert _key_users(0, 4, PropagationParams(context=2, restrict_first=True)) == [(1, 3), (2, 2), (3, 1)]
+    assert _key_users(0, 3) == [(1, 3), (2, 2), (3, 1)]
+    assert _key_users(2, 3) == [(3, 1), (4, 1), (5, 1)]
 
 
 def test_radius_covering_the_frame_equals_the_unrestricted_computation():
@@ -178,23 +177,46 @@ def test_bad_parameters_and_roots_are_clear_errors(tmp_path):
         evaluate_davis("copy", tmp_path, tmp_path / "out", progress=False)
 
 
-def test_topk_above_keeps_every_entry_that_can_enter_the_top_k():
-    from fmapicon.evaluation.propagate import _topk_above
+def test_window_candidates_hold_every_entry_above_the_floor_of_the_radius_top_k():
+    from fmapicon.evaluation.local_affinity import Tiles, window_candidates
 
-    scores = torch.randn(3, 4, 50, generator=torch.Generator().manual_seed(1))
-    floor = torch.randn(3, 4, generator=torch.Generator().manual_seed(2)) + 1.8
-    values, index = _topk_above(scores, 5, floor)
-    counts = (scores > floor[..., None]).sum(-1)
-    assert (counts == 0).any() and ((counts > 0) & (counts <= 5)).any() and (counts > 5).any()
-    full_values, _ = scores.topk(5, dim=-1)
-    # the entries above the floor, or the row's top-k when there are more than k
-    kept = torch.where(values > floor[..., None], values, -math.inf).sort(-1, descending=True).values
-    expected = torch.where(full_values > floor[..., None], full_values, -math.inf)
-    assert torch.equal(kept, expected)
-    finite = torch.isfinite(values)
-    assert torch.equal(torch.gather(scores, -1, index)[finite], values[finite])
-    assert torch.equal(values.isfinite().sum(-1), counts.clamp(max=5))
-    assert torch.equal(_topk_above(scores, 5, None)[0], full_values)
+    features, _ = _random_sequence(frames=4, h=11, w=14, seed=3)
+    tiles = Tiles((11, 14), 3.5, 4, "cpu")
+    queries, keys = tiles.arrange(features[1:]), tiles.pad_keys(features[:1])[0]
+    cells = torch.cartesian_prod(torch.arange(11), torch.arange(14)).float()
+    near = torch.cdist(cells, cells) < 3.5
+    dense = (features[1:].flatten(2).transpose(1, 2) @ features[0].flatten(1)).masked_fill(~near, -math.inf)
+    top = dense.topk(6, dim=-1).values                                   # 3 x hw x 6
+    floor = top[..., 2] - 0.01 * torch.rand(top.shape[:2], generator=torch.Generator().manual_seed(0))
+    # the floor per query in tile order; the padding cells of the tiles get 10 (nothing passes)
+    floor_tiles = tiles.arrange(floor.view(3, 1, 11, 14)).permute(2, 0, 1, 3, 4).reshape(3, -1)
+    pad = tiles.arrange(torch.ones(1, 1, 11, 14)).reshape(-1) == 0
+    floor_tiles[:, pad] = 10.0
+    user, query, values, key = window_candidates(tiles, queries, keys, 6, floor_tiles)
+    cell_of = tiles.arrange(torch.arange(11 * 14).float().view(1, 1, 11, 14)).reshape(-1).long()
+    got = {}
+    for u, q, v, k in zip(user.tolist(), query.tolist(), values.tolist(), key.tolist()):
+        got.setdefault((u, cell_of[q].item()), []).append((k, v))
+    for u in range(3):
+        for q in range(11 * 14):
+            expected = sorted(v for v in top[u, q].tolist() if v > floor[u, q])
+            found = got.get((u, q), [])
+            assert sorted(v for _, v in found) == pytest.approx(expected, abs=1e-6)
+            for k, v in found:          # the key index names the padded cell whose affinity it is
+                y, x = divmod(k, tiles.padded[1])
+                assert dense[u, q, (y - tiles.m) * 14 + x - tiles.m].item() == pytest.approx(v, abs=1e-6)
+
+
+def test_streaming_holds_a_bounded_number_of_frames_and_equals_the_dense_result():
+    features, first = _random_sequence(frames=40, h=7, w=9, seed=5)
+    params = PropagationParams(context=3, radius=2.5, topk=4, temperature=0.1, tile=3)
+    stream = LabelStream(features[0], first, params)
+    got = [first] + [labels for f in features[1:] for _, labels in stream.push(f)]
+    assert len(got) == 40 - params.context + 1 and stream.retained == params.context + 1
+    got += [labels for _, labels in stream.close()]
+    assert stream.peak_retained == params.context + 2     # frame 0, the next key, the context's queries
+    expected = dense_propagation(features, first, 3, 2.5, 4, 0.1)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, expected, strict=True))
 
 
 # --------------------------------------------------------------------------- sparse, short, output folder

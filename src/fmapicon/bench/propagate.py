@@ -1,7 +1,10 @@
 """Label propagation speed on DAVIS frames: seconds per frame, feature extraction vs propagation.
 
 Runs ``fmapicon.evaluation.propagate.propagate_sequence`` (the CRW protocol of ``fmapicon eval``, same
-flags) on a few sequences and times its two phases; nothing is written or scored. Defaults:
+flags) on a few sequences and times its two phases, seconds per frame of feature
+extraction and of propagation apart, for the model and (``--baseline``, default ``pixels``)
+a second model in the same run, so that their ratio is measured under the same load;
+nothing is written or scored. Defaults:
 the shared DAVIS-2016 folder (../shared/data/davis2016-dev) when present, its 2 shortest
 sequences, ``--model random`` (the untrained short U-Net: the cost of a trained short U-Net)
 seen at 1/4 of the frame size (the scale the original trains at). The last row extrapolates
@@ -45,6 +48,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tile", type=positive_int, default=4, help="query tile side in cells (default: 4)")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="frames per feature batch (default: 4)")
     parser.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    parser.add_argument("--baseline", default="pixels",
+                        help="a second model timed in the same run, for a ratio measured under the same "
+                        "load (default: pixels; 'none' to skip)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's choice)")
 
@@ -80,19 +86,29 @@ def main(args) -> int:
     images_dir, annotations_dir = layout(root)
     everything = {name: len(frame_paths(images_dir, name)) for name in sequence_names(root, set_name)}
     names = args.sequences or sorted(everything, key=everything.get)[: args.count]
-    model = load_model(args.model, resolve_device(args.device),
-                       **({"stride": args.stride} if args.model == "pixels" else {}))
-    scale = args.input_scale or (RANDOM_INPUT_SCALE if args.model == "random" else model.default_input_scale)
-    params = PropagationParams(protocol=args.protocol, input_scale=scale, stride=args.stride, context=args.context,
-                               radius=args.radius, topk=args.topk, tile=args.tile, batch_size=args.batch_size)
-    rows = [_time_sequence(model, images_dir, annotations_dir, name, params, args.frames) for name in names]
-    rows.append(_total_row("measured", rows))
+    rows, baseline_rows = [], []
+    for spec in [args.model] + ([args.baseline] if args.baseline not in ("none", args.model) else []):
+        model = load_model(spec, resolve_device(args.device), **({"stride": args.stride} if spec == "pixels" else {}))
+        scale = args.input_scale or (RANDOM_INPUT_SCALE if spec == "random" else model.default_input_scale)
+        params = PropagationParams(protocol=args.protocol, input_scale=scale, stride=args.stride,
+                                   context=args.context, radius=args.radius, topk=args.topk, tile=args.tile,
+                                   batch_size=args.batch_size)
+        timed = [_time_sequence(model, images_dir, annotations_dir, name, params, args.frames) for name in names]
+        if spec != args.model:
+            baseline_rows = [{**row, "sequence": f"{spec}: {row['sequence']}"} for row in timed]
+            baseline_rows.append(_total_row(f"{spec}: measured", timed))
+            continue
+        first_model, first_scale, first_params = model, scale, params
+        rows = timed + [_total_row("measured", timed)]
+    model, scale, params = first_model, first_scale, first_params
     per_frame = rows[-1]["total_s_per_frame"]
     all_frames = sum(everything.values())
     rows.append({"sequence": f"all {len(everything)} (extrapolated)", "frames": all_frames,
                  "total_s": per_frame * all_frames, "total_s_per_frame": per_frame})
+    rows += baseline_rows
     notes = [f"model {model.name} at input scale {scale}, device {args.device}, {torch.get_num_threads()} threads",
-             f"the last row is extrapolated from {rows[-2]['frames']} measured frames to the {all_frames} frames "
+             f"the extrapolated row is from {rows[len(rows) - len(baseline_rows) - 2]['frames']} measured frames "
+             f"to the {all_frames} frames "
              f"of set {set_name!r} ({all_frames * per_frame / 60:.1f} minutes)",
              "timings on a shared machine are noisy: compare ratios measured in the same run; cpu_s_per_frame "
              "is the process CPU time (all threads), close to the unloaded wall time with --threads 1"]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fmapicon.cli._types import device_name, positive_float, positive_int
+from fmapicon.cli._protocol import add_protocol_arguments, protocol_params
+from fmapicon.cli._types import device_name
 from fmapicon.cli.score import sequence_list
 
 
@@ -17,6 +18,10 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--davis", required=True, metavar="ROOT",
                         help="DAVIS folder with JPEGImages/480p/, Annotations/480p/ and ImageSets/ (required)")
+    parser.add_argument("--badja", default=None, metavar="DIR",
+                        help="score keypoint propagation on BADJA instead (DIR: <sequence>.json files) with "
+                        "PCK-T; --davis then gives the frames (several roots: ROOT,ROOT2), writing "
+                        "DIR/pck.json and DIR/pck-per-sequence.csv")
     parser.add_argument("--set", dest="set_name", default=None, metavar="NAME",
                         help="sequence list ImageSets/2017/NAME.txt or ImageSets/NAME.txt (default: val, or "
                         "the folder's only list)")
@@ -38,28 +43,7 @@ def register(subparsers) -> None:
     parser.add_argument("--protocol", choices=["crw", "original"], default="crw",
                         help="crw: context of first + previous frames, local radius, top-k (default); "
                         "original: the original code's hard nearest neighbour in the first frame at 1/4 scale")
-    parser.add_argument("--input-scale", type=positive_float, default=None, metavar="S",
-                        help="scale of the frames the network sees (default: the checkpoint's training "
-                        "scale from its config, 1 for baselines); smaller is faster and coarser")
-    parser.add_argument("--stride", type=positive_int, default=8,
-                        help="feature cell size in full-size pixels (default: 8, as CRW)")
-    parser.add_argument("--context", type=positive_int, default=20,
-                        help="previous frames in the context besides the first (default: 20)")
-    parser.add_argument("--radius", type=positive_float, default=12.0,
-                        help="spatial radius of affinities to previous frames, in feature cells (default: 12)")
-    parser.add_argument("--topk", type=positive_int, default=10,
-                        help="affinities kept per query cell over all context keys (default: 10)")
-    parser.add_argument("--temperature", type=positive_float, default=0.05,
-                        help="softmax temperature on cosine affinities (default: 0.05)")
-    parser.add_argument("--pixels-weight", type=float, default=0.0, metavar="W",
-                        help="fuse the affinities with the pixels baseline's: (1 - W) cos(model) + W "
-                        "cos(Lab colour patches), W in [0, 1) (default: 0, the model alone)")
-    parser.add_argument("--restrict-first", action="store_true", default=False,
-                        help="apply the radius to the first frame too (CRW leaves it global; default: off)")
-    parser.add_argument("--tile", type=positive_int, default=4,
-                        help="query tile side in cells: memory and speed only, never the result (default: 4)")
-    parser.add_argument("--batch-size", type=positive_int, default=4,
-                        help="frames per batch in feature extraction (default: 4)")
+    add_protocol_arguments(parser)
     parser.add_argument("--exclude-void", action="store_true", default=False,
                         help="exclude void (255) pixels from J and F (the toolkit, in effect, does not)")
     parser.add_argument("--device", type=device_name, default="auto",
@@ -69,19 +53,30 @@ def register(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
+def _run_badja(args) -> int:
+    from fmapicon.evaluation.keypoints import evaluate_badja
+    from fmapicon.paths import display_path
+    from fmapicon.runtime import check_output_folder
+
+    check_output_folder(args.out, args.force, "the earlier BADJA scores")  # refused now, replaced when done
+    record = evaluate_badja(args.model, args.badja, args.davis.split(","), args.out, protocol_params(args),
+                            device=args.device, progress=args.progress)
+    mean = record["pck_t_mean"]
+    print(f"PCK-T mean over {len(record['sequences'])} sequences: {'-' if mean is None else f'{mean:.3f}'}")
+    print(f"wrote {display_path(args.out)}/pck.json")
+    return 0
+
+
 def run(args) -> int:
+    if args.badja:
+        return _run_badja(args)
     from fmapicon.evaluation.davis_eval import evaluate_davis
-    from fmapicon.evaluation.propagate import PropagationParams
     from fmapicon.paths import display_path
     from fmapicon.runtime import check_output_folder
 
     check_output_folder(args.out, args.force, "the earlier evaluation")  # refused now, replaced when done
 
-    params = PropagationParams(
-        protocol=args.protocol, input_scale=args.input_scale, stride=args.stride, context=args.context,
-        radius=args.radius, topk=args.topk, temperature=args.temperature,
-        pixels_weight=args.pixels_weight, restrict_first=args.restrict_first, tile=args.tile,
-        batch_size=args.batch_size)
+    params = protocol_params(args, args.protocol)
     result = evaluate_davis(args.model, args.davis, args.out, args.set_name, args.sequences, params,
                             device=args.device, exclude_void=args.exclude_void, progress=args.progress)
     totals = result["totals"]

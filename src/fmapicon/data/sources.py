@@ -441,3 +441,57 @@ def _decode_span(decoded, a: int, b: int, lookup: dict | None, after_seek: bool)
     if found_a is None or last is None:
         raise PairReadError(f"the video ends or breaks before frame {a if found_a is None else a + 1}")
     return found_a, last
+
+
+def video_frames(path):
+    """Every frame of a video, decoded from the start, as ``H x W x 3`` uint8 RGB arrays as a
+    player shows them (``displayed_image``: rotation and sample aspect ratio applied); frame i
+    is the i-th in presentation order, whatever the timing (variable frame rate included),
+    as in ``read_video_pair``. A decode error after the first frame ends the video there
+    with a ``SkippedFileWarning``; a file with no video stream or no decodable frame raises
+    ``UserError``."""
+    import numpy as np
+
+    from fmapicon.errors import UserError
+
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise UserError(f"{path} is empty (0 bytes): give a video file or a folder of frames")
+    count = 0
+    try:
+        with _open_video(path) as container:
+            if not container.streams.video:
+                raise UserError(f"{path} has no video stream: give a video file or a folder of frames")
+            stream = container.streams.video[0]
+            for frame in container.decode(stream):
+                count += 1
+                yield np.asarray(displayed_image(frame, stream))
+    except UserError:
+        raise
+    except Exception as error:  # noqa: BLE001 - PyAV raises many types for broken files
+        if not count:
+            raise UserError(f"cannot read the video {path} ({type(error).__name__}: {error}): give a video "
+                            "that a player opens, or a folder of frames") from error
+        warnings.warn(f"{path}: the video breaks after frame {count - 1} ({error}); using the frames before",
+                      SkippedFileWarning, stacklevel=2)
+    if not count:
+        raise UserError(f"no frame of {path} decodes: give a video that a player opens, or a folder of frames")
+
+
+def video_rate(path) -> float | None:
+    """The video's average frame rate (frames per second), or None when it states none or
+    cannot be opened (``video_frames`` then says why)."""
+    try:
+        with _open_video(path) as container:
+            rate = container.streams.video[0].average_rate if container.streams.video else None
+    except Exception:  # noqa: BLE001 - PyAV raises many types for broken files
+        return None
+    return float(rate) if rate else None
+
+
+def frame_files(folder) -> list[Path]:
+    """The image files directly in ``folder`` in natural order (``natural_sorted``), names
+    starting with '.' (hidden and companion files) left out."""
+    folder = Path(folder)
+    return natural_sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file()
+                          and p.suffix.lower() in IMAGE_EXTENSIONS)

@@ -1,5 +1,5 @@
 """The DAVIS harness of label propagation: propagate the first masks of every sequence of a
-set (``fmapicon.evaluation.propagate.propagate_sequence``), write the indexed PNGs, score
+set (``fmapicon.evaluation.propagate.sequence_ids``, frames read one at a time), write the indexed PNGs, score
 them (``fmapicon.evaluation.metrics.score_davis``) and record the protocol and timings in
 ``eval.json``. Everything is staged and published whole: a failed run leaves ``out_dir``
 as it was.
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from fmapicon.errors import UserError
-from fmapicon.evaluation.propagate import PropagationParams, propagate_sequence
+from fmapicon.evaluation.propagate import PropagationParams
 from fmapicon.runtime import staged_output
 
 
@@ -112,8 +112,10 @@ def _propagate_set(feature_model, davis_root, names, out_dir: Path, params, prog
     first annotation's); the frames before it get all-background masks, as nothing is known
     there yet.
     """
-    from fmapicon.data.davis import annotation_paths, annotation_style, frame_paths, layout, read_annotation, read_frames
+    from fmapicon.data.davis import annotation_paths, annotation_style, frame_paths, layout, read_annotation
+    from fmapicon.data.images import read_image
     from fmapicon.data.davis import write_indexed_png
+    from fmapicon.evaluation.propagate import sequence_ids
 
     images_dir, annotations_dir = layout(davis_root)
     timings = {}
@@ -123,15 +125,49 @@ def _propagate_set(feature_model, davis_root, names, out_dir: Path, params, prog
         stems = [p.stem for p in paths]
         _check_frames_cover(truths, stems, images_dir / name)
         start = stems.index(truths[0].stem)
-        frames = read_frames(paths[start:])
         first_ids = read_annotation(truths[0], annotation_style(truths))
-        ids, timing = propagate_sequence(feature_model, frames, first_ids, params, progress, name)
-        blank = np.zeros(frames.shape[1:3], np.uint8)
-        for t, path in enumerate(paths):
-            write_indexed_png(out_dir / name / f"{path.stem}.png", ids[t - start] if t >= start else blank)
-        timings[name] = {"frames": len(frames), "first_annotated": start, "height": frames.shape[1],
-                         "width": frames.shape[2], **timing}
+        timing: dict = {}
+        size = _frame_size(paths[start:], name)
+        frames = (_same_size(read_image(p), size, p) for p in paths[start:])
+        bar = _progress(len(paths) - start, name, progress)
+        try:
+            for t, ids in enumerate(sequence_ids(feature_model, frames, first_ids, params, timing, name)):
+                write_indexed_png(out_dir / name / f"{paths[start + t].stem}.png", ids)
+                bar.update(1)
+        finally:
+            bar.close()
+        blank = np.zeros(size, np.uint8)
+        for path in paths[:start]:
+            write_indexed_png(out_dir / name / f"{path.stem}.png", blank)
+        timings[name] = {"frames": len(paths) - start, "first_annotated": start, "height": size[0],
+                         "width": size[1], **timing}
     return timings
+
+
+def _frame_size(paths, name) -> tuple[int, int]:
+    """The size of a sequence's first frame (header only)."""
+    from PIL import Image
+
+    try:
+        with Image.open(paths[0]) as image:
+            return image.height, image.width
+    except OSError as error:
+        raise UserError(f"cannot read frame {paths[0]} of {name}: {error}") from error
+
+
+def _same_size(frame: np.ndarray, size, path) -> np.ndarray:
+    if frame.shape[:2] != tuple(size):
+        raise UserError(f"frames of one sequence differ in size ({frame.shape[1]} x {frame.shape[0]} at {path}, "
+                        f"{size[1]} x {size[0]} before)")
+    return frame
+
+
+def _progress(total: int, name: str, show: bool):
+    from tqdm import tqdm
+
+    from fmapicon.evaluation.propagate import _NoProgress
+
+    return tqdm(total=total, desc=name, unit="frame", leave=False) if show else _NoProgress()
 
 
 def _check_frames_cover(truths: list[Path], stems: list[str], frames_dir: Path) -> None:

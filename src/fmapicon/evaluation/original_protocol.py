@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fmapicon.evaluation.features import resize_maps
-from fmapicon.evaluation.propagate import to_images
+from fmapicon.data.images import to_tensor
 
 
 def _centre_square(width: int, height: int) -> tuple[int, int]:
@@ -38,7 +38,7 @@ def propagate_original(model, frames, first_ids, progress):
     start = time.perf_counter()
     features = []
     for i in range(0, len(small)):
-        image = to_images(small[i:i + 1], model.device)
+        image = to_tensor(small[i:i + 1], model.device)
         features.append(F.normalize(resize_maps(model(image), image.shape[-2:]), dim=1)[0])
         progress.update(1)
     feature_time = time.perf_counter() - start

@@ -1,0 +1,41 @@
+"""The propagation protocol's flags, shared by ``fmapicon eval`` and ``fmapicon track``."""
+
+from __future__ import annotations
+
+from fmapicon.cli._types import positive_float, positive_int
+
+
+def add_protocol_arguments(parser) -> None:
+    """The CRW protocol's flags (``fmapicon.evaluation.propagate.PropagationParams``)."""
+    parser.add_argument("--input-scale", type=positive_float, default=None, metavar="S",
+                        help="scale of the frames the network sees (default: the checkpoint's training "
+                        "scale from its config, 1 for baselines); smaller is faster and coarser")
+    parser.add_argument("--stride", type=positive_int, default=8,
+                        help="feature cell size in full-size pixels (default: 8, as CRW)")
+    parser.add_argument("--context", type=positive_int, default=20,
+                        help="previous frames in the context besides the first (default: 20)")
+    parser.add_argument("--radius", type=positive_float, default=12.0,
+                        help="spatial radius of affinities to previous frames, in feature cells (default: 12)")
+    parser.add_argument("--topk", type=positive_int, default=10,
+                        help="affinities kept per query cell over all context keys (default: 10)")
+    parser.add_argument("--temperature", type=positive_float, default=0.05,
+                        help="softmax temperature on cosine affinities (default: 0.05)")
+    parser.add_argument("--pixels-weight", type=float, default=0.0, metavar="W",
+                        help="fuse the affinities with the pixels baseline's: (1 - W) cos(model) + W "
+                        "cos(Lab colour patches), W in [0, 1) (default: 0, the model alone)")
+    parser.add_argument("--restrict-first", action="store_true", default=False,
+                        help="apply the radius to the first frame too (CRW leaves it global; default: off)")
+    parser.add_argument("--tile", type=positive_int, default=4,
+                        help="query tile side in cells: memory and speed only, never the result (default: 4)")
+    parser.add_argument("--batch-size", type=positive_int, default=4,
+                        help="frames per batch in feature extraction (default: 4)")
+
+
+def protocol_params(args, protocol: str = "crw"):
+    """``PropagationParams`` from the parsed flags."""
+    from fmapicon.evaluation.propagate import PropagationParams
+
+    return PropagationParams(
+        protocol=protocol, input_scale=args.input_scale, stride=args.stride, context=args.context,
+        radius=args.radius, topk=args.topk, temperature=args.temperature, pixels_weight=args.pixels_weight,
+        restrict_first=args.restrict_first, tile=args.tile, batch_size=args.batch_size)

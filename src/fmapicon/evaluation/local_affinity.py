@@ -1,0 +1,187 @@
+"""The tiled affinities of CRW label propagation (``fmapicon.evaluation.propagate``): the
+top-k key cells of each query cell of one frame in a key frame, within a radius on the
+feature grid, or over the whole (first) frame.
+
+Query cells are processed in ``tile x tile`` tiles; each tile meets only the ``(tile +
+2m)^2`` key cells (m = ceil(radius) - 1) around it, never a whole frame pair, and a query
+keeps the cells with ``|q - k| < radius`` (Euclidean, in cells) that lie on the frame.
+The unrestricted first frame is scored against all of its cells, ``chunk`` query cells at
+a time (small blocks that stay in the CPU's cache).
+
+Pruning, never a different result (ties aside): given a *floor* per query, a lower bound
+of the k-th best affinity it will finally keep, an entry at or below the floor cannot
+enter its top-k. ``window_candidates`` then returns only the entries above the floor,
+as sparse triples, and runs a full top-k only on the rows where more than k pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def radius_offsets(radius: float, size) -> int:
+    """m: the largest offset along one axis with |d| < radius, capped by the grid."""
+    return max(0, min(math.ceil(radius) - 1, max(size) - 1))
+
+
+class Tiles:
+    """Index bookkeeping of the tiled radius-restricted affinities on an ``h x w`` grid.
+
+    Query cells are grouped in ``tile x tile`` tiles (the grid padded to whole tiles) and
+    listed in *tile order*: tile row, tile column, then row-major within the tile (Q =
+    tile^2 cells per tile, Nq cells in all). Key maps are padded by m on every side; the
+    tile at (i, j) meets the padded window ``[i tile, i tile + side) x [j tile, j tile +
+    side)`` of each key frame, side = tile + 2m (R = side^2 cells). Labels live in a store
+    of ``slots x plane`` cells (``plane``: the padded map's cells); an index ``slot * plane +
+    padded position`` names a key cell.
+    """
+
+    def __init__(self, grid, radius: float, tile: int, device, dtype=torch.float32):
+        self.h, self.w = grid
+        self.tile, self.m = tile, radius_offsets(radius, grid)
+        self.rows, self.cols = -(-self.h // tile), -(-self.w // tile)
+        self.side = tile + 2 * self.m
+        self.padded = (self.rows * tile + 2 * self.m, self.cols * tile + 2 * self.m)
+        self.plane = self.padded[0] * self.padded[1]
+        self.cells = self.rows * self.cols * tile * tile
+        window, query = torch.arange(self.side, device=device), torch.arange(tile, device=device)
+        offset = window[None, :] - self.m - query[:, None]                       # tile x side
+        distance = offset[:, None, :, None] ** 2 + offset[None, :, None, :] ** 2  # qy qx ry rx
+        within = (distance < radius**2).reshape(tile * tile, -1)               # Q x R
+        ys = torch.arange(self.rows, device=device)[:, None] * tile + window - self.m  # rows x side
+        xs = torch.arange(self.cols, device=device)[:, None] * tile + window - self.m  # cols x side
+        on_y, on_x = (ys >= 0) & (ys < self.h), (xs >= 0) & (xs < self.w)
+        inside = (on_y[:, None, :, None] & on_x[None, :, None, :]).reshape(self.rows, self.cols, -1)
+        self.valid = within[None, None] & inside[:, :, None, :]               # rows x cols x Q x R
+        # 0 for the kept key cells, -inf for the others: adding it in place is several
+        # times cheaper than masked_fill_ with a broadcast mask, and exact (x + 0 = x)
+        self.bias = torch.zeros(self.valid.shape, device=device, dtype=dtype).masked_fill_(~self.valid, -math.inf)
+        self.window_origin = torch.arange(self.cols, device=device) * tile     # + i tile W'
+        grid_y = torch.arange(self.h, device=device)[:, None] + self.m
+        grid_x = torch.arange(self.w, device=device)[None, :] + self.m
+        self.grid_index = (grid_y * self.padded[1] + grid_x).reshape(-1)      # row-major cells
+
+    def pad_keys(self, maps: torch.Tensor) -> torch.Tensor:
+        """``N x C x h x w`` -> ``N x C x padded`` (zeros around; masked anyway)."""
+        bottom, right = self.padded[0] - self.h - self.m, self.padded[1] - self.w - self.m
+        return F.pad(maps, (self.m, right, self.m, bottom))
+
+    def arrange(self, features: torch.Tensor) -> torch.Tensor:
+        """``T x C x h x w`` -> queries ``rows x cols x T x Q x C`` (tile order)."""
+        tile = self.tile
+        padded = F.pad(features, (0, self.cols * tile - self.w, 0, self.rows * tile - self.h))
+        frames, channels = features.shape[:2]
+        blocks = padded.reshape(frames, channels, self.rows, tile, self.cols, tile)
+        return blocks.permute(2, 4, 0, 3, 5, 1).reshape(self.rows, self.cols, frames, tile * tile, channels)
+
+    def windows(self, padded: torch.Tensor, row: int, cols: slice) -> torch.Tensor:
+        """Key windows of tile row ``row``, tile columns ``cols``, in one padded key map
+        ``C x padded``: ``n x C x R``."""
+        start = cols.start * self.tile
+        stop = (cols.stop - 1) * self.tile + self.side
+        strip = padded[:, row * self.tile: row * self.tile + self.side, start:stop]  # C x side x width
+        strip = strip.unfold(2, self.side, self.tile)                                # C x side x n x side
+        return strip.permute(2, 0, 1, 3).reshape(cols.stop - cols.start, padded.shape[0], -1)
+
+    def to_grid(self, values: torch.Tensor) -> torch.Tensor:
+        """``Nq x K`` in tile order -> ``K x h x w``."""
+        tile = self.tile
+        blocks = values.reshape(self.rows, self.cols, tile, tile, -1).permute(4, 0, 2, 1, 3)
+        return blocks.reshape(values.shape[-1], self.rows * tile, self.cols * tile)[:, : self.h, : self.w]
+
+    def key_index(self, row: int, cols: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """Padded position of window cell ``r`` of tile ``(row, cols)``: ``(i tile + r // side)
+        W' + j tile + r % side``."""
+        origin = self.window_origin[cols] + row * self.tile * self.padded[1]
+        return origin + (r // self.side) * self.padded[1] + r % self.side
+
+
+@torch.no_grad()
+def window_candidates(tiles: Tiles, queries: torch.Tensor, keys: torch.Tensor, topk: int, floor=None,
+                      block_bytes: int = 16 << 20):
+    """Candidates of U query frames among one key frame's cells within the radius.
+
+    queries : ``rows x cols x U x Q x C`` (``Tiles.arrange``, frames consecutive)
+    keys : ``C x padded`` (``Tiles.pad_keys``) of the key frame
+    floor : None, or ``U x Nq`` (tile order), a lower bound of each query's final k-th
+        best affinity; then only the entries above it are returned, a full top-k
+        (of the radius-restricted row) running where more than k pass
+    block_bytes : the size of one block of scores (speed only)
+
+    Returns ``(user, query, value, key)`` 1-D tensors: query frame (0..U-1), query cell
+    (tile order), affinity, padded key position; at most min(topk, R) per query, every
+    entry of its radius-restricted top-k that lies above the floor among them.
+    """
+    rows, cols, count, cells, channels = queries.shape
+    size = tiles.side**2
+    k = min(topk, size)
+    step = max(1, block_bytes // max(1, count * cells * size * 4))
+    prune = floor is not None and bool(torch.isfinite(floor).all())
+    if prune:
+        floor = floor.view(count, rows, cols, cells)
+    parts = []
+    for row in range(rows):
+        for start in range(0, cols, step):
+            span = slice(start, min(cols, start + step))
+            q = queries[row, span].reshape(span.stop - span.start, count * cells, channels)
+            scores = torch.bmm(q, tiles.windows(keys, row, span)).view(-1, count, cells, size)
+            if prune:
+                found = _above_floor(scores, tiles, row, span, floor[:, row, span].transpose(0, 1), k)
+            else:
+                scores.add_(tiles.bias[row, span][:, None])
+                values, r = scores.topk(k, dim=-1)
+                c, u, q_cell, _ = torch.meshgrid(*(torch.arange(n, device=values.device) for n in values.shape),
+                                                 indexing="ij")
+                keep = torch.isfinite(values).view(-1).nonzero().squeeze(1)
+                found = [x.reshape(-1).index_select(0, keep) for x in (c, u, q_cell, r, values)]
+            c, u, q_cell, r, values = found
+            query = ((row * cols) + start + c) * cells + q_cell
+            parts.append((u, query, values, tiles.key_index(row, start + c, r)))
+    return tuple(torch.cat([p[i] for p in parts]) for i in range(4))
+
+
+def _above_floor(scores, tiles: Tiles, row: int, span: slice, floor, k: int):
+    """``(col, user, query cell, window cell, value)`` of the valid entries of ``scores``
+    (``n x U x Q x R``) above ``floor`` (``n x U x Q``); a row with more than k such
+    entries gives its radius-restricted top-k instead. (Indexing by ``take`` and
+    ``index_select`` on flat positions: boolean masks cost several times more.)"""
+    n, count, cells, size = scores.shape
+    flat = scores.view(-1)
+    above = (scores > floor[..., None]).view(-1).nonzero().squeeze(1)
+    line = above // size                                  # row of scores: (c U + u) Q + q
+    r = above - line * size
+    c, q_cell = line // (count * cells), line % cells
+    valid = tiles.valid[row].view(-1).take(((span.start + c) * cells + q_cell) * size + r)
+    keep = valid.nonzero().squeeze(1)
+    above, line, r, c, q_cell = (x.index_select(0, keep) for x in (above, line, r, c, q_cell))
+    counts = torch.bincount(line, minlength=n * count * cells)
+    if not counts.numel() or int(counts.max()) <= k:
+        return [c, (line // cells) % count, q_cell, r, flat.take(above)]
+    few = (counts.take(line) <= k).nonzero().squeeze(1)
+    found = [x.index_select(0, few) for x in (c, (line // cells) % count, q_cell, r, above)]
+    found[4] = flat.take(found[4])
+    many = (counts > k).nonzero().squeeze(1)
+    lines = scores.view(-1, size).index_select(0, many)
+    m_c, m_q = many // (count * cells), many % cells
+    lines += tiles.bias[row, span.start + m_c, m_q]
+    values, m_r = lines.topk(k, dim=-1)
+    more = [m_c[:, None].expand(-1, k), ((many // cells) % count)[:, None].expand(-1, k),
+            m_q[:, None].expand(-1, k), m_r, values]
+    return [torch.cat([a, b.reshape(-1)]) for a, b in zip(found, more)]
+
+
+@torch.no_grad()
+def first_frame_topk(queries: torch.Tensor, first_keys: torch.Tensor, topk: int, chunk: int = 128):
+    """Top-k affinities of queries ``Nq x C`` over all cells of one frame (``C x hw``):
+    ``(values, cells)`` each ``Nq x k`` (cells row-major). ``chunk`` query rows at a time
+    (speed only: a block that stays in cache)."""
+    k = min(topk, first_keys.shape[1])
+    values, index = [], []
+    for start in range(0, queries.shape[0], chunk):
+        v, i = (queries[start:start + chunk] @ first_keys).topk(k, dim=-1)
+        values.append(v)
+        index.append(i)
+    return torch.cat(values), torch.cat(index)
