@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 import torch.nn.functional as F
@@ -279,3 +280,30 @@ def test_feature_geometry_known_answers():
     assert geometry["effective_rank"] > 15.5
     with pytest.raises(ValueError, match="h \\* w >= 2"):
         feature_geometry(spread[:, :, :1, :1])
+
+
+def test_the_shipped_models_recorded_fusion_is_evals_default(synth_root, tmp_path):
+    """reference records pixels_weight 0.85 as validated: with default flags eval uses it (the
+    masks equal those of an explicit --pixels-weight 0.85, eval.json records 0.85), and 0 gives
+    the learned features alone (other masks); a model without a record fuses nothing."""
+    import json
+
+    from fmapicon.evaluation.davis_eval import evaluate_davis
+    from fmapicon.evaluation.propagate import PropagationParams
+
+    assert load_model("reference").default_pixels_weight == 0.85
+    assert load_model("pixels").default_pixels_weight == 0.0
+    assert load_model("random:resnet-s4").default_pixels_weight == 0.0
+
+    def masks(name, **protocol):
+        out = tmp_path / name
+        evaluate_davis("reference", synth_root, out, sequences=["synth-0000"],
+                       params=PropagationParams(**protocol), progress=False)
+        record = json.loads((out / "eval.json").read_text())
+        pngs = sorted((out / "synth-0000").iterdir())
+        return record["params"]["pixels_weight"], [np.asarray(Image.open(p)) for p in pngs]
+
+    default, explicit, alone = masks("default"), masks("explicit", pixels_weight=0.85), masks("alone", pixels_weight=0.0)
+    assert default[0] == explicit[0] == 0.85 and alone[0] == 0.0
+    assert all(np.array_equal(a, b) for a, b in zip(default[1], explicit[1]))
+    assert any(not np.array_equal(a, b) for a, b in zip(default[1], alone[1]))

@@ -20,9 +20,10 @@ def add_protocol_arguments(parser) -> None:
                         help="affinities kept per query cell over all context keys (default: 10)")
     parser.add_argument("--temperature", type=positive_float, default=0.05,
                         help="softmax temperature on cosine affinities (default: 0.05)")
-    parser.add_argument("--pixels-weight", type=float, default=0.0, metavar="W",
+    parser.add_argument("--pixels-weight", type=float, default=None, metavar="W",
                         help="fuse the affinities with the pixels baseline's: (1 - W) cos(model) + W "
-                        "cos(Lab colour patches), W in [0, 1) (default: 0, the model alone)")
+                        "cos(Lab colour patches), W in [0, 1); 0: the model's features alone (default: the "
+                        "value the model's weights record as validated, 0.85 for reference; 0 for others)")
     parser.add_argument("--restrict-first", action="store_true", default=False,
                         help="apply the radius to the first frame too (CRW leaves it global; default: off)")
     parser.add_argument("--tile", type=positive_int, default=4,

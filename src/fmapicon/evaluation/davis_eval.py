@@ -75,6 +75,7 @@ def evaluate_davis(model, davis_root, out_dir, set_name: str | None = None, sequ
     set_name = resolve_set(davis_root, set_name)
     names = sequence_names(davis_root, set_name, sequences)
     feature_model, model_name, device = _resolve_model(model, params, device)
+    params = params.with_model_defaults(feature_model)  # the values used, as eval.json records them
     out_dir = Path(out_dir)
     with staged_output(out_dir, force=True, outputs=previous_outputs, last=("eval.json",)) as staging:
         result = _evaluate_into(feature_model, model_name, device, davis_root, staging, set_name, names,

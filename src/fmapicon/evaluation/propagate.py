@@ -44,6 +44,7 @@ pruning (speed only, never the result, ties aside) are ``fmapicon.evaluation.loc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import deque
@@ -74,7 +75,9 @@ class PropagationParams:
     topk : affinities kept per query, over all context keys
     temperature : softmax temperature on the cosine affinities
     pixels_weight : w in [0, 1), the share of the ``pixels`` baseline's cosine in the
-        affinity, ``(1 - w) cos(model) + w cos(pixels)``; 0 (default): the model alone
+        affinity, ``(1 - w) cos(model) + w cos(pixels)``; 0: the model alone; None (default):
+        the model's own, ``FeatureModel.default_pixels_weight`` (what its weights file records
+        as validated, else 0; ``with_model_defaults``)
     restrict_first : apply the radius to the first frame's keys too (CRW does not)
     tile : query tile side in cells (memory and speed only, never the result)
     batch_size : frames per batch in feature extraction
@@ -87,7 +90,7 @@ class PropagationParams:
     radius: float = 12.0
     topk: int = 10
     temperature: float = 0.05
-    pixels_weight: float = 0.0
+    pixels_weight: float | None = None
     restrict_first: bool = False
     tile: int = 4
     batch_size: int = 4
@@ -105,7 +108,9 @@ class PropagationParams:
             problems.append(f"radius must be > 0 feature cells, got {self.radius}")
         if not self.temperature > 0:
             problems.append(f"temperature must be > 0, got {self.temperature}")
-        if not 0 <= self.pixels_weight < 1:
+        if self.pixels_weight is None:
+            pass
+        elif not 0 <= self.pixels_weight < 1:
             problems.append(f"pixels_weight must be in [0, 1), got {self.pixels_weight} (1 would be the pixels "
                             "baseline alone: use --model pixels)")
         elif self.pixels_weight > 0 and self.protocol != "crw":
@@ -113,6 +118,14 @@ class PropagationParams:
         if problems:
             raise UserError("bad propagation parameters: " + "; ".join(problems))
         return self
+
+    def with_model_defaults(self, model) -> PropagationParams:
+        """These values with ``pixels_weight`` None replaced by the model's default (0 for a
+        model without one, and for the protocols other than crw)."""
+        if self.pixels_weight is not None:
+            return self
+        weight = getattr(model, "default_pixels_weight", 0.0) if self.protocol == "crw" else 0.0
+        return dataclasses.replace(self, pixels_weight=float(weight))
 
 
 # --------------------------------------------------------------------------- features and labels
@@ -126,6 +139,7 @@ class FrameFeatures:
     ``seconds`` accumulates the time spent."""
 
     def __init__(self, model, params: PropagationParams):
+        params = params.with_model_defaults(model)
         self.model, self.params = model, params
         self.input_scale = params.input_scale or model.default_input_scale
         self.colour = None

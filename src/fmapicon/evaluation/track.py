@@ -287,4 +287,4 @@ def track(frames, masks=None, points=None, model="reference", device="auto", **p
     if not hasattr(model, "default_input_scale"):
         device = resolve_device(device) if isinstance(device, str) else device
         model = load_model(model, device, **({"stride": params.stride} if model == "pixels" else {}))
-    return Tracking(frames, masks, points, model, params)
+    return Tracking(frames, masks, points, model, params.with_model_defaults(model))

@@ -115,6 +115,7 @@ def write_track(source, out, *, masks=None, points=None, model="reference", para
 def _write_into(staging: Path, source, masks, points, model, protocol: dict, device, overlay: bool,
                 progress: bool) -> dict:
     import csv
+    import dataclasses
     import time
 
     from tqdm import tqdm
@@ -125,6 +126,7 @@ def _write_into(staging: Path, source, masks, points, model, protocol: dict, dev
     from fmapicon.runtime import write_json
 
     tracking = track(source, masks=masks, points=points, model=model, device=device, **protocol)
+    protocol = dataclasses.asdict(tracking.params)  # the values used (the model's defaults in place)
     names = _frame_names(source)
     fps = (video_rate(source) if Path(str(source)).is_file() else None) or 24.0
     video = OverlayVideo(staging / "overlay.mp4", fps, len(tracking.point_ids)) if overlay else None
