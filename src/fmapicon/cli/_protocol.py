@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fmapicon.cli._types import positive_float, positive_int
+from fmapicon.cli._types import device_name, positive_float, positive_int
 
 
 def add_protocol_arguments(parser) -> None:
@@ -30,6 +30,14 @@ def add_protocol_arguments(parser) -> None:
                         help="query tile side in cells: memory and speed only, never the result (default: 4)")
     parser.add_argument("--batch-size", type=positive_int, default=4,
                         help="frames per batch in feature extraction (default: 4)")
+
+
+def add_run_arguments(parser) -> None:
+    """``--device`` and ``--no-progress`` of the commands that propagate (``eval``, ``track``)."""
+    parser.add_argument("--device", type=device_name, default="auto",
+                        help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=True,
+                        help="no progress bars (default: show them on stderr)")
 
 
 def protocol_params(args, protocol: str = "crw"):

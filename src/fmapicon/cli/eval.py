@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from fmapicon.cli._protocol import add_protocol_arguments, protocol_params
-from fmapicon.cli._types import device_name
+from fmapicon.cli._protocol import add_protocol_arguments, add_run_arguments, protocol_params
 from fmapicon.cli.score import sequence_list
 
 
@@ -46,10 +45,7 @@ def register(subparsers) -> None:
     add_protocol_arguments(parser)
     parser.add_argument("--exclude-void", action="store_true", default=False,
                         help="exclude void (255) pixels from J and F (the toolkit, in effect, does not)")
-    parser.add_argument("--device", type=device_name, default="auto",
-                        help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", default=True,
-                        help="no progress bars (default: show them on stderr)")
+    add_run_arguments(parser)
     parser.set_defaults(run=run)
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fmapicon.cli._protocol import add_protocol_arguments, protocol_params
-from fmapicon.cli._types import device_name
+from fmapicon.cli._protocol import add_protocol_arguments, add_run_arguments, protocol_params
 
 
 def _mask_spec(text: str) -> tuple[str, int | None]:
@@ -52,10 +51,7 @@ def register(subparsers) -> None:
     add_protocol_arguments(parser)
     parser.add_argument("--no-overlay", dest="overlay", action="store_false", default=True,
                         help="skip DIR/overlay.mp4 (no PyAV encoding)")
-    parser.add_argument("--device", type=device_name, default="auto",
-                        help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", default=True,
-                        help="no progress bar (default: show it on stderr)")
+    add_run_arguments(parser)
     parser.set_defaults(run=run)
 
 
