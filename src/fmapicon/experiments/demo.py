@@ -58,7 +58,8 @@ OUTPUTS = ("run", "heldout", "eval", "figures", "report.html", "results.json", "
 
 _DESCRIPTIONS = {
     "trained": "short U-Net trained with FeatureMapICON (roll+affine, PixelCenter)",
-    "reference": "the model shipped in the package (resnet-s4, trained on DAVIS-2016 video; not retrained)",
+    "reference": "the model shipped in the package (resnet-s4, trained on DAVIS-2016 video; not retrained); its J&F "
+                 "at its recorded default, fused with the pixels baseline at W = 0.85",
     "copy": "first mask repeated; as a flow: zero motion",
     "pixels": "Lab colour patches (3 x 3 cells)",
     "random": "the same U-Net, untrained (random weights)",
