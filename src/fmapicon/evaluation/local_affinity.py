@@ -173,6 +173,38 @@ def _above_floor(scores, tiles: Tiles, row: int, span: slice, floor, k: int):
     return [torch.cat([a, b.reshape(-1)]) for a, b in zip(found, more)]
 
 
+def rounding_margin(channels: int, dtype=torch.float32) -> float:
+    """A bound on how far two float computations of one affinity of unit features (in any
+    summation order) can differ: each is within ``channels * eps / 2`` of the exact dot
+    product (|a||b| <= 1), doubled for safety. A floor lowered by it admits every entry
+    that another kernel's product puts at or above the floor."""
+    return 2.0 * channels * torch.finfo(dtype).eps
+
+
+@torch.no_grad()
+def neighbour_floor(near: Tiles, queries: torch.Tensor, keys: list, topk: int) -> torch.Tensor:
+    """The k-th best affinity of each query cell among the cells of a few key frames
+    within ``near``'s (small) radius: a lower bound of its k-th best over any context that
+    holds these frames within a larger radius. -inf where fewer than k such cells exist.
+
+    near : ``Tiles`` of the same grid and tile, with the small radius
+    queries : ``rows x cols x Q x C`` (one frame, ``Tiles.arrange``)
+    keys : key frames' ``C x padded`` (``near.pad_keys``, or crops of a wider padding)
+
+    Returns ``Nq`` (tile order). One product per key frame for all tiles, about ``(tile +
+    2 m)^2`` keys per query: cheap next to the full radius.
+    """
+    rows, cols, cells, channels = queries.shape
+    if len(keys) * near.side**2 < topk:
+        return queries.new_full((rows * cols * cells,), -math.inf)
+    queries = queries.reshape(rows * cols, cells, channels)
+    scores = []
+    for frame in keys:
+        windows = torch.cat([near.windows(frame, row, slice(0, cols)) for row in range(rows)])
+        scores.append(torch.bmm(queries, windows).add_(near.bias.view(rows * cols, cells, -1)))
+    return torch.cat(scores, dim=-1).topk(topk, dim=-1).values[..., -1].reshape(-1)
+
+
 @torch.no_grad()
 def first_frame_topk(queries: torch.Tensor, first_keys: torch.Tensor, topk: int, chunk: int = 128):
     """Top-k affinities of queries ``Nq x C`` over all cells of one frame (``C x hw``):
