@@ -62,7 +62,7 @@ from fmapicon.evaluation.local_affinity import (Tiles, first_frame_topk, neighbo
 PROTOCOLS = ("crw", "original", "copy")
 VOID = 255
 NEAR_RADIUS = 4.0        # the recent frames' keys that give each query a floor early
-NEAR_FRAMES = 4
+NEAR_FRAMES = 8
 
 
 @dataclass
