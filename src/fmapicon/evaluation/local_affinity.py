@@ -11,7 +11,10 @@ a time (small blocks that stay in the CPU's cache).
 Pruning, never a different result (ties aside): given a *floor* per query, a lower bound
 of the k-th best affinity it will finally keep, an entry at or below the floor cannot
 enter its top-k. ``window_candidates`` then returns only the entries above the floor,
-as sparse triples, and runs a full top-k only on the rows where more than k pass.
+as sparse triples, and runs a full top-k only on the rows where more than k pass. The
+tighter the floor, the fewer entries pass: ``neighbour_floor`` gives one from a few key
+frames' nearby cells before any full product, lowered by ``rounding_margin`` so that the
+same entries, found again by another kernel, never fall below it.
 """
 
 from __future__ import annotations
@@ -217,3 +220,17 @@ def first_frame_topk(queries: torch.Tensor, first_keys: torch.Tensor, topk: int,
         values.append(v)
         index.append(i)
     return torch.cat(values), torch.cat(index)
+
+
+def scatter_rows(query, values, index, rows: int, width: int | None = None):
+    """Sparse ``(query, value, index)`` -> dense ``rows x width`` (-inf / 0 where empty)."""
+    counts = torch.bincount(query, minlength=rows)
+    width = width or max(1, int(counts.max()) if len(query) else 1)
+    order = torch.argsort(query)
+    query, values, index = query[order], values[order], index[order]
+    slot = torch.arange(len(query), device=query.device) - (torch.cumsum(counts, 0) - counts)[query]
+    dense_values = values.new_full((rows, width), -math.inf)
+    dense_index = torch.zeros(rows, width, dtype=torch.long, device=query.device)
+    dense_values[query, slot] = values
+    dense_index[query, slot] = index
+    return dense_values, dense_index

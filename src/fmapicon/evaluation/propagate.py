@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from fmapicon.errors import UserError
 from fmapicon.evaluation.local_affinity import (Tiles, first_frame_topk, neighbour_floor, rounding_margin,
-                                               window_candidates)
+                                               scatter_rows, window_candidates)
 
 PROTOCOLS = ("crw", "original", "copy")
 VOID = 255
@@ -220,20 +220,6 @@ class _Candidates:
     sparse: list
 
 
-def _scatter_rows(query, values, index, rows: int, width: int | None = None):
-    """Sparse ``(query, value, index)`` -> dense ``rows x width`` (-inf / 0 where empty)."""
-    counts = torch.bincount(query, minlength=rows)
-    width = width or max(1, int(counts.max()) if len(query) else 1)
-    order = torch.argsort(query)
-    query, values, index = query[order], values[order], index[order]
-    slot = torch.arange(len(query), device=query.device) - (torch.cumsum(counts, 0) - counts)[query]
-    dense_values = values.new_full((rows, width), -math.inf)
-    dense_index = torch.zeros(rows, width, dtype=torch.long, device=query.device)
-    dense_values[query, slot] = values
-    dense_index[query, slot] = index
-    return dense_values, dense_index
-
-
 class LabelStream:
     """CRW label propagation over frames that arrive one at a time (see the module docstring).
 
@@ -314,12 +300,12 @@ class LabelStream:
         return finished
 
     def _seed(self, t: int, queries: torch.Tensor) -> _Candidates:
-        """Frame 0's candidates of query frame t (``rows x cols x Q x C``): over all its
-        cells, or with ``restrict_first`` within the radius; and its floor."""
+        """Frame 0's candidates of query frame t (``rows x cols x Q x C``; all its cells, or
+        with ``restrict_first`` within the radius) and its floor."""
         k, tiles = self.params.topk, self.tiles
         if self.params.restrict_first:
             _, query, values, index = window_candidates(tiles, queries[:, :, None], self.first_padded, k)
-            values, index = _scatter_rows(query, values, index, tiles.cells, k)
+            values, index = scatter_rows(query, values, index, tiles.cells, k)
         else:
             values, cells = first_frame_topk(queries.reshape(-1, queries.shape[-1]), self.first_keys, k)
             index = tiles.grid_index[cells]
@@ -328,12 +314,9 @@ class LabelStream:
         return _Candidates(values, index, torch.maximum(floor, self._near_floor(t, queries)), [])
 
     def _near_floor(self, t: int, queries: torch.Tensor) -> torch.Tensor:
-        """A floor from the ``NEAR_FRAMES`` frames before t (all held, all in t's context
-        within the radius): the k-th best affinity to their keys near each query
-        (``neighbour_floor``), lowered by the rounding margin so that the full products,
-        which find those keys again, cannot fall below it. Nearby frames hold many close
-        matches, so it is far closer to the final k-th best than frame 0's own top-k
-        and few window entries pass it."""
+        """``neighbour_floor`` over the ``NEAR_FRAMES`` frames before t (held, in t's context
+        within the radius: many close matches, so far above frame 0's k-th best), lowered by
+        the rounding margin: the full products find those keys again, never below it."""
         m = self.tiles.m - self.near.m
         frames = sorted({max(0, t - j) for j in range(1, min(NEAR_FRAMES, self.n) + 1)})
         crops = [self.keys[s][:, m: m + self.near.padded[0], m: m + self.near.padded[1]] for s in frames]
@@ -369,7 +352,7 @@ class LabelStream:
         values, index = candidates.values, candidates.index
         if candidates.sparse:
             query, more, where = (torch.cat(x) for x in zip(*candidates.sparse))
-            extra_values, extra_index = _scatter_rows(query, more, where, self.tiles.cells)
+            extra_values, extra_index = scatter_rows(query, more, where, self.tiles.cells)
             values, index = torch.cat([values, extra_values], -1), torch.cat([index, extra_index], -1)
             values, pick = values.topk(min(self.params.topk, values.shape[-1]), dim=-1)
             index = torch.gather(index, -1, pick)
