@@ -11,7 +11,10 @@ a time (small blocks that stay in the CPU's cache).
 Pruning, never a different result (ties aside): given a *floor* per query, a lower bound
 of the k-th best affinity it will finally keep, an entry at or below the floor cannot
 enter its top-k. ``window_candidates`` then returns only the entries above the floor,
-as sparse triples, and runs a full top-k only on the rows where more than k pass.
+as sparse triples, and runs a full top-k only on the rows where more than k pass. The
+tighter the floor, the fewer entries pass: ``neighbour_floor`` gives one from a few key
+frames' nearby cells before any full product, lowered by ``rounding_margin`` so that the
+same entries, found again by another kernel, never fall below it.
 """
 
 from __future__ import annotations
@@ -173,6 +176,38 @@ def _above_floor(scores, tiles: Tiles, row: int, span: slice, floor, k: int):
     return [torch.cat([a, b.reshape(-1)]) for a, b in zip(found, more)]
 
 
+def rounding_margin(channels: int, dtype=torch.float32) -> float:
+    """A bound on how far two float computations of one affinity of unit features (in any
+    summation order) can differ: each is within ``channels * eps / 2`` of the exact dot
+    product (|a||b| <= 1), doubled for safety. A floor lowered by it admits every entry
+    that another kernel's product puts at or above the floor."""
+    return 2.0 * channels * torch.finfo(dtype).eps
+
+
+@torch.no_grad()
+def neighbour_floor(near: Tiles, queries: torch.Tensor, keys: list, topk: int) -> torch.Tensor:
+    """The k-th best affinity of each query cell among the cells of a few key frames
+    within ``near``'s (small) radius: a lower bound of its k-th best over any context that
+    holds these frames within a larger radius. -inf where fewer than k such cells exist.
+
+    near : ``Tiles`` of the same grid and tile, with the small radius
+    queries : ``rows x cols x Q x C`` (one frame, ``Tiles.arrange``)
+    keys : key frames' ``C x padded`` (``near.pad_keys``, or crops of a wider padding)
+
+    Returns ``Nq`` (tile order). One product per key frame for all tiles, about ``(tile +
+    2 m)^2`` keys per query: cheap next to the full radius.
+    """
+    rows, cols, cells, channels = queries.shape
+    if len(keys) * near.side**2 < topk:
+        return queries.new_full((rows * cols * cells,), -math.inf)
+    queries = queries.reshape(rows * cols, cells, channels)
+    scores = []
+    for frame in keys:
+        windows = torch.cat([near.windows(frame, row, slice(0, cols)) for row in range(rows)])
+        scores.append(torch.bmm(queries, windows).add_(near.bias.view(rows * cols, cells, -1)))
+    return torch.cat(scores, dim=-1).topk(topk, dim=-1).values[..., -1].reshape(-1)
+
+
 @torch.no_grad()
 def first_frame_topk(queries: torch.Tensor, first_keys: torch.Tensor, topk: int, chunk: int = 128):
     """Top-k affinities of queries ``Nq x C`` over all cells of one frame (``C x hw``):
@@ -185,3 +220,17 @@ def first_frame_topk(queries: torch.Tensor, first_keys: torch.Tensor, topk: int,
         values.append(v)
         index.append(i)
     return torch.cat(values), torch.cat(index)
+
+
+def scatter_rows(query, values, index, rows: int, width: int | None = None):
+    """Sparse ``(query, value, index)`` -> dense ``rows x width`` (-inf / 0 where empty)."""
+    counts = torch.bincount(query, minlength=rows)
+    width = width or max(1, int(counts.max()) if len(query) else 1)
+    order = torch.argsort(query)
+    query, values, index = query[order], values[order], index[order]
+    slot = torch.arange(len(query), device=query.device) - (torch.cumsum(counts, 0) - counts)[query]
+    dense_values = values.new_full((rows, width), -math.inf)
+    dense_index = torch.zeros(rows, width, dtype=torch.long, device=query.device)
+    dense_values[query, slot] = values
+    dense_index[query, slot] = index
+    return dense_values, dense_index

@@ -56,10 +56,13 @@ import torch
 import torch.nn.functional as F
 
 from fmapicon.errors import UserError
-from fmapicon.evaluation.local_affinity import Tiles, first_frame_topk, window_candidates
+from fmapicon.evaluation.local_affinity import (Tiles, first_frame_topk, neighbour_floor, rounding_margin,
+                                               scatter_rows, window_candidates)
 
 PROTOCOLS = ("crw", "original", "copy")
 VOID = 255
+NEAR_RADIUS = 4.0        # the recent frames' keys that give each query a floor early
+NEAR_FRAMES = 8
 
 
 @dataclass
@@ -217,20 +220,6 @@ class _Candidates:
     sparse: list
 
 
-def _scatter_rows(query, values, index, rows: int, width: int | None = None):
-    """Sparse ``(query, value, index)`` -> dense ``rows x width`` (-inf / 0 where empty)."""
-    counts = torch.bincount(query, minlength=rows)
-    width = width or max(1, int(counts.max()) if len(query) else 1)
-    order = torch.argsort(query)
-    query, values, index = query[order], values[order], index[order]
-    slot = torch.arange(len(query), device=query.device) - (torch.cumsum(counts, 0) - counts)[query]
-    dense_values = values.new_full((rows, width), -math.inf)
-    dense_index = torch.zeros(rows, width, dtype=torch.long, device=query.device)
-    dense_values[query, slot] = values
-    dense_index[query, slot] = index
-    return dense_values, dense_index
-
-
 class LabelStream:
     """CRW label propagation over frames that arrive one at a time (see the module docstring).
 
@@ -256,6 +245,9 @@ class LabelStream:
         channels = first_features.shape[0]
         self.tiles = Tiles(first_features.shape[-2:], params.radius, params.tile, first_features.device,
                            first_features.dtype)
+        self.near = Tiles(first_features.shape[-2:], min(NEAR_RADIUS, params.radius), params.tile,
+                          first_features.device, first_features.dtype)
+        self.margin = rounding_margin(channels, first_features.dtype)
         tiles = self.tiles
         self.first_keys = first_features.reshape(channels, -1)
         self.first_padded = tiles.pad_keys(first_features[None])[0]
@@ -292,7 +284,7 @@ class LabelStream:
         query = self.tiles.arrange(features[None])[:, :, 0]
         self.queries[:, :, t - self.base] = query
         self.keys[t] = self.tiles.pad_keys(features[None])[0]
-        self.pending[t] = self._seed(query.reshape(-1, query.shape[-1]))
+        self.pending[t] = self._seed(t, query)
         self.count += 1
         self.peak_retained = max(self.peak_retained, self.retained)
         finished = []
@@ -307,20 +299,28 @@ class LabelStream:
             finished.append(self._advance())
         return finished
 
-    def _seed(self, queries: torch.Tensor) -> _Candidates:
-        """Frame 0's candidates of one query frame (``Nq x C`` in tile order): over all its
-        cells, or with ``restrict_first`` within the radius."""
+    def _seed(self, t: int, queries: torch.Tensor) -> _Candidates:
+        """Frame 0's candidates of query frame t (``rows x cols x Q x C``; all its cells, or
+        with ``restrict_first`` within the radius) and its floor."""
         k, tiles = self.params.topk, self.tiles
         if self.params.restrict_first:
-            arranged = queries.view(tiles.rows, tiles.cols, 1, tiles.tile**2, -1)
-            _, query, values, index = window_candidates(tiles, arranged, self.first_padded, k)
-            values, index = _scatter_rows(query, values, index, tiles.cells, k)
+            _, query, values, index = window_candidates(tiles, queries[:, :, None], self.first_padded, k)
+            values, index = scatter_rows(query, values, index, tiles.cells, k)
         else:
-            values, cells = first_frame_topk(queries, self.first_keys, k)
+            values, cells = first_frame_topk(queries.reshape(-1, queries.shape[-1]), self.first_keys, k)
             index = tiles.grid_index[cells]
         full = values.shape[-1] == k
         floor = values.amin(dim=-1) if full else values.new_full(values.shape[:1], -math.inf)
-        return _Candidates(values, index, floor, [])
+        return _Candidates(values, index, torch.maximum(floor, self._near_floor(t, queries)), [])
+
+    def _near_floor(self, t: int, queries: torch.Tensor) -> torch.Tensor:
+        """``neighbour_floor`` over the ``NEAR_FRAMES`` frames before t (held, in t's context
+        within the radius: many close matches, so far above frame 0's k-th best), lowered by
+        the rounding margin: the full products find those keys again, never below it."""
+        m = self.tiles.m - self.near.m
+        frames = sorted({max(0, t - j) for j in range(1, min(NEAR_FRAMES, self.n) + 1)})
+        crops = [self.keys[s][:, m: m + self.near.padded[0], m: m + self.near.padded[1]] for s in frames]
+        return neighbour_floor(self.near, queries, crops, self.params.topk) - self.margin
 
     def _advance(self) -> tuple[int, torch.Tensor]:
         """Meet key frame s = met + 1 with its query frames, finish frame s + 1."""
@@ -352,7 +352,7 @@ class LabelStream:
         values, index = candidates.values, candidates.index
         if candidates.sparse:
             query, more, where = (torch.cat(x) for x in zip(*candidates.sparse))
-            extra_values, extra_index = _scatter_rows(query, more, where, self.tiles.cells)
+            extra_values, extra_index = scatter_rows(query, more, where, self.tiles.cells)
             values, index = torch.cat([values, extra_values], -1), torch.cat([index, extra_index], -1)
             values, pick = values.topk(min(self.params.topk, values.shape[-1]), dim=-1)
             index = torch.gather(index, -1, pick)
