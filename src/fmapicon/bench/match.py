@@ -1,7 +1,7 @@
 """Dense correspondence against ground-truth flow: end-point error per method.
 
 Pairs: a folder of FlyingChairs-style triples (``NNNNNNN-img0.ppm``, ``-img1.ppm``,
-``-gt.flo``; default ../shared/data/flyingchairs when present) and, with ``--synth``,
+``-gt.flo``; default ``$FMAPICON_DATA/flyingchairs`` when present) and, with ``--synth``,
 consecutive frames of synthetic scenes with exact flow (``fmapicon.data.synth``).
 
 Methods: ``zero`` (the zero flow), the baselines ``pixels``, ``random``, ``xfeat`` (when

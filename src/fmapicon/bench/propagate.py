@@ -5,7 +5,7 @@ flags) on a few sequences and times its two phases, seconds per frame of feature
 extraction and of propagation apart, for the model and (``--baseline``, default ``pixels``)
 a second model in the same run, so that their ratio is measured under the same load;
 nothing is written or scored. Defaults:
-the shared DAVIS-2016 folder (../shared/data/davis2016-dev) when present, its 2 shortest
+``$FMAPICON_DATA/davis2016-dev`` (``runtime.shared_data_dir``) when present, its 2 shortest
 sequences, ``--model random`` (the untrained short U-Net: the cost of a trained short U-Net)
 seen at 1/4 of the frame size (the scale the original trains at). The last row extrapolates
 the measured seconds per frame to every frame of the set: on a shared machine, measure a
@@ -27,7 +27,7 @@ def add_arguments(parser) -> None:
     from fmapicon.cli.score import sequence_list
 
     parser.add_argument("--davis", default=None, metavar="ROOT",
-                        help="DAVIS folder (default: ../shared/data/davis2016-dev when present)")
+                        help="DAVIS folder (default: $FMAPICON_DATA/davis2016-dev when present)")
     parser.add_argument("--set", dest="set_name", default=None, metavar="NAME",
                         help="sequence list (default: val, else the root's only list, e.g. dev)")
     parser.add_argument("--sequences", type=sequence_list, default=None, metavar="A,B",
@@ -63,7 +63,7 @@ def _root(davis) -> Path:
         return Path(davis)
     shared = shared_data_dir()
     if shared is None or not (shared / "davis2016-dev").is_dir():
-        raise UserError("no --davis given and the shared data (../shared/data/davis2016-dev) is absent: "
+        raise UserError("no --davis given and no davis2016-dev in the data folder ($FMAPICON_DATA): "
                         "pass --davis ROOT")
     return shared / "davis2016-dev"
 
