@@ -203,7 +203,7 @@ def _run_stages(config: DemoConfig, setup, work: Path, out: Path, device, davis_
     write_heldout(work / "heldout", setup, config.seed)
     stage("heldout_scenes_s")
     flags = " ".join(f"--{key.replace('_', '-')} {value:g}" for key, value in recipe_changes(setup).items())
-    say(f"[2/5] training: fmapicon train --recipe {TRAINING_RECIPE} {flags} (sized for ~10 min on 2 CPU cores), "
+    say(f"[2/5] training: fmapicon train --recipe {TRAINING_RECIPE} {flags} (sized for 2 CPU cores), "
         f"at most {setup.minutes:g} min, into {display_path(out / 'run')}")
     training = train_config(config, setup)
     run = train(training, work / "run", progress=config.progress)

@@ -84,8 +84,8 @@ def write_heldout(root: Path, setup: DemoSetup, seed: int) -> list[str]:
 
 
 # The demo and the ablation train the ``original`` recipe (``fmapicon train --recipe original``)
-# with the flags of ``recipe_changes``: size, batch and steps fit about ten minutes on 2 CPU
-# cores; lambda_init 4 and max_gap 4 were chosen on held-out synthetic scenes
+# with the flags of ``recipe_changes``: size, batch and steps fit a few minutes on 2 CPU cores;
+# lambda_init 4 and max_gap 4 were chosen on held-out synthetic scenes
 # (docs/experiments.md).
 TRAINING_RECIPE = "original"
 
