@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from fmapicon.paths import display_path, visible_entries
+from fmapicon.paths import display_path, visible_entries, visible_files
 
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v"})
@@ -290,8 +290,7 @@ def _probe_video(path: Path, nbytes: int) -> dict:
             if first is None:
                 return {"kind": "video", "error": "unreadable_video", "detail": "no frame decodes"}
             width, height = displayed_image(first, stream).size
-        lead = sum(1 for pts in stamps if pts is not None and first.pts is not None and pts < first.pts)
-        count = (len(stamps) if count is None else count) - lead
+        count = (len(stamps) if count is None else count) - _lead(stamps, first.pts)
     except Exception as error:  # noqa: BLE001 - PyAV raises many types for broken files
         return {"kind": "video", "error": "unreadable_video", "detail": f"{type(error).__name__}: {error}"}
     return {"kind": "video", "error": None, "frames": int(count), "width": width, "height": height}
@@ -310,6 +309,13 @@ def _first_frame(container, stream, count_all: bool):
         elif not count_all:
             break
     return first, stamps
+
+
+def _lead(stamps, first_pts) -> int:
+    """How many of the packets' timestamps ``stamps`` come before the first decoded frame's."""
+    if first_pts is None:
+        return 0
+    return sum(1 for pts in stamps if pts is not None and pts < first_pts)
 
 
 def displayed_image(frame, stream=None) -> Image.Image:
@@ -356,18 +362,16 @@ def _timing(path) -> tuple:
     if key not in _TIMESTAMPS:
         stamps, first = [None], None
         try:
-            with _open_video(path) as container:
+            with _open_video(path) as container:  # one pass: every packet's timestamp, the first frame
                 stream = container.streams.video[0]
-                stamps = [packet.pts for packet in container.demux(stream) if packet.size]
-            with _open_video(path) as container:
-                frame = next(iter(container.decode(container.streams.video[0])), None)
+                frame, stamps = _first_frame(container, stream, count_all=True)
                 first = None if frame is None else frame.pts
         except Exception:  # noqa: BLE001 - a broken file: count frames while decoding instead
             pass
         table = None if any(p is None for p in stamps) or len(set(stamps)) != len(stamps) else tuple(sorted(stamps))
         lead = 0
-        if table is not None and first is not None:
-            lead = sum(1 for pts in table if pts < first)
+        if table is not None:
+            lead = _lead(table, first)
             table = table[lead:]
         if len(_TIMESTAMPS) > 256:
             _TIMESTAMPS.clear()
@@ -490,8 +494,6 @@ def video_rate(path) -> float | None:
 
 
 def frame_files(folder) -> list[Path]:
-    """The image files directly in ``folder`` in natural order (``natural_sorted``), names
-    starting with '.' (hidden and companion files) left out."""
-    folder = Path(folder)
-    return natural_sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file()
-                          and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """The image files directly in ``folder`` in natural order (``natural_sorted``), by the
+    one listing rule (``fmapicon.paths.visible_files``: hidden and companion files left out)."""
+    return natural_sorted(visible_files(folder, IMAGE_EXTENSIONS))
