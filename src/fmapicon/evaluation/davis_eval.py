@@ -35,7 +35,7 @@ def _resolve_model(model, params: PropagationParams, device):
     elif device is None and isinstance(model, torch.nn.Module):
         device = next(iter(model.parameters())).device
     device = resolve_device(device or "auto") if isinstance(device, str) or device is None else device
-    loaded = load_model(model, device, **({"stride": params.stride} if model == "pixels" else {}))
+    loaded = load_model(model, device, stride=params.stride)
     return loaded, loaded.name, device
 
 
@@ -166,9 +166,7 @@ def _same_size(frame: np.ndarray, size, path) -> np.ndarray:
 def _progress(total: int, name: str, show: bool):
     from tqdm import tqdm
 
-    from fmapicon.evaluation.propagate import _NoProgress
-
-    return tqdm(total=total, desc=name, unit="frame", leave=False) if show else _NoProgress()
+    return tqdm(total=total, desc=name, unit="frame", leave=False, disable=not show)
 
 
 def _check_frames_cover(truths: list[Path], stems: list[str], frames_dir: Path) -> None:

@@ -202,7 +202,8 @@ def trained_model(path, device="cpu") -> FeatureModel:
 
 def load_model(spec, device="cpu", **kwargs) -> FeatureModel:
     """A ``FeatureModel`` from a spec: ``reference`` (the shipped model), a run folder or
-    checkpoint file, ``pixels`` (kwargs ``stride``, ``patch``: see ``pixels_model``),
+    checkpoint file, ``pixels`` (kwargs ``stride``, ``patch``: see ``pixels_model``; the other
+    specs ignore ``stride``, so a caller passes its protocol's stride whatever the spec),
     ``random`` (kwargs ``net``, ``seed``; ``random:NET`` names the backbone, e.g.
     ``random:resnet-s4``) or ``xfeat``.
 

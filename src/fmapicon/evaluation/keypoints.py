@@ -193,7 +193,7 @@ def evaluate_badja(model, badja_dir, davis_roots, out_dir, params=None, device="
         raise UserError(f"no BADJA annotations (*.json) in {badja_dir}: give the folder of <sequence>.json files")
     roots = [davis_roots] if isinstance(davis_roots, (str, Path)) else list(davis_roots)
     if not hasattr(model, "default_input_scale"):
-        model = load_model(model, resolve_device(device), **({"stride": params.stride} if model == "pixels" else {}))
+        model = load_model(model, resolve_device(device), stride=params.stride)
     params = params.with_model_defaults(model)  # the values used, as pck.json records them
     sequences, missing = {}, []
     for path in files:

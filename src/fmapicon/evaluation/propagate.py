@@ -167,20 +167,6 @@ class FrameFeatures:
         return features
 
 
-def sequence_features(model, frames: np.ndarray, input_scale: float, stride: int, batch_size: int = 4,
-                      on_batch=None) -> torch.Tensor:
-    """Unit features of a whole sequence ``T x C x h x w`` (uint8 ``T x H x W x 3`` frames,
-    batches of ``batch_size``; ``on_batch(n)`` after each): ``FrameFeatures`` at
-    ``input_scale``, without fusion."""
-    features = FrameFeatures(model, PropagationParams(input_scale=input_scale, stride=stride))
-    out = []
-    for start in range(0, len(frames), batch_size):
-        out.append(features(frames[start:start + batch_size]))
-        if on_batch is not None:
-            on_batch(len(out[-1]))
-    return torch.cat(out)
-
-
 def soft_labels(ids: np.ndarray, grid, device="cpu", classes: int | None = None) -> torch.Tensor:
     """One-hot of ids 0..K (void 255 -> 0), bilinearly down-sampled to ``grid``:
     ``(K+1) x h x w``, or ``classes x h x w`` when given (at least K+1)."""

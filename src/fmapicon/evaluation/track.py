@@ -286,5 +286,5 @@ def track(frames, masks=None, points=None, model="reference", device="auto", **p
         raise ValueError(f"track follows the crw protocol, got protocol={params.protocol!r}")
     if not hasattr(model, "default_input_scale"):
         device = resolve_device(device) if isinstance(device, str) else device
-        model = load_model(model, device, **({"stride": params.stride} if model == "pixels" else {}))
+        model = load_model(model, device, stride=params.stride)
     return Tracking(frames, masks, points, model, params.with_model_defaults(model))
