@@ -20,7 +20,6 @@ def init_network(config: TrainConfig, given=None):
     if not config.init:
         return config, None
     from fmapicon.core.checkpoint import load
-
     from fmapicon.core.networks import network_config
 
     model = load(config.init, "cpu")
