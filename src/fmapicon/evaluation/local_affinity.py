@@ -15,11 +15,17 @@ as sparse triples, and runs a full top-k only on the rows where more than k pass
 tighter the floor, the fewer entries pass: ``neighbour_floor`` gives one from a few key
 frames' nearby cells before any full product, lowered by ``rounding_margin`` so that the
 same entries, found again by another kernel, never fall below it.
+
+Threads: on CPU the blocks (tile rows, query chunks) are spread over
+``torch.get_num_threads()`` Python threads (``parallel_map``; torch releases the GIL in its
+kernels): the pruning's ``nonzero`` and gathers run on one core each, so splitting the
+work by blocks uses the cores where splitting each kernel does not.
 """
 
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +34,27 @@ import torch.nn.functional as F
 def radius_offsets(radius: float, size) -> int:
     """m: the largest offset along one axis with |d| < radius, capped by the grid."""
     return max(0, min(math.ceil(radius) - 1, max(size) - 1))
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def parallel_map(fn, items, device) -> list:
+    """``[fn(x) for x in items]``, in order; on a CPU device spread over
+    ``torch.get_num_threads()`` threads (one pool per count, made once). ``fn`` runs under
+    ``torch.no_grad`` (grad mode is per thread)."""
+    items = list(items)
+    workers = torch.get_num_threads() if torch.device(device).type == "cpu" else 1
+    if workers < 2 or len(items) < 2:
+        return [fn(x) for x in items]
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="fmapicon-affinity")
+
+    def run(x):
+        with torch.no_grad():
+            return fn(x)
+
+    return list(_POOLS[workers].map(run, items))
 
 
 class Tiles:
@@ -125,24 +152,27 @@ def window_candidates(tiles: Tiles, queries: torch.Tensor, keys: torch.Tensor, t
     prune = floor is not None and bool(torch.isfinite(floor).all())
     if prune:
         floor = floor.view(count, rows, cols, cells)
-    parts = []
-    for row in range(rows):
-        for start in range(0, cols, step):
-            span = slice(start, min(cols, start + step))
-            q = queries[row, span].reshape(span.stop - span.start, count * cells, channels)
-            scores = torch.bmm(q, tiles.windows(keys, row, span)).view(-1, count, cells, size)
-            if prune:
-                found = _above_floor(scores, tiles, row, span, floor[:, row, span].transpose(0, 1), k)
-            else:
-                scores.add_(tiles.bias[row, span][:, None])
-                values, r = scores.topk(k, dim=-1)
-                c, u, q_cell, _ = torch.meshgrid(*(torch.arange(n, device=values.device) for n in values.shape),
-                                                 indexing="ij")
-                keep = torch.isfinite(values).view(-1).nonzero().squeeze(1)
-                found = [x.reshape(-1).index_select(0, keep) for x in (c, u, q_cell, r, values)]
-            c, u, q_cell, r, values = found
-            query = ((row * cols) + start + c) * cells + q_cell
-            parts.append((u, query, values, tiles.key_index(row, start + c, r)))
+
+    def block(where):
+        row, start = where
+        span = slice(start, min(cols, start + step))
+        q = queries[row, span].reshape(span.stop - span.start, count * cells, channels)
+        scores = torch.bmm(q, tiles.windows(keys, row, span)).view(-1, count, cells, size)
+        if prune:
+            found = _above_floor(scores, tiles, row, span, floor[:, row, span].transpose(0, 1), k)
+        else:
+            scores.add_(tiles.bias[row, span][:, None])
+            values, r = scores.topk(k, dim=-1)
+            c, u, q_cell, _ = torch.meshgrid(*(torch.arange(n, device=values.device) for n in values.shape),
+                                             indexing="ij")
+            keep = torch.isfinite(values).view(-1).nonzero().squeeze(1)
+            found = [x.reshape(-1).index_select(0, keep) for x in (c, u, q_cell, r, values)]
+        c, u, q_cell, r, values = found
+        query = ((row * cols) + start + c) * cells + q_cell
+        return u, query, values, tiles.key_index(row, start + c, r)
+
+    blocks = [(row, start) for row in range(rows) for start in range(0, cols, step)]
+    parts = parallel_map(block, blocks, queries.device)
     return tuple(torch.cat([p[i] for p in parts]) for i in range(4))
 
 
@@ -153,7 +183,8 @@ def _above_floor(scores, tiles: Tiles, row: int, span: slice, floor, k: int):
     ``index_select`` on flat positions: boolean masks cost several times more.)"""
     n, count, cells, size = scores.shape
     flat = scores.view(-1)
-    above = (scores > floor[..., None]).view(-1).nonzero().squeeze(1)
+    length = _segment_length(size)
+    above = _entries_above(scores.view(-1, length), floor.reshape(-1), size // length)
     line = above // size                                  # row of scores: (c U + u) Q + q
     r = above - line * size
     c, q_cell = line // (count * cells), line % cells
@@ -174,6 +205,25 @@ def _above_floor(scores, tiles: Tiles, row: int, span: slice, floor, k: int):
     more = [m_c[:, None].expand(-1, k), ((many // cells) % count)[:, None].expand(-1, k),
             m_q[:, None].expand(-1, k), m_r, values]
     return [torch.cat([a, b.reshape(-1)]) for a, b in zip(found, more)]
+
+
+def _segment_length(size: int) -> int:
+    """The segment of a row of ``size`` scores whose maxima ``_entries_above`` takes: the
+    smallest divisor of ``size`` of at least 100 (a maximum over fewer contiguous floats
+    is several times slower per float on CPU), else the whole row."""
+    return next((d for d in range(100, size // 2 + 1) if size % d == 0), size)
+
+
+def _entries_above(segments: torch.Tensor, floor: torch.Tensor, per_row: int) -> torch.Tensor:
+    """Flat positions (sorted) of the entries of ``segments`` (``rows * per_row x L``, each
+    row of scores cut into ``per_row`` segments) above their row's ``floor`` (``rows``).
+    Only the segments whose maximum passes are searched entry by entry: a row-wide
+    comparison and ``nonzero`` cost several times more than one maximum per segment."""
+    length = segments.shape[1]
+    hits = (segments.amax(dim=-1).view(-1, per_row) > floor[:, None]).view(-1).nonzero().squeeze(1)
+    passed = segments.index_select(0, hits) > floor.index_select(0, hits // per_row)[:, None]
+    where = passed.view(-1).nonzero().squeeze(1)
+    return hits.index_select(0, where // length) * length + where % length
 
 
 def rounding_margin(channels: int, dtype=torch.float32) -> float:
@@ -200,25 +250,43 @@ def neighbour_floor(near: Tiles, queries: torch.Tensor, keys: list, topk: int) -
     rows, cols, cells, channels = queries.shape
     if len(keys) * near.side**2 < topk:
         return queries.new_full((rows * cols * cells,), -math.inf)
-    queries = queries.reshape(rows * cols, cells, channels)
-    scores = []
-    for frame in keys:
-        windows = torch.cat([near.windows(frame, row, slice(0, cols)) for row in range(rows)])
-        scores.append(torch.bmm(queries, windows).add_(near.bias.view(rows * cols, cells, -1)))
-    return torch.cat(scores, dim=-1).topk(topk, dim=-1).values[..., -1].reshape(-1)
+
+    def kth(row):
+        scores = [torch.bmm(queries[row], near.windows(frame, row, slice(0, cols))).add_(near.bias[row])
+                  for frame in keys]
+        return torch.cat(scores, dim=-1).topk(topk, dim=-1).values[..., -1].reshape(-1)
+
+    return torch.cat(parallel_map(kth, range(rows), queries.device))
 
 
 @torch.no_grad()
-def first_frame_topk(queries: torch.Tensor, first_keys: torch.Tensor, topk: int, chunk: int = 128):
+def first_frame_topk(queries: torch.Tensor, first_keys: torch.Tensor, topk: int, segment: int | None = None,
+                     chunk: int = 128):
     """Top-k affinities of queries ``Nq x C`` over all cells of one frame (``C x hw``):
-    ``(values, cells)`` each ``Nq x k`` (cells row-major). ``chunk`` query rows at a time
-    (speed only: a block that stays in cache)."""
-    k = min(topk, first_keys.shape[1])
-    values, index = [], []
-    for start in range(0, queries.shape[0], chunk):
-        v, i = (queries[start:start + chunk] @ first_keys).topk(k, dim=-1)
-        values.append(v)
-        index.append(i)
+    ``(values, cells)`` each ``Nq x k`` (cells row-major).
+
+    segment : when given (a divisor of hw, e.g. the grid's width), each row of affinities is
+        cut into segments of that many cells and the top-k is taken among the k segments
+        with the largest maxima only: every entry of a row's top-k lies in one of them
+        (each better segment holds an entry above it), so the result is the same, ties
+        aside, for a fraction of a full-row top-k's cost.
+    chunk : query rows at a time (speed only: a block that stays in cache)
+    """
+    cells = first_keys.shape[1]
+    k = min(topk, cells)
+    parts = segment is not None and cells % segment == 0 and 2 * k * segment <= cells
+
+    def top(start):
+        scores = queries[start:start + chunk] @ first_keys
+        if not parts:
+            return scores.topk(k, dim=-1)
+        scores = scores.view(scores.shape[0], -1, segment)
+        best = scores.amax(dim=-1).topk(k, dim=-1).indices                         # n x k segments
+        picked = torch.gather(scores, 1, best[..., None].expand(-1, -1, segment))  # n x k x segment
+        v, i = picked.view(scores.shape[0], -1).topk(k, dim=-1)
+        return v, best.gather(1, i // segment) * segment + i % segment
+
+    values, index = zip(*parallel_map(top, range(0, queries.shape[0], chunk), queries.device))
     return torch.cat(values), torch.cat(index)
 
 
