@@ -263,3 +263,67 @@ def test_near_ties_at_the_floor_keep_the_dense_result():
     got = list(propagate_labels(features, first, params))
     expected = dense_propagation(features, first, 10, 3, 6, 0.1)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, expected, strict=True))
+
+
+# --------------------------------------------------------------------------- speed paths, same result
+
+
+def test_first_frame_searches_agree_with_a_full_row_top_k():
+    from fmapicon.evaluation.local_affinity import first_frame_above, first_frame_topk
+
+    generator = torch.Generator().manual_seed(13)
+    h, w, channels = 9, 16, 70
+    keys = F.normalize(torch.randn(channels, h * w, generator=generator), dim=0)
+    queries = F.normalize(torch.randn(40, channels, generator=generator), dim=1)
+    queries[:10] = F.normalize(keys[:, :10].t() + 1e-3 * torch.randn(10, channels, generator=generator), dim=1)
+    keys[:, 100:130] = keys[:, 100:101]                       # crowded: 31 equal keys, more than k pass
+    queries[10] = keys[:, 100]
+    full = queries @ keys
+    values, cells = full.topk(6, dim=-1)
+    got_values, got_cells = first_frame_topk(queries, keys, 6, segment=w)
+    assert torch.equal(got_values, values)
+    assert torch.equal(torch.gather(full, 1, got_cells), values)
+    floor = values[:, 3] - 1e-4 * torch.rand(40, generator=generator)      # some rows: only 4 pass
+    floor[20:] = values[20:, -1] - 0.05                                      # others: more than k
+    above, where = first_frame_above(queries, keys, floor, 6, segment=w)
+    expected = values.masked_fill(values <= floor[:, None], -math.inf)
+    assert torch.allclose(above.sort(dim=-1).values, expected.sort(dim=-1).values, atol=1e-6)   # any order
+    found = torch.isfinite(above)
+    assert torch.allclose(torch.gather(full, 1, where)[found], above[found], atol=1e-6)
+
+
+def test_the_bf16_search_of_frame_0_gives_the_dense_result(monkeypatch):
+    import fmapicon.evaluation.propagate as propagate
+
+    features, first = _random_sequence(frames=8, channels=80, h=9, w=12, seed=21)
+    params = PropagationParams(context=3, radius=3, topk=5, temperature=0.1, tile=4)
+    for fast in (False, True):
+        monkeypatch.setattr(propagate, "bf16_is_faster", lambda device, fast=fast: fast)
+        stream = LabelStream(features[0], first, params)
+        assert stream.low_precision == fast
+        got = [first] + [labels for f in features[1:] for _, labels in stream.push(f)]
+        got += [labels for _, labels in stream.close()]
+        expected = dense_propagation(features, first, 3, 3, 5, 0.1)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, expected, strict=True))
+
+
+def test_parallel_map_keeps_order_and_runs_blocks_on_several_threads():
+    import threading
+
+    from fmapicon.evaluation.local_affinity import parallel_map
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        seen = set()
+
+        def work(i):
+            seen.add(threading.get_ident())
+            assert not torch.is_grad_enabled()
+            return torch.full((2,), float(i)).matmul(torch.ones(2))
+
+        assert [x.item() for x in parallel_map(work, range(40), "cpu")] == [2.0 * i for i in range(40)]
+        torch.set_num_threads(1)
+        assert [x.item() for x in parallel_map(lambda i: torch.tensor(i), range(3), "cpu")] == [0, 1, 2]
+    finally:
+        torch.set_num_threads(before)

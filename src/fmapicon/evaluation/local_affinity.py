@@ -93,6 +93,7 @@ class Tiles:
         grid_y = torch.arange(self.h, device=device)[:, None] + self.m
         grid_x = torch.arange(self.w, device=device)[None, :] + self.m
         self.grid_index = (grid_y * self.padded[1] + grid_x).reshape(-1)      # row-major cells
+        self.on_grid = self.arrange(torch.ones(1, 1, self.h, self.w, device=device)).reshape(-1) == 1  # Nq
 
     def pad_keys(self, maps: torch.Tensor) -> torch.Tensor:
         """``N x C x h x w`` -> ``N x C x padded`` (zeros around; masked anyway)."""
@@ -288,6 +289,92 @@ def first_frame_topk(queries: torch.Tensor, first_keys: torch.Tensor, topk: int,
 
     values, index = zip(*parallel_map(top, range(0, queries.shape[0], chunk), queries.device))
     return torch.cat(values), torch.cat(index)
+
+
+# |bf16(q).bf16(k) - q.k| for unit q, k: each input rounded (2u + u^2, u = 2^-8 the unit
+# roundoff of bfloat16) and the bf16 result rounded once more (u for |value| < 2); the fp32
+# accumulation inside the product adds < C * 2^-24, within ``rounding_margin``
+BF16_ERROR = 3 * 2.0**-8 + 2.0**-16
+_FAST_BF16: dict[str, bool] = {}
+
+
+def bf16_is_faster(device) -> bool:
+    """Whether a bfloat16 matrix product runs at least twice as fast as a float32 one here
+    (CPUs with native bf16 dot products; measured once per device type, on CPU only)."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return False
+    if "cpu" not in _FAST_BF16:
+        import time
+
+        a, b = torch.randn(256, 96), torch.randn(96, 2048)
+        seconds = []
+        for x, y in ((a, b), (a.bfloat16(), b.bfloat16())):
+            x @ y
+            start = time.perf_counter()
+            for _ in range(4):
+                x @ y
+            seconds.append(time.perf_counter() - start)
+        _FAST_BF16["cpu"] = seconds[1] < 0.5 * seconds[0]
+    return _FAST_BF16["cpu"]
+
+
+@torch.no_grad()
+def first_frame_above(queries: torch.Tensor, first_keys: torch.Tensor, floor: torch.Tensor, topk: int,
+                      segment: int, chunk: int = 256):
+    """The top-k affinities of each query ``Nq x C`` over all cells of one frame (``C x hw``)
+    among those above its ``floor`` (``Nq``, finite): ``(values, cells)`` each ``Nq x k``,
+    in no particular order, -inf where fewer than k pass (cells row-major). The same entries as ``first_frame_topk``
+    above the floor, ties aside, with a fraction of its float32 products:
+
+    1. a bfloat16 product of all pairs, its maxima over segments of ``segment`` cells (a
+       divisor of hw: the grid's width);
+    2. the segments whose bf16 maximum exceeds the floor minus ``BF16_ERROR`` (the most a
+       bf16 affinity of unit features differs from the float32 one) are scored again in
+       float32, one product per segment for the queries that need it; the entries above
+       the floor are kept, the best k per query.
+    """
+    count, channels = queries.shape
+    cells = first_keys.shape[1]
+    k = min(topk, cells)
+    per_row = cells // segment
+    low_keys = first_keys.to(torch.bfloat16)
+    low_queries = queries.to(torch.bfloat16)
+
+    def maxima(start):
+        scores = (low_queries[start:start + chunk] @ low_keys).float()    # (a bf16 maximum is slow)
+        return scores.view(scores.shape[0], per_row, segment).amax(dim=-1)
+
+    best = torch.cat(parallel_map(maxima, range(0, count, chunk), queries.device))
+    if k <= per_row:        # k segment maxima are k entries: their k-th best bounds the k-th best
+        floor = torch.maximum(floor, best.topk(k, dim=-1).values[:, -1] - BF16_ERROR)
+    seg, query = (best.t() > (floor - BF16_ERROR)[None]).nonzero(as_tuple=True)   # sorted by segment
+    sizes = torch.bincount(seg, minlength=per_row).tolist()
+    blocks = first_keys.view(channels, per_row, segment)
+
+    def rescore(item):
+        s, rows = item
+        scores = queries.index_select(0, rows) @ blocks[:, s]
+        i, j = (scores > floor.index_select(0, rows)[:, None]).nonzero(as_tuple=True)
+        return rows.index_select(0, i), scores[i, j], j + s * segment
+
+    work = [(s, rows) for s, rows in enumerate(query.split(sizes)) if len(rows)]
+    found = parallel_map(rescore, work, queries.device)
+    query, values, index = (torch.cat(x) if found else queries.new_zeros(0, dtype=d)
+                            for x, d in zip(zip(*found) if found else ((), (), ()),
+                                            (torch.long, queries.dtype, torch.long)))
+    counts = torch.bincount(query, minlength=count)
+    few = counts.take(query) <= k
+    top_values, top_index = scatter_rows(query[few], values[few], index[few], count, k)
+    crowded = (counts > k).nonzero().squeeze(1)
+    if len(crowded):                              # more than k pass: their best k
+        slot = torch.zeros(count, dtype=torch.long, device=query.device)
+        slot[crowded] = torch.arange(len(crowded), device=query.device)
+        many = ~few
+        crowd_values, crowd_index = scatter_rows(slot[query[many]], values[many], index[many], len(crowded))
+        crowd_values, pick = crowd_values.topk(k, dim=-1)
+        top_values[crowded], top_index[crowded] = crowd_values, crowd_index.gather(1, pick)
+    return top_values, top_index
 
 
 def scatter_rows(query, values, index, rows: int, width: int | None = None):

@@ -56,13 +56,14 @@ import torch
 import torch.nn.functional as F
 
 from fmapicon.errors import UserError
-from fmapicon.evaluation.local_affinity import (Tiles, first_frame_topk, neighbour_floor, rounding_margin,
-                                               scatter_rows, window_candidates)
+from fmapicon.evaluation.local_affinity import (Tiles, bf16_is_faster, first_frame_above, first_frame_topk,
+                                               neighbour_floor, rounding_margin, scatter_rows, window_candidates)
 
 PROTOCOLS = ("crw", "original", "copy")
 VOID = 255
 NEAR_RADIUS = 4.0        # the recent frames' keys that give each query a floor early
 NEAR_FRAMES = 8
+BF16_MIN_CHANNELS = 64   # frame 0 searched in bf16 first (``first_frame_above``) from this many channels
 
 
 @dataclass
@@ -235,6 +236,9 @@ class LabelStream:
         self.near = Tiles(first_features.shape[-2:], min(NEAR_RADIUS, params.radius), params.tile,
                           first_features.device, first_features.dtype)
         self.margin = rounding_margin(channels, first_features.dtype)
+        # the bf16 search of frame 0 pays for its float32 rescoring from about 64 channels on
+        self.low_precision = (channels >= BF16_MIN_CHANNELS and first_features.dtype == torch.float32
+                              and bf16_is_faster(first_features.device))
         tiles = self.tiles
         self.first_keys = first_features.reshape(channels, -1)
         self.first_padded = tiles.pad_keys(first_features[None])[0]
@@ -293,12 +297,20 @@ class LabelStream:
         if self.params.restrict_first:
             _, query, values, index = window_candidates(tiles, queries[:, :, None], self.first_padded, k)
             values, index = scatter_rows(query, values, index, tiles.cells, k)
+            floor = self._near_floor(t, queries)
         else:
-            values, cells = first_frame_topk(queries.reshape(-1, queries.shape[-1]), self.first_keys, k, tiles.w)
+            flat = queries.reshape(-1, queries.shape[-1])
+            floor = self._near_floor(t, queries)
+            if self.low_precision and bool(torch.isfinite(floor).all()):
+                # the tiles' padding cells (no query) get no candidates
+                above = floor.masked_fill(~tiles.on_grid, math.inf)
+                values, cells = first_frame_above(flat, self.first_keys, above, k, tiles.w)
+            else:
+                values, cells = first_frame_topk(flat, self.first_keys, k, tiles.w)
             index = tiles.grid_index[cells]
         full = values.shape[-1] == k
-        floor = values.amin(dim=-1) if full else values.new_full(values.shape[:1], -math.inf)
-        return _Candidates(values, index, torch.maximum(floor, self._near_floor(t, queries)), [])
+        kth = values.amin(dim=-1) if full else values.new_full(values.shape[:1], -math.inf)
+        return _Candidates(values, index, torch.maximum(kth, floor), [])
 
     def _near_floor(self, t: int, queries: torch.Tensor) -> torch.Tensor:
         """``neighbour_floor`` over the ``NEAR_FRAMES`` frames before t (held, in t's context
