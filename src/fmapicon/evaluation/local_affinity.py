@@ -64,7 +64,10 @@ class Tiles:
     listed in *tile order*: tile row, tile column, then row-major within the tile (Q =
     tile^2 cells per tile, Nq cells in all). Key maps are padded by m on every side; the
     tile at (i, j) meets the padded window ``[i tile, i tile + side) x [j tile, j tile +
-    side)`` of each key frame, side = tile + 2m (R = side^2 cells). Labels live in a store
+    side)`` of each key frame, side = tile + 2m, less the window rows that hold only padding
+    (``window_rows[i]`` = ``(y0, y1)``: R = (y1 - y0) side cells; ``valid[i]`` and ``bias[i]``
+    are ``cols x Q x R``; the tile rows at the grid's top and bottom skip that much of the
+    product). Labels live in a store
     of ``slots x plane`` cells (``plane``: the padded map's cells); an index ``slot * plane +
     padded position`` names a key cell.
     """
@@ -85,10 +88,14 @@ class Tiles:
         xs = torch.arange(self.cols, device=device)[:, None] * tile + window - self.m  # cols x side
         on_y, on_x = (ys >= 0) & (ys < self.h), (xs >= 0) & (xs < self.w)
         inside = (on_y[:, None, :, None] & on_x[None, :, None, :]).reshape(self.rows, self.cols, -1)
-        self.valid = within[None, None] & inside[:, :, None, :]               # rows x cols x Q x R
+        valid = (within[None, None] & inside[:, :, None, :]).view(self.rows, self.cols, tile * tile, self.side, -1)
+        self.window_rows = [(max(0, self.m - i * tile), min(self.side, self.m + self.h - i * tile))
+                            for i in range(self.rows)]
+        self.valid = [valid[i, :, :, y0:y1].reshape(self.cols, tile * tile, -1).contiguous()
+                      for i, (y0, y1) in enumerate(self.window_rows)]
         # 0 for the kept key cells, -inf for the others: adding it in place is several
         # times cheaper than masked_fill_ with a broadcast mask, and exact (x + 0 = x)
-        self.bias = torch.zeros(self.valid.shape, device=device, dtype=dtype).masked_fill_(~self.valid, -math.inf)
+        self.bias = [torch.zeros(v.shape, device=device, dtype=dtype).masked_fill_(~v, -math.inf) for v in self.valid]
         self.window_origin = torch.arange(self.cols, device=device) * tile     # + i tile W'
         grid_y = torch.arange(self.h, device=device)[:, None] + self.m
         grid_x = torch.arange(self.w, device=device)[None, :] + self.m
@@ -110,11 +117,12 @@ class Tiles:
 
     def windows(self, padded: torch.Tensor, row: int, cols: slice) -> torch.Tensor:
         """Key windows of tile row ``row``, tile columns ``cols``, in one padded key map
-        ``C x padded``: ``n x C x R``."""
+        ``C x padded``: ``n x C x R`` (the window rows on the grid, ``window_rows[row]``)."""
         start = cols.start * self.tile
         stop = (cols.stop - 1) * self.tile + self.side
-        strip = padded[:, row * self.tile: row * self.tile + self.side, start:stop]  # C x side x width
-        strip = strip.unfold(2, self.side, self.tile)                                # C x side x n x side
+        y0, y1 = self.window_rows[row]
+        strip = padded[:, row * self.tile + y0: row * self.tile + y1, start:stop]  # C x rows x width
+        strip = strip.unfold(2, self.side, self.tile)                              # C x rows x n x side
         return strip.permute(2, 0, 1, 3).reshape(cols.stop - cols.start, padded.shape[0], -1)
 
     def to_grid(self, values: torch.Tensor) -> torch.Tensor:
@@ -124,9 +132,9 @@ class Tiles:
         return blocks.reshape(values.shape[-1], self.rows * tile, self.cols * tile)[:, : self.h, : self.w]
 
     def key_index(self, row: int, cols: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        """Padded position of window cell ``r`` of tile ``(row, cols)``: ``(i tile + r // side)
-        W' + j tile + r % side``."""
-        origin = self.window_origin[cols] + row * self.tile * self.padded[1]
+        """Padded position of window cell ``r`` of tile ``(row, cols)``: ``(i tile + y0 + r //
+        side) W' + j tile + r % side`` (``y0`` the window's first row on the grid)."""
+        origin = self.window_origin[cols] + (row * self.tile + self.window_rows[row][0]) * self.padded[1]
         return origin + (r // self.side) * self.padded[1] + r % self.side
 
 
@@ -147,9 +155,7 @@ def window_candidates(tiles: Tiles, queries: torch.Tensor, keys: torch.Tensor, t
     entry of its radius-restricted top-k that lies above the floor among them.
     """
     rows, cols, count, cells, channels = queries.shape
-    size = tiles.side**2
-    k = min(topk, size)
-    step = max(1, block_bytes // max(1, count * cells * size * 4))
+    step = max(1, block_bytes // max(1, count * cells * tiles.side**2 * 4))
     prune = floor is not None and bool(torch.isfinite(floor).all())
     if prune:
         floor = floor.view(count, rows, cols, cells)
@@ -157,12 +163,14 @@ def window_candidates(tiles: Tiles, queries: torch.Tensor, keys: torch.Tensor, t
     def block(where):
         row, start = where
         span = slice(start, min(cols, start + step))
+        size = tiles.valid[row].shape[-1]
+        k = min(topk, size)
         q = queries[row, span].reshape(span.stop - span.start, count * cells, channels)
         scores = torch.bmm(q, tiles.windows(keys, row, span)).view(-1, count, cells, size)
         if prune:
             found = _above_floor(scores, tiles, row, span, floor[:, row, span].transpose(0, 1), k)
         else:
-            scores.add_(tiles.bias[row, span][:, None])
+            scores.add_(tiles.bias[row][span][:, None])
             values, r = scores.topk(k, dim=-1)
             c, u, q_cell, _ = torch.meshgrid(*(torch.arange(n, device=values.device) for n in values.shape),
                                              indexing="ij")
@@ -201,7 +209,7 @@ def _above_floor(scores, tiles: Tiles, row: int, span: slice, floor, k: int):
     many = (counts > k).nonzero().squeeze(1)
     lines = scores.view(-1, size).index_select(0, many)
     m_c, m_q = many // (count * cells), many % cells
-    lines += tiles.bias[row, span.start + m_c, m_q]
+    lines += tiles.bias[row][span.start + m_c, m_q]
     values, m_r = lines.topk(k, dim=-1)
     more = [m_c[:, None].expand(-1, k), ((many // cells) % count)[:, None].expand(-1, k),
             m_q[:, None].expand(-1, k), m_r, values]
@@ -249,7 +257,7 @@ def neighbour_floor(near: Tiles, queries: torch.Tensor, keys: list, topk: int) -
     2 m)^2`` keys per query: cheap next to the full radius.
     """
     rows, cols, cells, channels = queries.shape
-    if len(keys) * near.side**2 < topk:
+    if len(keys) * min(v.shape[-1] for v in near.valid) < topk:
         return queries.new_full((rows * cols * cells,), -math.inf)
 
     def kth(row):
