@@ -290,6 +290,8 @@ def test_first_frame_searches_agree_with_a_full_row_top_k():
     assert torch.allclose(above.sort(dim=-1).values, expected.sort(dim=-1).values, atol=1e-6)   # any order
     found = torch.isfinite(above)
     assert torch.allclose(torch.gather(full, 1, where)[found], above[found], atol=1e-6)
+    nothing, _ = first_frame_above(queries, keys, torch.full((40,), 2.0), 6, segment=w)   # none can pass
+    assert nothing.shape == (40, 6) and torch.isinf(nothing).all()
 
 
 def test_the_bf16_search_of_frame_0_gives_the_dense_result(monkeypatch):

@@ -25,6 +25,8 @@ work by blocks uses the cores where splitting each kernel does not.
 from __future__ import annotations
 
 import math
+import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -37,6 +39,7 @@ def radius_offsets(radius: float, size) -> int:
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
+os.register_at_fork(after_in_child=_POOLS.clear)     # a pool's threads do not survive a fork
 
 
 def parallel_map(fn, items, device) -> list:
@@ -313,8 +316,6 @@ def bf16_is_faster(device) -> bool:
     if device.type != "cpu":
         return False
     if "cpu" not in _FAST_BF16:
-        import time
-
         a, b = torch.randn(256, 96), torch.randn(96, 2048)
         seconds = []
         for x, y in ((a, b), (a.bfloat16(), b.bfloat16())):
@@ -332,8 +333,9 @@ def first_frame_above(queries: torch.Tensor, first_keys: torch.Tensor, floor: to
                       segment: int, chunk: int = 256):
     """The top-k affinities of each query ``Nq x C`` over all cells of one frame (``C x hw``)
     among those above its ``floor`` (``Nq``, finite): ``(values, cells)`` each ``Nq x k``,
-    in no particular order, -inf where fewer than k pass (cells row-major). The same entries as ``first_frame_topk``
-    above the floor, ties aside, with a fraction of its float32 products:
+    in no particular order, -inf where fewer than k pass (cells row-major). The same
+    entries as ``first_frame_topk`` above the floor, ties aside, for a fraction of its
+    float32 products:
 
     1. a bfloat16 product of all pairs, its maxima over segments of ``segment`` cells (a
        divisor of hw: the grid's width);
@@ -368,9 +370,11 @@ def first_frame_above(queries: torch.Tensor, first_keys: torch.Tensor, floor: to
 
     work = [(s, rows) for s, rows in enumerate(query.split(sizes)) if len(rows)]
     found = parallel_map(rescore, work, queries.device)
-    query, values, index = (torch.cat(x) if found else queries.new_zeros(0, dtype=d)
-                            for x, d in zip(zip(*found) if found else ((), (), ()),
-                                            (torch.long, queries.dtype, torch.long)))
+    if found:
+        query, values, index = (torch.cat(x) for x in zip(*found))
+    else:
+        query = index = torch.zeros(0, dtype=torch.long, device=queries.device)
+        values = queries.new_zeros(0)
     counts = torch.bincount(query, minlength=count)
     few = counts.take(query) <= k
     top_values, top_index = scatter_rows(query[few], values[few], index[few], count, k)

@@ -294,13 +294,12 @@ class LabelStream:
         """Frame 0's candidates of query frame t (``rows x cols x Q x C``; all its cells, or
         with ``restrict_first`` within the radius) and its floor."""
         k, tiles = self.params.topk, self.tiles
+        floor = self._near_floor(t, queries)
         if self.params.restrict_first:
             _, query, values, index = window_candidates(tiles, queries[:, :, None], self.first_padded, k)
             values, index = scatter_rows(query, values, index, tiles.cells, k)
-            floor = self._near_floor(t, queries)
         else:
             flat = queries.reshape(-1, queries.shape[-1])
-            floor = self._near_floor(t, queries)
             if self.low_precision and bool(torch.isfinite(floor).all()):
                 # the tiles' padding cells (no query) get no candidates
                 above = floor.masked_fill(~tiles.on_grid, math.inf)
