@@ -23,7 +23,8 @@ RANDOM_INPUT_SCALE = 0.25
 
 
 def add_arguments(parser) -> None:
-    from fmapicon.cli._types import device_name, positive_float, positive_int
+    from fmapicon.cli._protocol import add_protocol_arguments
+    from fmapicon.cli._types import device_name, positive_int
     from fmapicon.cli.score import sequence_list
 
     parser.add_argument("--davis", default=None, metavar="ROOT",
@@ -38,15 +39,8 @@ def add_arguments(parser) -> None:
                         help="time only the first N frames of each sequence (default: all)")
     parser.add_argument("--model", default="random",
                         help="run folder, checkpoint, pixels, random or xfeat (default: random, the short U-Net)")
-    parser.add_argument("--input-scale", type=positive_float, default=None, metavar="S",
-                        help=f"frame scale the network sees (default: the model's; {RANDOM_INPUT_SCALE} for random)")
     parser.add_argument("--protocol", choices=["crw", "original"], default="crw", help="(default: crw)")
-    parser.add_argument("--stride", type=positive_int, default=8, help="feature cell in pixels (default: 8)")
-    parser.add_argument("--context", type=positive_int, default=20, help="previous frames in context (default: 20)")
-    parser.add_argument("--radius", type=positive_float, default=12.0, help="radius in cells (default: 12)")
-    parser.add_argument("--topk", type=positive_int, default=10, help="top-k (default: 10)")
-    parser.add_argument("--tile", type=positive_int, default=4, help="query tile side in cells (default: 4)")
-    parser.add_argument("--batch-size", type=positive_int, default=4, help="frames per feature batch (default: 4)")
+    add_protocol_arguments(parser, input_scale_default=f"the model's; {RANDOM_INPUT_SCALE} for random")
     parser.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     parser.add_argument("--baseline", default="pixels",
                         help="a second model timed in the same run, for a ratio measured under the same "
@@ -76,7 +70,7 @@ def main(args) -> int:
     from fmapicon.bench import report
     from fmapicon.data.davis import frame_paths, layout, resolve_set, sequence_names
     from fmapicon.evaluation.features import load_model
-    from fmapicon.evaluation.propagate import PropagationParams
+    from fmapicon.cli._protocol import protocol_params
     from fmapicon.runtime import resolve_device
 
     if args.threads:
@@ -88,11 +82,9 @@ def main(args) -> int:
     names = args.sequences or sorted(everything, key=everything.get)[: args.count]
     rows, baseline_rows = [], []
     for spec in [args.model] + ([args.baseline] if args.baseline not in ("none", args.model) else []):
-        model = load_model(spec, resolve_device(args.device), **({"stride": args.stride} if spec == "pixels" else {}))
+        model = load_model(spec, resolve_device(args.device), stride=args.stride)
         scale = args.input_scale or (RANDOM_INPUT_SCALE if spec == "random" else model.default_input_scale)
-        params = PropagationParams(protocol=args.protocol, input_scale=scale, stride=args.stride,
-                                   context=args.context, radius=args.radius, topk=args.topk, tile=args.tile,
-                                   batch_size=args.batch_size)
+        params = dataclasses.replace(protocol_params(args, args.protocol), input_scale=scale)
         timed = [_time_sequence(model, images_dir, annotations_dir, name, params, args.frames) for name in names]
         if spec != args.model:
             baseline_rows = [{**row, "sequence": f"{spec}: {row['sequence']}"} for row in timed]

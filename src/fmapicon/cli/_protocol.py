@@ -5,11 +5,13 @@ from __future__ import annotations
 from fmapicon.cli._types import device_name, positive_float, positive_int
 
 
-def add_protocol_arguments(parser) -> None:
-    """The CRW protocol's flags (``fmapicon.evaluation.propagate.PropagationParams``)."""
+def add_protocol_arguments(parser, input_scale_default: str = "the checkpoint's training scale from its config, "
+                           "1 for baselines") -> None:
+    """The CRW protocol's flags (``fmapicon.evaluation.propagate.PropagationParams``);
+    ``input_scale_default`` says in ``--input-scale``'s help what None means to the caller."""
     parser.add_argument("--input-scale", type=positive_float, default=None, metavar="S",
-                        help="scale of the frames the network sees (default: the checkpoint's training "
-                        "scale from its config, 1 for baselines); smaller is faster and coarser")
+                        help=f"scale of the frames the network sees (default: {input_scale_default}); "
+                        "smaller is faster and coarser")
     parser.add_argument("--stride", type=positive_int, default=8,
                         help="feature cell size in full-size pixels (default: 8, as CRW)")
     parser.add_argument("--context", type=positive_int, default=20,
