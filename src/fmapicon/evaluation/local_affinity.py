@@ -24,6 +24,7 @@ work by blocks uses the cores where splitting each kernel does not.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -306,26 +307,25 @@ def first_frame_topk(queries: torch.Tensor, first_keys: torch.Tensor, topk: int,
 # roundoff of bfloat16) and the bf16 result rounded once more (u for |value| < 2); the fp32
 # accumulation inside the product adds < C * 2^-24, within ``rounding_margin``
 BF16_ERROR = 3 * 2.0**-8 + 2.0**-16
-_FAST_BF16: dict[str, bool] = {}
 
 
 def bf16_is_faster(device) -> bool:
     """Whether a bfloat16 matrix product runs at least twice as fast as a float32 one here
-    (CPUs with native bf16 dot products; measured once per device type, on CPU only)."""
-    device = torch.device(device)
-    if device.type != "cpu":
-        return False
-    if "cpu" not in _FAST_BF16:
-        a, b = torch.randn(256, 96), torch.randn(96, 2048)
-        seconds = []
-        for x, y in ((a, b), (a.bfloat16(), b.bfloat16())):
+    (CPUs with native bf16 dot products; measured once, on CPU only)."""
+    return torch.device(device).type == "cpu" and _cpu_bf16_is_faster()
+
+
+@functools.cache
+def _cpu_bf16_is_faster() -> bool:
+    a, b = torch.full((256, 96), 0.5), torch.full((96, 2048), 0.25)      # (the global RNG left alone)
+    seconds = []
+    for x, y in ((a, b), (a.bfloat16(), b.bfloat16())):
+        x @ y
+        start = time.perf_counter()
+        for _ in range(4):
             x @ y
-            start = time.perf_counter()
-            for _ in range(4):
-                x @ y
-            seconds.append(time.perf_counter() - start)
-        _FAST_BF16["cpu"] = seconds[1] < 0.5 * seconds[0]
-    return _FAST_BF16["cpu"]
+        seconds.append(time.perf_counter() - start)
+    return seconds[1] < 0.5 * seconds[0]
 
 
 @torch.no_grad()
