@@ -484,9 +484,11 @@ def sequence_ids(model, frames: Iterable[np.ndarray], first_ids: np.ndarray, par
         yield from (first_ids for _ in frames)
         return
     if params.protocol == "original":
+        from tqdm import tqdm
+
         from fmapicon.evaluation.original_protocol import propagate_original
 
-        ids, timing = propagate_original(model, np.stack(list(frames)), first_ids, _NoProgress())
+        ids, timing = propagate_original(model, np.stack(list(frames)), first_ids, tqdm(disable=True))
         for key in ("features_s", "propagation_s"):
             timings[key] += timing[key]
         yield from ids
@@ -500,17 +502,6 @@ def sequence_ids(model, frames: Iterable[np.ndarray], first_ids: np.ndarray, par
         ids = first_ids if t == 0 else labels_to_ids(labels, frame.shape[:2])
         timings["propagation_s"] += time.perf_counter() - start
         yield ids
-
-
-class _NoProgress:
-    def update(self, n=1):
-        pass
-
-    def set_postfix_str(self, text):
-        pass
-
-    def close(self):
-        pass
 
 
 def propagate_sequence(model, frames: np.ndarray, first_ids: np.ndarray, params: PropagationParams | None = None,
@@ -535,7 +526,7 @@ def propagate_sequence(model, frames: np.ndarray, first_ids: np.ndarray, params:
 
     params = (params or PropagationParams()).checked()
     timings: dict = {}
-    bar = tqdm(total=len(frames), desc=name or "propagate", unit="frame", leave=False) if progress else _NoProgress()
+    bar = tqdm(total=len(frames), desc=name or "propagate", unit="frame", leave=False, disable=not progress)
     ids = []
     try:
         with torch.no_grad():
