@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from fmapicon.cli._protocol import add_protocol_arguments, add_run_arguments, protocol_params
+from fmapicon.cli._types import non_negative_int
 
 
 def _mask_spec(text: str) -> tuple[str, int | None]:
@@ -15,12 +16,6 @@ def _mask_spec(text: str) -> tuple[str, int | None]:
     if not frame.isdigit():
         raise argparse.ArgumentTypeError(f"the frame after @ must be a whole number >= 0, got {frame!r} in {text!r}")
     return path, int(frame)
-
-
-def _frame_number(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"a frame number is a whole number >= 0, got {text!r}")
-    return int(text)
 
 
 def register(subparsers) -> None:
@@ -38,7 +33,7 @@ def register(subparsers) -> None:
     parser.add_argument("--mask", dest="masks", action="append", type=_mask_spec, default=[], metavar="FILE[@N]",
                         help="object ids of frame N (default 0, or --mask-frame): an indexed, 0/255 or "
                         "DAVIS-coloured PNG; repeat with @N for objects that enter later")
-    parser.add_argument("--mask-frame", type=_frame_number, default=0, metavar="N",
+    parser.add_argument("--mask-frame", type=non_negative_int, default=0, metavar="N",
                         help="the frame a --mask without @N annotates (default: 0)")
     parser.add_argument("--points", default=None, metavar="FILE.csv",
                         help="query points: a CSV with a header frame,x,y[,id] (pixels of the frames)")

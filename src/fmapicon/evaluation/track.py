@@ -18,6 +18,7 @@ Contract:
 from __future__ import annotations
 
 import csv
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -183,7 +184,8 @@ class Tracking:
             self._check_first(np.asarray(first))
         size = self.size = np.asarray(first).shape[:2]
         with torch.no_grad():
-            stream = propagate_frames(self.model, _chain(first, frames), self._annotate, self.params, self.stats)
+            stream = propagate_frames(self.model, itertools.chain([first], frames), self._annotate, self.params,
+                                      self.stats)
             for t, frame, labels in stream:
                 yield self._result(self.start + t, frame, labels, size)
                 self.stats["frames"] = self.start + t + 1
@@ -251,10 +253,6 @@ class Tracking:
             result.points[started], result.scores[started] = xy[started], scores[started]
             result.points[exact], result.scores[exact] = self.points.xy[exact], 1.0
         return result
-
-def _chain(first, rest):
-    yield first
-    yield from rest
 
 
 def track(frames, masks=None, points=None, model="reference", device="auto", **protocol) -> Tracking:
