@@ -218,6 +218,21 @@ def test_track_writes_masks_points_a_playable_overlay_and_its_record(synth_root,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "points.csv"]      # no staging left
 
 
+def test_track_of_a_frame_folder_names_the_masks_after_the_frame_files(synth_root, tmp_path):
+    import shutil
+
+    video, mask = _track_inputs(synth_root)
+    frames = sorted((synth_root / "JPEGImages" / "480p" / video.stem).glob("*.jpg"))[:4]
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for n, path in enumerate(frames):                     # natural order: shot2 before shot10
+        shutil.copy(path, folder / f"shot{2 + 8 * n}.jpg")
+    out = tmp_path / "out"
+    assert main(["track", str(folder), "--mask", str(mask), "--out", str(out), "--model", "pixels",
+                 "--stride", "4", "--no-overlay", "--no-progress"]) == 0
+    assert sorted(p.name for p in (out / "masks").iterdir()) == ["shot10.png", "shot18.png", "shot2.png", "shot26.png"]
+
+
 @pytest.mark.parametrize("case, message", [
     ("mask_size", "pixels but the frames are 96 x 96"),
     ("mask_late", "is for frame 40 but the video has 12 frames"),

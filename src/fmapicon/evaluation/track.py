@@ -129,34 +129,36 @@ def _masks(masks) -> dict:
     return table
 
 
-def open_frames(source) -> tuple[Iterator[np.ndarray], int | None]:
+def open_frames(source) -> tuple[Iterator[np.ndarray], int | None, list | None]:
     """Frames of ``source``: a video file (``fmapicon.data.sources.video_frames``), a folder of
     frames (``frame_files``, read one at a time with ``fmapicon.data.images.read_image``) or an
-    iterable of ``H x W x 3`` uint8 arrays; with the frame count when it is known up front."""
+    iterable of ``H x W x 3`` uint8 arrays; with the frame count when it is known up front
+    and, for a folder, the frame files' stems (else None)."""
     from fmapicon.data.images import read_image
     from fmapicon.data.sources import frame_files, video_frames
 
     if not isinstance(source, (str, Path)):
-        return iter(source), len(source) if hasattr(source, "__len__") else None
+        return iter(source), len(source) if hasattr(source, "__len__") else None, None
     path = Path(source)
     if path.is_dir():
         files = frame_files(path)
         if not files:
             raise UserError(f"no image files in {path}: give a folder of frames (.jpg, .png, ...) or a video file")
-        return (read_image(p) for p in files), len(files)
+        return (read_image(p) for p in files), len(files), [p.stem for p in files]
     if not path.is_file():
         raise UserError(f"{path} does not exist: give a video file or a folder of frames")
-    return video_frames(path), None
+    return video_frames(path), None, None
 
 
 class Tracking:
     """The iterator ``track`` returns: yields a ``TrackFrame`` per frame, in order.
-    ``point_ids`` names the points; ``stats`` holds ``frames``, ``features_s``,
+    ``point_ids`` names the points; ``names`` the frames of a folder (their files' stems;
+    None for other sources); ``stats`` holds ``frames``, ``features_s``,
     ``propagation_s`` (seconds) and ``peak_retained`` (the most frames whose images or
     features were held at once) once iterated."""
 
     def __init__(self, frames, masks, points, model, params: PropagationParams):
-        self.frames, self.count = open_frames(frames)
+        self.frames, self.count, self.names = open_frames(frames)
         self.masks, self.points, self.model, self.params = _masks(masks), _points(points), model, params
         self.point_ids = list(self.points.ids)
         annotated = [*self.masks, *self.points.frames.tolist()]

@@ -88,12 +88,6 @@ class OverlayVideo:
         self.container.close()
 
 
-def _frame_names(source) -> list | None:
-    from fmapicon.data.sources import frame_files
-
-    return [p.stem for p in frame_files(source)] if isinstance(source, (str, Path)) and Path(source).is_dir() else None
-
-
 def write_track(source, out, *, masks=None, points=None, model="reference", params=None, device="auto",
                 overlay: bool = True, progress: bool = True) -> dict:
     """Track ``source`` (see ``fmapicon.evaluation.track.track``) and write the outputs above
@@ -127,7 +121,6 @@ def _write_into(staging: Path, source, masks, points, model, protocol: dict, dev
 
     tracking = track(source, masks=masks, points=points, model=model, device=device, **protocol)
     protocol = dataclasses.asdict(tracking.params)  # the values used (the model's defaults in place)
-    names = _frame_names(source)
     fps = (video_rate(source) if Path(str(source)).is_file() else None) or 24.0
     video = OverlayVideo(staging / "overlay.mp4", fps, len(tracking.point_ids)) if overlay else None
     start = time.perf_counter()
@@ -136,7 +129,7 @@ def _write_into(staging: Path, source, masks, points, model, protocol: dict, dev
         rows = csv.writer(handle)
         rows.writerow(["id", "frame", "x", "y", "score"])
         for result in tracking:
-            name = names[result.index] if names else f"{result.index:05d}"
+            name = tracking.names[result.index] if tracking.names else f"{result.index:05d}"
             if result.ids is not None:
                 write_indexed_png(staging / "masks" / f"{name}.png", result.ids)
             for pid, (x, y), score in zip(tracking.point_ids, result.points, result.scores):
