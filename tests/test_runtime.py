@@ -76,6 +76,25 @@ def test_ctrl_c_during_the_moves_waits_for_them(tmp_path, monkeypatch):
     assert not (out / "seq").exists()
 
 
+def test_a_move_that_fails_while_publishing_puts_the_earlier_outputs_back(tmp_path, monkeypatch):
+    out = tmp_path / "ev"
+    before = _earlier(out)
+    real = os.replace
+
+    def replace_failing_on_b(src, dst):          # the second staged entry cannot be moved in
+        if os.path.basename(src) == "b.txt":
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    with pytest.raises(OSError, match="No space"):
+        with staged_output(out, force=True, outputs=["seq", "eval.json"]) as staging:
+            (staging / "a.txt").write_text("a")
+            (staging / "b.txt").write_text("b")
+            monkeypatch.setattr(os, "replace", replace_failing_on_b)
+    assert _tree(out) == before
+    assert sorted(os.listdir(tmp_path)) == ["ev"]  # no staging or trash folder left behind
+
+
 def test_a_non_empty_folder_is_refused_without_force_and_nothing_is_deleted(tmp_path):
     out = tmp_path / "ev"
     before = _earlier(out)

@@ -158,7 +158,9 @@ def staged_output(out, *, force: bool = False, outputs=(), what: str = "the earl
 
 
 def _publish(staging: Path, out: Path, outputs, last) -> None:
-    """Move the earlier outputs of ``out`` aside, the staged entries in, then drop the old ones."""
+    """Move the earlier outputs of ``out`` aside, the staged entries in, then drop the old
+    ones. When a move fails (a full disk, a name a file system refuses), the moves done so
+    far are undone: ``out`` holds its earlier outputs again and the error is raised."""
     import shutil
 
     if not out.exists():
@@ -167,14 +169,23 @@ def _publish(staging: Path, out: Path, outputs, last) -> None:
     staged = sorted(os.listdir(staging), key=lambda name: name in last)
     earlier = set(outputs(out) if callable(outputs) else outputs) | set(staged)
     trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    moved_aside, moved_in = [], []
     try:
         for name in earlier:
             if os.path.lexists(out / name):
                 os.replace(out / name, trash / name)
+                moved_aside.append(name)
         for name in staged:
             os.replace(staging / name, out / name)
-    finally:
-        shutil.rmtree(trash, ignore_errors=True)
+            moved_in.append(name)
+    except BaseException:
+        for name in reversed(moved_in):
+            os.replace(out / name, staging / name)
+        for name in reversed(moved_aside):
+            os.replace(trash / name, out / name)
+        os.rmdir(trash)
+        raise
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 @contextmanager
