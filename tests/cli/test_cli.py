@@ -103,6 +103,9 @@ def test_warnings_print_one_clean_line(tmp_path, capsys):
     assert lines == ["fmapicon: warning: sequence 'short' skipped: nothing to score (fewer than 3 annotated "
                      "frame(s): the first and the last are not scored)"]
     assert "1 sequence(s) skipped with nothing to score: short" in captured.out
+    assert "score:" in captured.err                                 # the progress bar ...
+    assert main(["score", "--davis", str(root), "--results", str(tmp_path / "pred"), "--no-progress"]) == 0
+    assert "score:" not in capsys.readouterr().err                  # ... and without it
 
 
 def test_skipped_file_message_is_one_line(tmp_path):

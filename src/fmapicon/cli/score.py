@@ -35,6 +35,8 @@ def register(subparsers) -> None:
     parser.add_argument("--exclude-void", action="store_true", default=False,
                         help="exclude void (255) pixels from J and F; the official toolkit, in effect, "
                         "counts them as background (default: as the toolkit)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=True,
+                        help="no progress bar (default: show one on stderr)")
     parser.set_defaults(run=run)
 
 
@@ -46,7 +48,7 @@ def run(args) -> int:
     from fmapicon.runtime import staged_output
 
     results = score_davis(args.davis, args.results, args.set_name, args.sequences,
-                          exclude_void=args.exclude_void)
+                          exclude_void=args.exclude_void, progress=args.progress)
     with staged_output(args.results, force=True) as staging:  # both CSVs replace the earlier pair together
         names = [path.name for path in write_results(results, staging, results["set"])]
     print(format_results(results))
