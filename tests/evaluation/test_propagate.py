@@ -269,7 +269,7 @@ def test_near_ties_at_the_floor_keep_the_dense_result():
 
 
 def test_first_frame_searches_agree_with_a_full_row_top_k():
-    from fmapicon.evaluation.local_affinity import first_frame_above, first_frame_topk
+    from fmapicon.evaluation.local_affinity import FrameSearch, first_frame_topk
 
     generator = torch.Generator().manual_seed(13)
     h, w, channels = 9, 16, 70
@@ -280,21 +280,42 @@ def test_first_frame_searches_agree_with_a_full_row_top_k():
     queries[10] = keys[:, 100]
     full = queries @ keys
     values, cells = full.topk(6, dim=-1)
-    got_values, got_cells = first_frame_topk(queries, keys, 6, segment=w)
+    rows = keys.t().contiguous()
+    got_values, got_cells = first_frame_topk(queries, rows, 6, segment=w)
     assert torch.equal(got_values, values)
     assert torch.equal(torch.gather(full, 1, got_cells), values)
     floor = values[:, 3] - 1e-4 * torch.rand(40, generator=generator)      # some rows: only 4 pass
     floor[20:] = values[20:, -1] - 0.05                                      # others: more than k
-    above, where = first_frame_above(queries, keys, floor, 6, segment=w)
     expected = values.masked_fill(values <= floor[:, None], -math.inf)
-    assert torch.allclose(above.sort(dim=-1).values, expected.sort(dim=-1).values, atol=1e-6)   # any order
-    found = torch.isfinite(above)
-    assert torch.allclose(torch.gather(full, 1, where)[found], above[found], atol=1e-6)
-    nothing, _ = first_frame_above(queries, keys, torch.full((40,), 2.0), 6, segment=w)   # none can pass
-    assert nothing.shape == (40, 6) and torch.isinf(nothing).all()
+    for coarse in ("low-rank", "bf16"):
+        search = FrameSearch(rows, h, coarse, rank=8)
+        assert sorted(search.order.tolist()) == list(range(h * w))          # a permutation of the cells
+        above, where = search.above(queries, floor, 6)
+        assert torch.allclose(above.sort(dim=-1).values, expected.sort(dim=-1).values, atol=1e-6)   # any order
+        found = torch.isfinite(above)
+        assert torch.allclose(torch.gather(full, 1, where)[found], above[found], atol=1e-6)
+        nothing, _ = search.above(queries, torch.full((40,), 2.0), 6)    # none can pass
+        assert nothing.shape == (40, 6) and torch.isinf(nothing).all()
 
 
-def test_the_bf16_search_of_frame_0_gives_the_dense_result(monkeypatch):
+def test_the_low_rank_bound_of_the_frame_search_holds_and_prunes():
+    from fmapicon.evaluation.local_affinity import FrameSearch
+
+    generator = torch.Generator().manual_seed(17)
+    # keys near a few directions, as features are: most of their energy in a low-rank part
+    centres = F.normalize(torch.randn(6, 70, generator=generator), dim=1)
+    keys = F.normalize(centres[torch.arange(120) % 6] + 0.03 * torch.randn(120, 70, generator=generator), dim=1)
+    queries = F.normalize(centres[torch.arange(30) % 6] + 0.03 * torch.randn(30, 70, generator=generator), dim=1)
+    search = FrameSearch(keys, 12, "low-rank", rank=8)
+    bound = search._low_rank(queries) @ search.low_keys                    # Nq x hw, in sorted order
+    exact = queries @ search.keys.t()
+    assert (bound >= exact - 1e-6).all()                                   # an upper bound everywhere
+    segment_bound = bound.view(30, 12, 10).amax(-1)
+    kth = exact.topk(5, dim=-1).values[:, -1]
+    assert (segment_bound < kth[:, None]).float().mean() > 0.5             # most segments need no product
+
+
+def test_both_coarse_searches_of_frame_0_give_the_dense_result(monkeypatch):
     import fmapicon.evaluation.propagate as propagate
 
     features, first = _random_sequence(frames=8, channels=80, h=9, w=12, seed=21)
@@ -302,7 +323,7 @@ def test_the_bf16_search_of_frame_0_gives_the_dense_result(monkeypatch):
     for fast in (False, True):
         monkeypatch.setattr(propagate, "bf16_is_faster", lambda device, fast=fast: fast)
         stream = LabelStream(features[0], first, params)
-        assert stream.low_precision == fast
+        assert stream.first_search.coarse == ("bf16" if fast else "low-rank")
         got = [first] + [labels for f in features[1:] for _, labels in stream.push(f)]
         got += [labels for _, labels in stream.close()]
         expected = dense_propagation(features, first, 3, 3, 5, 0.1)

@@ -275,8 +275,8 @@ def neighbour_floor(near: Tiles, queries: torch.Tensor, keys: list, topk: int) -
 @torch.no_grad()
 def first_frame_topk(queries: torch.Tensor, first_keys: torch.Tensor, topk: int, segment: int | None = None,
                      chunk: int = 128):
-    """Top-k affinities of queries ``Nq x C`` over all cells of one frame (``C x hw``):
-    ``(values, cells)`` each ``Nq x k`` (cells row-major).
+    """Top-k affinities of queries ``Nq x C`` over all cells of one frame (``hw x C``,
+    row-major): ``(values, cells)`` each ``Nq x k``.
 
     segment : when given (a divisor of hw, e.g. the grid's width), each row of affinities is
         cut into segments of that many cells and the top-k is taken among the k segments
@@ -285,12 +285,12 @@ def first_frame_topk(queries: torch.Tensor, first_keys: torch.Tensor, topk: int,
         aside, for a fraction of a full-row top-k's cost.
     chunk : query rows at a time (speed only: a block that stays in cache)
     """
-    cells = first_keys.shape[1]
+    cells = first_keys.shape[0]
     k = min(topk, cells)
     parts = segment is not None and cells % segment == 0 and 2 * k * segment <= cells
 
     def top(start):
-        scores = queries[start:start + chunk] @ first_keys
+        scores = queries[start:start + chunk] @ first_keys.t()
         if not parts:
             return scores.topk(k, dim=-1)
         scores = scores.view(scores.shape[0], -1, segment)
@@ -328,59 +328,106 @@ def _cpu_bf16_is_faster() -> bool:
     return seconds[1] < 0.5 * seconds[0]
 
 
-@torch.no_grad()
-def first_frame_above(queries: torch.Tensor, first_keys: torch.Tensor, floor: torch.Tensor, topk: int,
-                      segment: int, chunk: int = 256):
-    """The top-k affinities of each query ``Nq x C`` over all cells of one frame (``C x hw``)
-    among those above its ``floor`` (``Nq``, finite): ``(values, cells)`` each ``Nq x k``,
-    in no particular order, -inf where fewer than k pass (cells row-major). The same
-    entries as ``first_frame_topk`` above the floor, ties aside, for a fraction of its
-    float32 products:
+def cluster_order(keys: torch.Tensor, clusters: int, iterations: int = 8) -> torch.Tensor:
+    """A permutation of the rows of ``keys`` (``n x C``) that lists them cluster by cluster:
+    spherical k-means (cosine assignment, normalized means), started from ``clusters``
+    evenly spaced rows, so the same keys always give the same order. Returns ``n`` indices."""
+    centres = keys[torch.linspace(0, len(keys) - 1, clusters, device=keys.device).long()]
+    for _ in range(iterations):
+        assign = (keys @ centres.t()).argmax(dim=1)
+        centres = F.normalize(torch.zeros_like(centres).index_add_(0, assign, keys), dim=1)
+    return torch.argsort((keys @ centres.t()).argmax(dim=1), stable=True)
 
-    1. a bfloat16 product of all pairs, its maxima over segments of ``segment`` cells (a
-       divisor of hw: the grid's width);
-    2. the segments whose bf16 maximum exceeds the floor minus ``BF16_ERROR`` (the most a
-       bf16 affinity of unit features differs from the float32 one) are scored again in
-       float32, one product per segment for the queries that need it; the entries above
-       the floor are kept, the best k per query.
+
+class FrameSearch:
+    """The top-k affinities of query rows above their floors among all cells of one key
+    frame (CRW's frame 0, met by every later frame), exact, with float32 products for a
+    fraction of the pairs. The key frame is prepared once:
+
+    - its cells are ordered by ``cluster_order`` into ``segments`` clusters and cut into
+      ``segments`` equal segments (``segments`` divides hw: the grid's height), so that a
+      segment holds similar keys;
+    - a coarse product gives, for each query and segment, an upper bound of its best
+      affinity there. ``coarse="low-rank"``: with B the top ``rank`` right singular
+      vectors of the key frame's features (``C x rank``) and q', k' the parts of q and k
+      outside their span, q.k = (qB).(kB) + q'.k' <=
+      [qB, |q'|] . [kB, |k'|] (Cauchy-Schwarz), one product of ``rank + 1`` channels.
+      ``coarse="bf16"``: a bfloat16 product plus ``BF16_ERROR`` (unit features; for CPUs
+      with native bf16 products), whose k best segment maxima less ``BF16_ERROR`` also
+      raise the floor.
+
+    ``above(queries, floor, topk)`` then scores in float32 only the segments whose bound
+    exceeds the floor, for the queries that need them.
+
+    keys : ``hw x C`` unit features of the key frame (row-major cells)
     """
-    count, channels = queries.shape
-    cells = first_keys.shape[1]
-    k = min(topk, cells)
-    per_row = cells // segment
-    low_keys = first_keys.to(torch.bfloat16)
-    low_queries = queries.to(torch.bfloat16)
 
-    def maxima(start):
-        scores = (low_queries[start:start + chunk] @ low_keys).float()    # (a bf16 maximum is slow)
-        return scores.view(scores.shape[0], per_row, segment).amax(dim=-1)
+    def __init__(self, keys: torch.Tensor, segments: int, coarse: str = "low-rank", rank: int = 16,
+                 chunk: int = 256):
+        if coarse not in ("low-rank", "bf16"):
+            raise ValueError(f"coarse must be 'low-rank' or 'bf16', got {coarse!r}")
+        cells, channels = keys.shape
+        self.segments, self.segment, self.coarse, self.chunk = segments, cells // segments, coarse, chunk
+        self.order = cluster_order(keys, segments)                  # sorted position -> cell
+        self.keys = keys.index_select(0, self.order)
+        if coarse == "bf16":
+            self.low_keys, self.error = self.keys.t().to(torch.bfloat16), BF16_ERROR
+        else:
+            self.basis = torch.linalg.svd(self.keys, full_matrices=False).Vh[:min(rank, channels)].t()   # C x r
+            self.low_keys = self._low_rank(self.keys).t().contiguous()
+            self.error = 4 * rounding_margin(channels)                # the bound's own float32 rounding
 
-    best = torch.cat(parallel_map(maxima, range(0, count, chunk), queries.device))
-    if k <= per_row:        # k segment maxima are k entries: their k-th best bounds the k-th best
-        floor = torch.maximum(floor, best.topk(k, dim=-1).values[:, -1] - BF16_ERROR)
-    seg, query = (best.t() > (floor - BF16_ERROR)[None]).nonzero(as_tuple=True)   # sorted by segment
-    sizes = torch.bincount(seg, minlength=per_row).tolist()
-    blocks = first_keys.view(channels, per_row, segment)
+    def _low_rank(self, rows: torch.Tensor) -> torch.Tensor:
+        """``n x C`` -> ``n x (r + 1)``: ``[x B, |x - x B B^T|]``."""
+        inside = rows @ self.basis
+        return torch.cat([inside, (rows - inside @ self.basis.t()).norm(dim=1, keepdim=True)], dim=1)
 
-    def rescore(item):
-        s, rows = item
-        scores = queries.index_select(0, rows) @ blocks[:, s]
-        i, j = (scores > floor.index_select(0, rows)[:, None]).nonzero(as_tuple=True)
-        return rows.index_select(0, i), scores[i, j], j + s * segment
+    @torch.no_grad()
+    def above(self, queries: torch.Tensor, floor: torch.Tensor, topk: int):
+        """``(values, cells)``, each ``Nq x k``: the top-k affinities of each query (``Nq x C``)
+        among those above its ``floor`` (``Nq``, finite), in no particular order, -inf where
+        fewer than k pass; the same entries as ``first_frame_topk`` above the floor, ties
+        aside."""
+        count = queries.shape[0]
+        k = min(topk, len(self.keys))
+        low = queries.to(torch.bfloat16) if self.coarse == "bf16" else self._low_rank(queries)
 
-    work = [(s, rows) for s, rows in enumerate(query.split(sizes)) if len(rows)]
-    found = parallel_map(rescore, work, queries.device)
-    if found:
-        query, values, index = (torch.cat(x) for x in zip(*found))
-    else:
-        query = index = torch.zeros(0, dtype=torch.long, device=queries.device)
-        values = queries.new_zeros(0)
-    counts = torch.bincount(query, minlength=count)
+        def maxima(start):
+            scores = (low[start:start + self.chunk] @ self.low_keys).float()     # (a bf16 maximum is slow)
+            return scores.view(scores.shape[0], self.segments, self.segment).amax(dim=-1)
+
+        best = torch.cat(parallel_map(maxima, range(0, count, self.chunk), queries.device))
+        if self.coarse == "bf16" and k <= self.segments:   # k segment maxima are k entries: a lower bound
+            floor = torch.maximum(floor, best.topk(k, dim=-1).values[:, -1] - self.error)
+        seg, query = (best.t() > (floor - self.error)[None]).nonzero(as_tuple=True)   # sorted by segment
+        sizes = torch.bincount(seg, minlength=self.segments).tolist()
+        blocks = self.keys.view(self.segments, self.segment, -1)
+
+        def rescore(item):
+            s, rows = item
+            scores = queries.index_select(0, rows) @ blocks[s].t()
+            i, j = (scores > floor.index_select(0, rows)[:, None]).nonzero(as_tuple=True)
+            return rows.index_select(0, i), scores[i, j], self.order[j + s * self.segment]
+
+        work = [(s, rows) for s, rows in enumerate(query.split(sizes)) if len(rows)]
+        found = parallel_map(rescore, work, queries.device)
+        if found:
+            query, values, index = (torch.cat(x) for x in zip(*found))
+        else:
+            query = index = torch.zeros(0, dtype=torch.long, device=queries.device)
+            values = queries.new_zeros(0)
+        return _best_per_row(query, values, index, count, k)
+
+
+def _best_per_row(query, values, index, rows: int, k: int):
+    """Sparse ``(query, value, index)`` -> dense ``rows x k``: each row's best k entries (-inf
+    / 0 where it has fewer)."""
+    counts = torch.bincount(query, minlength=rows)
     few = counts.take(query) <= k
-    top_values, top_index = scatter_rows(query[few], values[few], index[few], count, k)
+    top_values, top_index = scatter_rows(query[few], values[few], index[few], rows, k)
     crowded = (counts > k).nonzero().squeeze(1)
-    if len(crowded):                              # more than k pass: their best k
-        slot = torch.zeros(count, dtype=torch.long, device=query.device)
+    if len(crowded):                              # more than k: their best k
+        slot = torch.zeros(rows, dtype=torch.long, device=query.device)
         slot[crowded] = torch.arange(len(crowded), device=query.device)
         many = ~few
         crowd_values, crowd_index = scatter_rows(slot[query[many]], values[many], index[many], len(crowded))

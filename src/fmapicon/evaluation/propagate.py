@@ -56,14 +56,14 @@ import torch
 import torch.nn.functional as F
 
 from fmapicon.errors import UserError
-from fmapicon.evaluation.local_affinity import (Tiles, bf16_is_faster, first_frame_above, first_frame_topk,
+from fmapicon.evaluation.local_affinity import (FrameSearch, Tiles, bf16_is_faster, first_frame_topk,
                                                neighbour_floor, rounding_margin, scatter_rows, window_candidates)
 
 PROTOCOLS = ("crw", "original", "copy")
 VOID = 255
 NEAR_RADIUS = 4.0        # the recent frames' keys that give each query a floor early
 NEAR_FRAMES = 8
-BF16_MIN_CHANNELS = 64   # frame 0 searched in bf16 first (``first_frame_above``) from this many channels
+SEARCH_MIN_CHANNELS = 64   # frame 0 searched by a coarse bound first (``FrameSearch``) from this many channels
 
 
 @dataclass
@@ -236,11 +236,13 @@ class LabelStream:
         self.near = Tiles(first_features.shape[-2:], min(NEAR_RADIUS, params.radius), params.tile,
                           first_features.device, first_features.dtype)
         self.margin = rounding_margin(channels, first_features.dtype)
-        # the bf16 search of frame 0 pays for its float32 rescoring from about 64 channels on
-        self.low_precision = (channels >= BF16_MIN_CHANNELS and first_features.dtype == torch.float32
-                              and bf16_is_faster(first_features.device))
+        self.first_keys = first_features.reshape(channels, -1).t().contiguous()     # hw x C
+        # the coarse search of frame 0 pays for its float32 rescoring from about 64 channels on
+        self.first_search = None
+        if channels >= SEARCH_MIN_CHANNELS and first_features.dtype == torch.float32 and not params.restrict_first:
+            coarse = "bf16" if bf16_is_faster(first_features.device) else "low-rank"
+            self.first_search = FrameSearch(self.first_keys, first_features.shape[-2], coarse)
         tiles = self.tiles
-        self.first_keys = first_features.reshape(channels, -1)
         self.first_padded = tiles.pad_keys(first_features[None])[0]
         self.store = first_features.new_zeros((self.n + 1) * tiles.plane, first_labels.shape[0])
         self._store(0, first_labels)
@@ -300,10 +302,10 @@ class LabelStream:
             values, index = scatter_rows(query, values, index, tiles.cells, k)
         else:
             flat = queries.reshape(-1, queries.shape[-1])
-            if self.low_precision and bool(torch.isfinite(floor).all()):
+            if self.first_search is not None and bool(torch.isfinite(floor).all()):
                 # the tiles' padding cells (no query) get no candidates
                 above = floor.masked_fill(~tiles.on_grid, math.inf)
-                values, cells = first_frame_above(flat, self.first_keys, above, k, tiles.w)
+                values, cells = self.first_search.above(flat, above, k)
             else:
                 values, cells = first_frame_topk(flat, self.first_keys, k, tiles.w)
             index = tiles.grid_index[cells]
