@@ -378,12 +378,16 @@ def test_bf16_autocast_trains_and_fp16_needs_cuda(tmp_path):
 def test_tiny_run_on_synthetic_scenes_learns(tmp_path, aug):
     """The final recipe on synthetic scenes: within 16 steps log_p
     rises well above its start, and true pairs score well above shuffled pairs (they did not
-    at the start)."""
+    at the start). Each step logs one batch of 4 pairs, and a hard batch drops log_p by 20-40
+    nats for a step, so the last steps are summed up by their median: a mean of six swings
+    with which CPU's float rounding the run takes."""
+    import statistics
+
     lines = metrics(train(tiny(steps=16, save_every=100, aug=aug), tmp_path / "run", progress=False))
     first = sum(line["log_p"] for line in lines[:2]) / 2
-    last = sum(line["log_p"] for line in lines[-6:]) / 6
+    last = statistics.median(line["log_p"] for line in lines[-6:])
     gap_first = lines[0]["log_p"] - lines[0]["log_p_shuffled"]
-    gap_last = sum(line["log_p"] - line["log_p_shuffled"] for line in lines[-6:]) / 6
+    gap_last = statistics.median(line["log_p"] - line["log_p_shuffled"] for line in lines[-6:])
     assert last > first + 4, (first, last)
     assert gap_last > 5 and gap_last > gap_first + 4, (gap_first, gap_last)
 
