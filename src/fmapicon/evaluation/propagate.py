@@ -237,9 +237,11 @@ class LabelStream:
                           first_features.device, first_features.dtype)
         self.margin = rounding_margin(channels, first_features.dtype)
         self.first_keys = first_features.reshape(channels, -1).t().contiguous()     # hw x C
-        # the coarse search of frame 0 pays for its float32 rescoring from about 64 channels on
+        # the coarse search of frame 0 pays for its float32 rescoring from about 64 channels on,
+        # on CPU (a GPU's full product is cheap next to the search's many small steps)
         self.first_search = None
-        if channels >= SEARCH_MIN_CHANNELS and first_features.dtype == torch.float32 and not params.restrict_first:
+        if (channels >= SEARCH_MIN_CHANNELS and first_features.dtype == torch.float32
+                and first_features.device.type == "cpu" and not params.restrict_first):
             coarse = "bf16" if bf16_is_faster(first_features.device) else "low-rank"
             self.first_search = FrameSearch(self.first_keys, first_features.shape[-2], coarse)
         tiles = self.tiles
