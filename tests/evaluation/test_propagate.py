@@ -213,6 +213,7 @@ def test_streaming_holds_a_bounded_number_of_frames_and_equals_the_dense_result(
     stream = LabelStream(features[0], first, params)
     got = [first] + [labels for f in features[1:] for _, labels in stream.push(f)]
     assert len(got) == 40 - params.context + 1 and stream.retained == params.context + 1
+    assert sorted(stream.near_windows) == [0, 37, 38, 39]     # the near floor's next key frames only
     got += [labels for _, labels in stream.close()]
     assert stream.peak_retained == params.context + 2     # frame 0, the next key, the context's queries
     expected = dense_propagation(features, first, 3, 2.5, 4, 0.1)
@@ -228,7 +229,7 @@ def test_neighbour_floor_is_the_k_th_best_among_the_near_cells_of_the_given_fram
     features, _ = _random_sequence(frames=3, h=11, w=14, seed=7)
     near = Tiles((11, 14), 2.5, 4, "cpu")
     queries = near.arrange(features[2:])[:, :, 0]
-    floor = neighbour_floor(near, queries, [near.pad_keys(features[i:i + 1])[0] for i in (0, 1)], 6)
+    floor = neighbour_floor(near, queries, [near.all_windows(near.pad_keys(features[i:i + 1])[0]) for i in (0, 1)], 6)
     cells = torch.cartesian_prod(torch.arange(11), torch.arange(14)).float()
     close = torch.cdist(cells, cells) < 2.5
     dense = torch.cat([(features[2].flatten(1).t() @ features[i].flatten(1)).masked_fill(~close, -math.inf)

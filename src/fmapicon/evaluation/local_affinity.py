@@ -129,6 +129,12 @@ class Tiles:
         strip = strip.unfold(2, self.side, self.tile)                              # C x rows x n x side
         return strip.permute(2, 0, 1, 3).reshape(cols.stop - cols.start, padded.shape[0], -1)
 
+    def all_windows(self, padded: torch.Tensor) -> list[torch.Tensor]:
+        """``windows`` of every tile row, all tile columns, of one padded key map: a list of
+        ``cols x C x R`` (a copy of about (side / tile)^2 times the map, to reuse for several
+        query frames)."""
+        return [self.windows(padded, row, slice(0, self.cols)) for row in range(self.rows)]
+
     def to_grid(self, values: torch.Tensor) -> torch.Tensor:
         """``Nq x K`` in tile order -> ``K x h x w``."""
         tile = self.tile
@@ -248,25 +254,25 @@ def rounding_margin(channels: int, dtype=torch.float32) -> float:
 
 
 @torch.no_grad()
-def neighbour_floor(near: Tiles, queries: torch.Tensor, keys: list, topk: int) -> torch.Tensor:
+def neighbour_floor(near: Tiles, queries: torch.Tensor, windows: list, topk: int) -> torch.Tensor:
     """The k-th best affinity of each query cell among the cells of a few key frames
     within ``near``'s (small) radius: a lower bound of its k-th best over any context that
     holds these frames within a larger radius. -inf where fewer than k such cells exist.
 
     near : ``Tiles`` of the same grid and tile, with the small radius
     queries : ``rows x cols x Q x C`` (one frame, ``Tiles.arrange``)
-    keys : key frames' ``C x padded`` (``near.pad_keys``, or crops of a wider padding)
+    windows : for each key frame, ``near.all_windows`` of its ``C x padded`` map
+        (``near.pad_keys``, or a crop of a wider padding)
 
-    Returns ``Nq`` (tile order). One product per key frame for all tiles, about ``(tile +
+    Returns ``Nq`` (tile order). One product per key frame and tile row, about ``(tile +
     2 m)^2`` keys per query: cheap next to the full radius.
     """
     rows, cols, cells, channels = queries.shape
-    if len(keys) * min(v.shape[-1] for v in near.valid) < topk:
+    if len(windows) * min(v.shape[-1] for v in near.valid) < topk:
         return queries.new_full((rows * cols * cells,), -math.inf)
 
     def kth(row):
-        scores = [torch.bmm(queries[row], near.windows(frame, row, slice(0, cols))).add_(near.bias[row])
-                  for frame in keys]
+        scores = [torch.bmm(queries[row], frame[row]).add_(near.bias[row]) for frame in windows]
         return torch.cat(scores, dim=-1).topk(topk, dim=-1).values[..., -1].reshape(-1)
 
     return torch.cat(parallel_map(kth, range(rows), queries.device))
@@ -360,10 +366,12 @@ class FrameSearch:
     exceeds the floor, for the queries that need them.
 
     keys : ``hw x C`` unit features of the key frame (row-major cells)
+    chunk : query rows per block of the coarse product (speed only: small blocks spread
+        evenly over the threads, and their scores stay in cache)
     """
 
     def __init__(self, keys: torch.Tensor, segments: int, coarse: str = "low-rank", rank: int = 16,
-                 chunk: int = 256):
+                 chunk: int = 64):
         if coarse not in ("low-rank", "bf16"):
             raise ValueError(f"coarse must be 'low-rank' or 'bf16', got {coarse!r}")
         cells, channels = keys.shape

@@ -252,6 +252,7 @@ class LabelStream:
         self.queries = first_features.new_zeros(tiles.rows, tiles.cols, capacity, tiles.tile**2, channels)
         self.base, self.count, self.met = 1, 1, -1
         self.keys = {0: self.first_padded}
+        self.near_windows = {0: self._near_windows(self.first_padded)}   # the near floor's key frames
         self.pending: dict[int, _Candidates] = {}
         self.peak_retained = self.retained
 
@@ -280,6 +281,7 @@ class LabelStream:
         self.queries[:, :, t - self.base] = query
         self.keys[t] = self.tiles.pad_keys(features[None])[0]
         self.pending[t] = self._seed(t, query)
+        self.near_windows[t] = self._near_windows(self.keys[t])
         self.count += 1
         self.peak_retained = max(self.peak_retained, self.retained)
         finished = []
@@ -315,14 +317,25 @@ class LabelStream:
         kth = values.amin(dim=-1) if full else values.new_full(values.shape[:1], -math.inf)
         return _Candidates(values, index, torch.maximum(kth, floor), [])
 
+    def _near_windows(self, padded: torch.Tensor) -> list[torch.Tensor]:
+        """The near floor's windows of one key frame (``padded``: ``C x`` the radius' padding),
+        gathered once for the ``NEAR_FRAMES`` query frames that meet it."""
+        m = self.tiles.m - self.near.m
+        return self.near.all_windows(padded[:, m: m + self.near.padded[0], m: m + self.near.padded[1]])
+
+    def _near_frames(self, t: int) -> list[int]:
+        return sorted({max(0, t - j) for j in range(1, min(NEAR_FRAMES, self.n) + 1)})
+
     def _near_floor(self, t: int, queries: torch.Tensor) -> torch.Tensor:
         """``neighbour_floor`` over the ``NEAR_FRAMES`` frames before t (held, in t's context
         within the radius: many close matches, so far above frame 0's k-th best), lowered by
-        the rounding margin: the full products find those keys again, never below it."""
-        m = self.tiles.m - self.near.m
-        frames = sorted({max(0, t - j) for j in range(1, min(NEAR_FRAMES, self.n) + 1)})
-        crops = [self.keys[s][:, m: m + self.near.padded[0], m: m + self.near.padded[1]] for s in frames]
-        return neighbour_floor(self.near, queries, crops, self.params.topk) - self.margin
+        the rounding margin: the full products find those keys again, never below it. The
+        windows of a frame no later query frame needs are dropped."""
+        frames = self._near_frames(t)
+        floor = neighbour_floor(self.near, queries, [self.near_windows[s] for s in frames], self.params.topk)
+        for s in set(self.near_windows) - {0, *self._near_frames(t + 1)}:
+            del self.near_windows[s]
+        return floor - self.margin
 
     def _advance(self) -> tuple[int, torch.Tensor]:
         """Meet key frame s = met + 1 with its query frames, finish frame s + 1."""
