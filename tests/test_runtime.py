@@ -57,6 +57,18 @@ def test_a_new_folder_appears_whole(tmp_path):
     assert _tree(tmp_path / "a" / "new") == {"x.txt": b"x"}
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_a_new_folder_gets_the_mode_the_umask_gives(tmp_path, mask):
+    before = os.umask(mask)
+    try:
+        with staged_output(tmp_path / "new"):
+            pass
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(before)
+    assert (tmp_path / "new").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 == 0o777 & ~mask
+
+
 def test_ctrl_c_during_the_moves_waits_for_them(tmp_path, monkeypatch):
     out = tmp_path / "ev"
     _earlier(out)

@@ -149,12 +149,20 @@ def staged_output(out, *, force: bool = False, outputs=(), what: str = "the earl
     out = check_output_folder(out, force, what)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    os.chmod(staging, 0o777 & ~_umask())      # mkdtemp's 0700 would make a new out readable by its owner only
     try:
         yield staging
         with _interrupts_deferred():
             _publish(staging, out, outputs, last)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _umask() -> int:
+    """The process's file mode creation mask (read by setting it, then put back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _publish(staging: Path, out: Path, outputs, last) -> None:

@@ -57,6 +57,17 @@ def test_rgb_in_palette_colours_gives_ids(tmp_path):
     assert read_annotation(tmp_path / "o.png").tolist() == [[1, 0, 0], [0, 0, 0]]
 
 
+def test_a_colour_jpeg_is_refused_and_a_grey_one_is_a_mask(tmp_path):
+    mask = np.zeros((32, 48), np.uint8)
+    mask[8:24, 10:30] = 255
+    Image.fromarray(mask).convert("RGB").save(tmp_path / "grey.jpg", quality=70)
+    assert np.array_equal(read_annotation(tmp_path / "grey.jpg"), (mask == 255).astype(np.uint8))
+    photo = np.random.default_rng(0).integers(0, 256, size=(32, 48, 3)).astype(np.uint8)
+    Image.fromarray(photo).save(tmp_path / "frame.jpg")
+    with pytest.raises(UserError, match=r"frame.jpg is a colour JPEG: .* save the mask as a PNG"):
+        read_annotation(tmp_path / "frame.jpg")
+
+
 def test_sixteen_bit_values_beyond_255_are_refused(tmp_path):
     Image.fromarray(np.array([[0, 300]], np.uint16)).save(tmp_path / "m.png")
     with pytest.raises(UserError, match="up to 300"):

@@ -133,9 +133,9 @@ def test_trained_checkpoint_loads_with_its_input_scale(tmp_path):
 
 
 def test_bad_specs_are_clear_errors():
-    with pytest.raises(UserError, match="unknown model 'nonsense'"):
+    with pytest.raises(UserError, match="unknown model 'nonsense': expected reference, pixels, random, xfeat"):
         load_model("nonsense")
-    with pytest.raises(UserError, match="propagation mode"):
+    with pytest.raises(UserError, match="baseline of fmapicon eval only; give a model with features"):
         load_model("copy")
 
 

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from fmapicon.errors import UserError
 from fmapicon.evaluation.keypoints import (BadjaSequence, pck_t, point_labels, read_badja, read_points,
                                            score_sequence, to_cells, to_pixels)
 
@@ -68,9 +69,13 @@ def test_badja_pixels_scores_the_shared_sequences(tmp_path, davis2016_root):
     if not (badja / "dog-agility.json").is_file():
         pytest.skip("BADJA annotations not in the shared data")
     (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "dog-agility.json").write_text((badja / "dog-agility.json").read_text())
+    for name in ("dog-agility", "not-in-davis"):           # the second is left out by the list of sequences
+        (tmp_path / "in" / f"{name}.json").write_text((badja / "dog-agility.json").read_text())
+    with pytest.raises(UserError, match="no BADJA annotation nosuch.json .* --sequences"):
+        evaluate_badja("pixels", tmp_path / "in", davis2016_root, tmp_path / "out", sequences=["nosuch"])
     record = evaluate_badja("pixels", tmp_path / "in", davis2016_root, tmp_path / "out", PropagationParams(),
-                            device="cpu", progress=False)
+                            device="cpu", progress=False, sequences=["dog-agility"])
+    assert list(record["sequences"]) == ["dog-agility"] and record["missing"] == []
     scored = record["sequences"]["dog-agility"]
     assert scored["joints"] > 10 and 0 < scored["pck_t"] <= 1 and record["pck_t_mean"] == scored["pck_t"]
     assert (tmp_path / "out" / "pck-per-sequence.csv").read_text().startswith("sequence,pck_t,joints")

@@ -25,7 +25,8 @@ def register(subparsers) -> None:
                         help="sequence list ImageSets/2017/NAME.txt or ImageSets/NAME.txt (default: val, or "
                         "the folder's only list)")
     parser.add_argument("--sequences", type=sequence_list, default=None, metavar="A,B,C",
-                        help="these sequences instead of the set's list (default: the whole set)")
+                        help="these sequences instead of the set's list (default: the whole set); with "
+                        "--badja, these BADJA sequences (default: every one in DIR)")
     parser.add_argument("--model", required=True, metavar="M",
                         help="reference (the model shipped in the package, offline), a run folder or "
                         "checkpoint file, or a baseline: copy (first mask repeated), pixels (Lab colour "
@@ -56,7 +57,7 @@ def _run_badja(args) -> int:
 
     check_output_folder(args.out, args.force, "the earlier BADJA scores")  # refused now, replaced when done
     record = evaluate_badja(args.model, args.badja, args.davis.split(","), args.out, protocol_params(args),
-                            device=args.device, progress=args.progress)
+                            device=args.device, progress=args.progress, sequences=args.sequences)
     mean = record["pck_t_mean"]
     print(f"PCK-T mean over {len(record['sequences'])} sequences: {'-' if mean is None else f'{mean:.3f}'}")
     print(f"wrote {display_path(args.out)}/pck.json")

@@ -101,8 +101,20 @@ def _load_mask(path: Path) -> tuple[str, np.ndarray]:
                                 "DAVIS palette, grayscale ids (L), 0/255 masks or RGB(A) colours; "
                                 "save it as an indexed PNG")
             array = np.array(image)
+            lossy = image.format == "JPEG"
     except OSError as error:
         raise UserError(f"cannot read annotation {path}: {error}") from error
+    if lossy:                  # JPEG: levels and colours change along every edge; only a 0/255 mask survives
+        if mode in ("RGB", "RGBA"):
+            spread = array[..., :3].max(axis=-1).astype(np.int16) - array[..., :3].min(axis=-1)
+            if spread.max() > COLOUR_TOLERANCE:
+                raise UserError(f"annotation {path} is a colour JPEG: its lossy compression adds colours along "
+                                "every edge, so objects cannot be told apart by colour; save the mask as a PNG "
+                                "(indexed, DAVIS palette)")
+            array = array[..., 0]
+        elif array.ndim == 3:
+            array = array[..., 0]
+        return "binary", array.astype(np.uint8)
     opaque = None
     if mode in ("PA", "LA", "RGBA"):
         opaque = array[..., -1] >= 128
@@ -188,7 +200,7 @@ def _colour_ids(codes: list[np.ndarray], paths) -> tuple:
         mapping = tuple((c, nearest[c]) for c in colours)
         snapped = [c for c in colours if c not in exact]
         if snapped:
-            warnings.warn(f"{Path(paths[0]).parent}: {len(snapped)} colour(s) not in the DAVIS palette "
+            warnings.warn(f"{_where(paths)}: {len(snapped)} colour(s) not in the DAVIS palette "
                           f"(e.g. #{snapped[0]:06x}) read as the nearest palette colour's id")
         return mapping
     # colours that are no palette colour: each distinct colour (up to small deviations) is an object
@@ -206,12 +218,17 @@ def _colour_ids(codes: list[np.ndarray], paths) -> tuple:
         if join[c] not in ids:
             ids[join[c]] = len(ids) + 1
     if len(ids) > VOID - 1:
-        raise UserError(f"annotations in {Path(paths[0]).parent} hold {len(ids)} distinct colours: at most 254 "
+        raise UserError(f"annotations in {_where(paths)} hold {len(ids)} distinct colours: at most 254 "
                         "objects fit; save them as indexed PNGs with the object ids")
-    warnings.warn(f"{Path(paths[0]).parent}: RGB annotations in colours outside the DAVIS palette; "
+    warnings.warn(f"{_where(paths)}: RGB annotations in colours outside the DAVIS palette; "
                   f"{len(ids)} object(s) by colour in order of appearance: "
                   + ", ".join(f"#{c:06x}->{i}" for c, i in ids.items()))
     return tuple((c, ids[join[c]]) for c in colours)
+
+
+def _where(paths) -> str:
+    """The file of a one-file read, else the folder of a sequence's annotations."""
+    return str(Path(paths[0]) if len(paths) == 1 else Path(paths[0]).parent)
 
 
 def annotation_style(paths) -> AnnotationStyle:
@@ -255,7 +272,8 @@ def read_annotation(path, style: AnnotationStyle | None = None) -> np.ndarray:
       ``style`` (``annotation_style``), or from this file when None; a 16-bit 0/65535 mask is
       0/255, a float mask in [0, 1] is thresholded at 0.5;
     - RGB(A): colours -> ids as ``AnnotationStyle.colours`` (see ``_colour_ids``);
-    - alpha (LA, PA, RGBA): transparent (alpha < 128) pixels are background.
+    - alpha (LA, PA, RGBA): transparent (alpha < 128) pixels are background;
+    - a JPEG (lossy) is a 0/255 mask, grey >= 128 = object 1; a colour JPEG is refused.
 
     Raises UserError naming the file and its mode for what cannot be read as a mask
     (CMYK, YCbCr, values beyond 255 that are not a two-level mask, ...).

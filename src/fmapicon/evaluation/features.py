@@ -227,12 +227,15 @@ def load_model(spec, device="cpu", **kwargs) -> FeatureModel:
     if spec == "xfeat":
         return xfeat_model(device)
     if spec == "copy":
-        raise UserError("'copy' repeats the first mask and has no features: use it as a propagation "
-                        "mode (fmapicon eval --model copy), not with load_model")
+        raise UserError("'copy' repeats the first mask and has no features to match or track with: it is a "
+                        "baseline of fmapicon eval only; give a model with features (" + _model_names() + ")")
     if spec in SHIPPED_MODELS or Path(spec).exists():
         return trained_model(spec, device)
-    raise UserError(f"unknown model {spec!r}: expected a run folder, a checkpoint file, or one of "
-                    f"copy, {', '.join(BASELINES)}")
+    raise UserError(f"unknown model {spec!r}: expected {_model_names()}, or copy with fmapicon eval")
+
+
+def _model_names() -> str:
+    return f"{', '.join([*SHIPPED_MODELS, *BASELINES])}, a run folder or a checkpoint file"
 
 
 # --------------------------------------------------------------------------- features at a scale

@@ -160,7 +160,8 @@ def _find_sequence(roots: list, name: str):
     return None
 
 
-def evaluate_badja(model, badja_dir, davis_roots, out_dir, params=None, device="auto", progress: bool = True) -> dict:
+def evaluate_badja(model, badja_dir, davis_roots, out_dir, params=None, device="auto", progress: bool = True,
+                   sequences=None) -> dict:
     """Keypoint propagation on BADJA, scored by PCK-T (see the module docstring).
 
     Parameters
@@ -173,8 +174,10 @@ def evaluate_badja(model, badja_dir, davis_roots, out_dir, params=None, device="
         joints scored, ...) and ``pck-per-sequence.csv`` are written, staged and published whole
         (``fmapicon.runtime.staged_output``, pck.json last)
     params : the ``PropagationParams`` (CRW)
+    sequences : names of the sequences to score (None: every ``<sequence>.json`` in ``badja_dir``)
 
-    Returns pck.json's record. Raises ``UserError`` when ``badja_dir`` holds no JSON file.
+    Returns pck.json's record. Raises ``UserError`` when ``badja_dir`` holds no JSON file, or
+    none for a sequence asked for.
     """
     import csv
     import dataclasses
@@ -191,6 +194,13 @@ def evaluate_badja(model, badja_dir, davis_roots, out_dir, params=None, device="
     files = sorted(Path(badja_dir).glob("*.json")) if Path(badja_dir).is_dir() else []
     if not files:
         raise UserError(f"no BADJA annotations (*.json) in {badja_dir}: give the folder of <sequence>.json files")
+    if sequences is not None:
+        held = {path.stem: path for path in files}
+        unknown = [name for name in sequences if name not in held]
+        if unknown:
+            raise UserError(f"no BADJA annotation {unknown[0]}.json in {badja_dir} (it holds: {', '.join(held)}): "
+                            "give sequences from that list with --sequences")
+        files = [held[name] for name in sequences]
     roots = [davis_roots] if isinstance(davis_roots, (str, Path)) else list(davis_roots)
     if not hasattr(model, "default_input_scale"):
         model = load_model(model, resolve_device(device), stride=params.stride)
