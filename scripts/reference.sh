@@ -7,7 +7,8 @@
 # sequences (e.g. ../shared/data/davis2016-dev ../shared/data/davis2016-train-extra).
 # The 10 validation sequences below are never trained on; the other 20 are training video
 # (unlabeled). Writes runs/reference (training), runs/reference-val (a DAVIS root of
-# symbolic links to the validation sequences) and runs/reference-eval-* (J&F).
+# symbolic links to the validation sequences) and runs/reference-eval-* (J&F; -fused: with
+# colour at W = 0.85, the shipped default).
 # Environment: STEPS (default 1000, the shipped model), DEVICE (default auto), EXTRA (more
 # training sources for --data, space-separated: e.g. the clips of scripts/extra_video.sh).
 set -euo pipefail
@@ -39,4 +40,6 @@ fmapicon train --data "${train[@]}" ${EXTRA:-} --out runs/reference --steps "${S
 for model in runs/reference pixels; do
   fmapicon eval --davis "$val" --model "$model" --out "runs/reference-eval-$(basename "$model")" --force
 done
+# the shipped weights record the colour fusion as their default; a new run folder does not
+fmapicon eval --davis "$val" --model runs/reference --pixels-weight 0.85 --out runs/reference-eval-fused --force
 fmapicon eval --davis "$val" --model random:resnet-s4 --input-scale 0.504 --out runs/reference-eval-random --force

@@ -114,7 +114,8 @@ def check_output_folder(out, force: bool, what: str = "the earlier outputs") -> 
     entries = sorted(listed_names(out)) if out.is_dir() else []
     if entries and not force:
         shown = ", ".join(display_path(name) for name in entries[:6])
-        raise UserError(f"{display_path(out)} already holds {len(entries)} entries ({shown}); two runs' "
+        count = f"{len(entries)} {'entry' if len(entries) == 1 else 'entries'}"
+        raise UserError(f"{display_path(out)} already holds {count} ({shown}); two runs' "
                         f"results are never mixed: pass --force to replace {what} once the new ones are "
                         "complete (other files are kept), or choose a new folder with --out")
     return out

@@ -219,6 +219,9 @@ def test_track_writes_masks_points_a_playable_overlay_and_its_record(synth_root,
         decoded = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
     assert len(decoded) == 12 and decoded[0].shape == (96, 96, 3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "points.csv"]      # no staging left
+    from fmapicon.data.sources import stated_frames, video_rate
+
+    assert stated_frames(video) == 12 and video_rate(video) == 24.0
 
 
 def test_track_of_a_frame_folder_names_the_masks_after_the_frame_files(synth_root, tmp_path):

@@ -335,6 +335,13 @@ def test_match_cli_errors_are_clear(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit):
         _run_cli(["match", str(image), str(image), "--stride", "0"])
+    out = tmp_path / "done"
+    argv = ["match", str(image), str(image), "--model", "pixels", "--out", str(out), "--device", "cpu"]
+    assert _run_cli(argv) == 0
+    before = (out / "flow_ab.flo").stat().st_mtime_ns
+    assert _run_cli(argv) == 2 and "already holds 4 entries" in capsys.readouterr().err
+    assert (out / "flow_ab.flo").stat().st_mtime_ns == before            # refused before anything is written
+    assert _run_cli([*argv, "--force"]) == 0
 
 
 def test_bench_match_on_synthetic_pairs(tmp_path, capsys):

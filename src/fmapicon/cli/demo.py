@@ -30,7 +30,7 @@ def register(subparsers) -> None:
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="optimizer steps of training, whichever of --steps and --minutes ends first; on "
                         "synthetic scenes held-out J&F peaks after a few hundred steps while EPE keeps "
-                        "improving (default: 300, about 5 minutes on 2 cores; 30 with --quick)")
+                        "improving (default: 300, about 3.5 minutes on 2 idle cores; 30 with --quick)")
     parser.add_argument("--davis", metavar="ROOT", type=existing_folder, default=None,
                         help="also evaluate J&F on this DAVIS folder (JPEGImages/480p, Annotations/480p, "
                         "ImageSets); every model at its own input scale, as fmapicon eval (default: none)")

@@ -35,6 +35,9 @@ def register(subparsers) -> None:
                         "baseline: pixels (Lab colour patches), random (untrained U-Net; random:NET another "
                         "backbone), xfeat (needs the xfeat extra) (default: %(default)s)")
     parser.add_argument("--out", default="match", help="output folder (default: %(default)s)")
+    parser.add_argument("--force", action="store_true", default=False,
+                        help="replace the earlier match in --out (once the new one is complete; other files "
+                        "are kept); without it a folder that holds files is refused")
     parser.add_argument("--gt-flow", default=None, metavar="F.flo",
                         help="ground-truth flow A->B (.flo, A's size): adds epe_mean, epe_median, outliers_3px")
     parser.add_argument("--soft", action="store_true", default=False,
@@ -69,8 +72,9 @@ def run(args) -> int:
     from fmapicon.data.images import read_image, to_tensor
     from fmapicon.evaluation.correspond import load_feature_model, match_images
     from fmapicon.data.flow import write_flo
-    from fmapicon.runtime import resolve_device, staged_output, write_json
+    from fmapicon.runtime import check_output_folder, resolve_device, staged_output, write_json
 
+    check_output_folder(args.out, args.force, "the earlier match")      # refused now, replaced when done
     device = resolve_device(args.device)
     image_a, image_b = (to_tensor(read_image(path), device)[None] for path in (args.image_a, args.image_b))
     gt_flow = _read_gt(args.gt_flow, tuple(image_a.shape[-2:])) if args.gt_flow else None
@@ -86,7 +90,7 @@ def run(args) -> int:
     metrics = _metrics(args, model, match, flow_ab, gt_flow, seconds)
     from fmapicon.experiments.figures import match_picture, save_png
 
-    with staged_output(out, force=True, outputs=OUTPUTS, what="the earlier match") as staging:
+    with staged_output(out, force=args.force, outputs=OUTPUTS, what="the earlier match") as staging:
         write_flo(staging / "flow_ab.flo", flow_ab)
         write_flo(staging / "flow_ba.flo", match.flow_ba[0].permute(1, 2, 0).cpu().numpy())
         write_json(staging / "metrics.json", metrics)

@@ -485,12 +485,21 @@ def video_frames(path):
 def video_rate(path) -> float | None:
     """The video's average frame rate (frames per second), or None when it states none or
     cannot be opened (``video_frames`` then says why)."""
+    return _stream_value(path, lambda stream: float(stream.average_rate) if stream.average_rate else None)
+
+
+def stated_frames(path) -> int | None:
+    """The frame count the video's container states (a progress hint: frames that do not
+    decode are in it), or None when it states none or cannot be opened."""
+    return _stream_value(path, lambda stream: int(stream.frames) if stream.frames and stream.frames > 0 else None)
+
+
+def _stream_value(path, read):
     try:
         with _open_video(path) as container:
-            rate = container.streams.video[0].average_rate if container.streams.video else None
+            return read(container.streams.video[0]) if container.streams.video else None
     except Exception:  # noqa: BLE001 - PyAV raises many types for broken files
         return None
-    return float(rate) if rate else None
 
 
 def frame_files(folder) -> list[Path]:

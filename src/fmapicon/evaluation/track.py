@@ -11,7 +11,9 @@ Contract:
   first mask this gives exactly ``fmapicon eval``'s masks.
 - The first mask frame's mask is the truth there (void 255 read as background). A later
   mask (``masks={n: ...}``: objects entering at frame n, as in DAVIS-2017) sets its
-  non-zero ids at frame n; its zero pixels keep the propagated ids.
+  non-zero ids at frame n; its zero pixels keep the propagated ids. The frames before n
+  keep voting for what they were labelled: an object they show as background is outvoted
+  after frame n, so each object is annotated on the first frame that shows it.
 - A point tracks from its own frame on; before it, its position and score are NaN.
 """
 

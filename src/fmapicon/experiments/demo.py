@@ -208,6 +208,10 @@ def _run_stages(config: DemoConfig, setup, work: Path, out: Path, device, davis_
     training = train_config(config, setup)
     run = train(training, work / "run", progress=config.progress)
     stage("train_s")
+    done = _trained_steps(run)
+    if done is not None and setup.steps and done < setup.steps:
+        say(f"      the {setup.minutes:g}-minute cap stopped training after {done} of {setup.steps} steps (a slow "
+            "or busy machine): the scores below are of that network")
     say("[3/5] label propagation (J&F) on the held-out scenes: " + ", ".join(MODELS))
     synth = propagation_scores(run, work / "heldout", "val", work / "eval" / "synth",
                                propagation_params(setup.eval_stride), device, config.progress)
@@ -236,6 +240,14 @@ def _run_stages(config: DemoConfig, setup, work: Path, out: Path, device, davis_
     write_json(work / "demo.json", {"status": "done", "config": dataclasses.asdict(config),
                                      "recipe": dataclasses.asdict(setup), "timings": timings})
     return results
+
+
+def _trained_steps(run) -> int | None:
+    """The last step that a run's metrics record (None when none is)."""
+    from fmapicon.experiments.figures import read_metrics
+
+    steps = [r["step"] for r in read_metrics(run) if r.get("step") is not None]
+    return int(steps[-1]) if steps else None
 
 
 def assemble_results(config, setup, run, synth, davis, flow_synth, flow_chairs, timings) -> dict:

@@ -115,17 +115,19 @@ def _write_into(staging: Path, source, masks, points, model, protocol: dict, dev
     from tqdm import tqdm
 
     from fmapicon.data.davis import write_indexed_png
-    from fmapicon.data.sources import video_rate
+    from fmapicon.data.sources import stated_frames, video_rate
     from fmapicon.evaluation.track import track
     from fmapicon.runtime import write_json
 
     tracking = track(source, masks=masks, points=points, model=model, device=device, **protocol)
     protocol = dataclasses.asdict(tracking.params)  # the values used (the model's defaults in place)
-    fps = (video_rate(source) if Path(str(source)).is_file() else None) or 24.0
+    is_video = Path(str(source)).is_file()
+    fps = (video_rate(source) if is_video else None) or 24.0
     video = OverlayVideo(staging / "overlay.mp4", fps, len(tracking.point_ids)) if overlay else None
     start = time.perf_counter()
-    bar = tqdm(total=tracking.count, desc="track", unit="frame", leave=False, disable=not progress)
-    with open(staging / "points.csv", "w", newline="") as handle:
+    total = tracking.count or (stated_frames(source) if is_video else None)
+    with tqdm(total=total, desc="track", unit="frame", leave=False, disable=not progress) as bar, \
+            open(staging / "points.csv", "w", newline="") as handle:
         rows = csv.writer(handle)
         rows.writerow(["id", "frame", "x", "y", "score"])
         for result in tracking:
@@ -138,7 +140,6 @@ def _write_into(staging: Path, source, masks, points, model, protocol: dict, dev
             if video is not None:
                 video.add(result.frame, result.ids, result.points)
             bar.update(1)
-    bar.close()
     if video is not None:
         video.close()
     if not tracking.point_ids:
