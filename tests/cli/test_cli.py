@@ -3,6 +3,7 @@
 import argparse
 
 import pytest
+import torch
 
 from fmapicon.cli import _types, main
 
@@ -206,10 +207,15 @@ def test_track_writes_masks_points_a_playable_overlay_and_its_record(synth_root,
     points = tmp_path / "points.csv"
     points.write_text("frame,x,y,id\n0,40,50,nose\n2,20.5,60,tail\n")
     out = tmp_path / "out"
-    assert main(["track", str(video), "--mask", str(mask), "--points", str(points), "--out", str(out),
-                 "--model", "pixels", "--stride", "4", "--no-progress"]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert main(["track", str(video), "--mask", str(mask), "--points", str(points), "--out", str(out),
+                     "--model", "pixels", "--stride", "4", "--no-progress", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     record = json.loads((out / "track.json").read_text())
     assert record["frames"] == 12 and record["protocol"]["stride"] == 4 and record["points"] == 2
+    assert record["threads"] == 1 and record["protocol"]["input_scale"] == record["input_scale"] == 1.0
     assert len(list((out / "masks").glob("*.png"))) == 12
     rows = (out / "points.csv").read_text().splitlines()
     assert rows[0] == "id,frame,x,y,score" and len(rows) == 1 + 12 + 10

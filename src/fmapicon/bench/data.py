@@ -2,7 +2,7 @@
 
 Synthetic scenes are written to a temporary folder first (``fmapicon synth``), so the
 videos (Videos/*.mp4, H.264) and the frame folders (JPEGImages, JPEG) hold the same
-frames; real DAVIS frames are added when ``--davis ROOT`` is given or the shared data is
+frames; real DAVIS frames are added when ``--davis ROOT`` is given or the data folder is
 present. Each source is read through a torch DataLoader with 0 and with N workers; the
 time counts from creating the iterator (worker start-up included) to the last batch.
 """
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scene-size", type=positive_int, default=256,
                         help="synthetic frame side in pixels (default 256)")
     parser.add_argument("--davis", metavar="ROOT", default=None,
-                        help="a DAVIS root to include (default: the shared davis2016-dev when present; "
+                        help="a DAVIS root to include (default: $FMAPICON_DATA/davis2016-dev when present; "
                         "'' leaves it out)")
     parser.add_argument("--no-synth", dest="synth", action="store_false",
                         help="leave out the on-the-fly 'synth' source")

@@ -35,7 +35,7 @@ def add_arguments(parser) -> None:
 
     parser.add_argument("--pairs", default=None, metavar="DIR",
                         help="folder of NNNNNNN-img0.ppm, -img1.ppm, -gt.flo triples "
-                        "(default: the shared flyingchairs folder when present)")
+                        "(default: $FMAPICON_DATA/flyingchairs when present)")
     parser.add_argument("--synth", action="store_true", default=False,
                         help="consecutive frames of synthetic scenes with exact flow "
                         "(with --pairs: both; without: synthetic only)")

@@ -40,6 +40,17 @@ def add_run_arguments(parser) -> None:
                         help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=True,
                         help="no progress bars (default: show them on stderr)")
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                        help="CPU threads for features and affinities (default: torch's choice, one per "
+                        "core); fewer leaves cores to other work on a shared machine")
+
+
+def apply_threads(args) -> None:
+    """``torch.set_num_threads(args.threads)`` when ``--threads`` was given."""
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
 
 def protocol_params(args, protocol: str = "crw"):

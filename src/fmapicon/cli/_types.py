@@ -89,3 +89,8 @@ def training_source(text: str) -> str:
     if text != "synth" and not text.startswith("synth:") and not os.path.exists(text):
         raise argparse.ArgumentTypeError(f"{text!r} does not exist (give video files, frame folders or 'synth')")
     return text
+
+
+def plain_text(doc: str | None) -> str | None:
+    """A module docstring as a help text: reStructuredText's ``literal`` marks dropped."""
+    return doc.replace("``", "") if doc else doc

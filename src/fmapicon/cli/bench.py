@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from fmapicon.cli._types import plain_text
+
 
 def register(subparsers) -> None:
     import fmapicon.bench as bench_package
@@ -19,7 +21,7 @@ def register(subparsers) -> None:
     benches = parser.add_subparsers(dest="bench", metavar="NAME")
     for name in names:
         module = importlib.import_module(f"fmapicon.bench.{name}")
-        sub = benches.add_parser(name, help=module.HELP, description=module.__doc__)
+        sub = benches.add_parser(name, help=module.HELP, description=plain_text(module.__doc__))
         sub.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
         module.add_arguments(sub)
         sub.set_defaults(run=module.main)

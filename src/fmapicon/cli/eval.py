@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fmapicon.cli._protocol import add_protocol_arguments, add_run_arguments, protocol_params
+from fmapicon.cli._protocol import (add_protocol_arguments, add_run_arguments, apply_threads,
+                                    protocol_params)
 from fmapicon.cli.score import sequence_list
 
 
@@ -65,6 +66,7 @@ def _run_badja(args) -> int:
 
 
 def run(args) -> int:
+    apply_threads(args)
     if args.badja:
         return _run_badja(args)
     from fmapicon.evaluation.davis_eval import evaluate_davis

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-from fmapicon.cli._types import device_name, non_negative_int, positive_float, positive_int
+from fmapicon.cli._types import device_name, non_negative_int, plain_text, positive_float, positive_int
 
 #: what match writes under --out (replaced whole when a new match is complete)
 OUTPUTS = ("flow_ab.flo", "flow_ba.flo", "metrics.json", "match.png")
@@ -25,7 +25,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "match",
         help="register two images: flows A->B and B->A, inverse-consistency error, EPE",
-        description=__doc__,
+        description=plain_text(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("image_a", metavar="A", help="the first image (PNG, JPEG or PPM)")

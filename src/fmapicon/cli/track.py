@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from fmapicon.cli._protocol import add_protocol_arguments, add_run_arguments, protocol_params
+from fmapicon.cli._protocol import (add_protocol_arguments, add_run_arguments, apply_threads,
+                                    protocol_params)
 from fmapicon.cli._types import non_negative_int
 
 
@@ -53,6 +54,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    apply_threads(args)
     from fmapicon.errors import UserError
     from fmapicon.experiments.track_video import OUTPUTS, write_track
     from fmapicon.runtime import check_output_folder

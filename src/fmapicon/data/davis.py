@@ -92,7 +92,7 @@ def _load_mask(path: Path) -> tuple[str, np.ndarray]:
     0..255 levels), ``"binary"`` (``H x W`` 0/255, known to be a two-level mask) or
     ``"rgb"`` (``H x W`` packed 0xRRGGBB). Transparent pixels (alpha < 128) are background."""
     if not path.is_file():
-        raise FileNotFoundError(f"no annotation at {path}")
+        raise FileNotFoundError(f"no annotation file at {path}: give the path of an existing mask (PNG)")
     try:
         with Image.open(path) as image:
             mode = image.mode

@@ -5,7 +5,9 @@ the end (a failed or interrupted run leaves ``out`` as it was)::
     masks/<frame>.png    indexed ids, DAVIS palette (<frame>: the frame file's stem, or 00000...)
     points.csv           id,frame,x,y,score: one row per point and frame from its own frame on
     overlay.mp4          masks blended and outlined, points with short trails (H.264, yuv420p)
-    track.json           source, model, protocol, frames, timings (written last)
+    track.json           source, model, protocol (the values used), threads, frames, timings,
+                         peak_retained_frames (images and feature maps held at once, each
+                         counted: about twice the context), written last
 
 The overlay is encoded through PyAV (the optional ``av`` extra).
 """
@@ -16,6 +18,7 @@ from collections import deque
 from pathlib import Path
 
 import numpy as np
+import torch
 
 OUTPUTS = ("masks", "points.csv", "overlay.mp4", "track.json")
 TRAIL = 8          # frames of a point's trail
@@ -121,6 +124,7 @@ def _write_into(staging: Path, source, masks, points, model, protocol: dict, dev
 
     tracking = track(source, masks=masks, points=points, model=model, device=device, **protocol)
     protocol = dataclasses.asdict(tracking.params)  # the values used (the model's defaults in place)
+    protocol["input_scale"] = protocol["input_scale"] or tracking.model.default_input_scale
     is_video = Path(str(source)).is_file()
     fps = (video_rate(source) if is_video else None) or 24.0
     video = OverlayVideo(staging / "overlay.mp4", fps, len(tracking.point_ids)) if overlay else None
@@ -146,7 +150,7 @@ def _write_into(staging: Path, source, masks, points, model, protocol: dict, dev
         (staging / "points.csv").unlink()
     stats = tracking.stats
     record = {"source": str(source), "model": getattr(tracking.model, "name", str(model)), "protocol": protocol,
-              "input_scale": protocol["input_scale"] or tracking.model.default_input_scale,
+              "input_scale": protocol["input_scale"], "threads": torch.get_num_threads(),
               "masks": {str(f): name for f, (_, name) in tracking.masks.items()},
               "points": len(tracking.point_ids), "frames": stats["frames"],
               "timings": {"features_s": stats["features_s"], "propagation_s": stats["propagation_s"],
