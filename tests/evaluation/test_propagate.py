@@ -19,16 +19,19 @@ from fmapicon.evaluation.propagate import (LabelStream, PropagationParams, _key_
                                            labels_to_ids, propagate_labels, propagate_sequence, soft_labels)
 
 
-def dense_propagation(features, first_labels, context, radius, topk, temperature, restrict_first=False):
+def dense_propagation(features, first_labels, context, radius, topk, temperature, restrict_first=False,
+                      restarts=()):
     """The reference: for each frame the full affinity to every context key (first frame +
-    the previous frames, padded with first-frame copies), radius-masked, top-k, softmax."""
+    the previous frames, padded with first-frame copies, or after a restart frame r with
+    copies of r), radius-masked, top-k, softmax."""
     frames, channels, h, w = features.shape
     cells = torch.cartesian_prod(torch.arange(h), torch.arange(w)).float()
     near = torch.cdist(cells, cells) < radius                     # query x key
     labels = [first_labels]
     for t in range(1, frames):
         query = features[t].reshape(channels, -1).t()
-        slots = [max(0, t - context + j) for j in range(context)]
+        start = max([0] + [r for r in restarts if r < t])
+        slots = [max(start, t - context + j) for j in range(context)]
         blocks, keys = [], []
         if not restrict_first:
             blocks.append(query @ features[0].reshape(channels, -1))
@@ -55,6 +58,25 @@ def test_context_is_the_previous_frames_padded_with_the_first():
     assert context_slots(5, 3) == [2, 3, 4]
     assert _key_users(0, 3) == [(1, 3), (2, 2), (3, 1)]
     assert _key_users(2, 3) == [(3, 1), (4, 1), (5, 1)]
+
+
+def test_a_restart_frame_takes_the_place_of_the_frames_before_it():
+    assert context_slots(5, 3, restarts=[4]) == [4, 4, 4] and context_slots(6, 3, restarts=[4]) == [4, 4, 5]
+    assert context_slots(8, 3, restarts=[4]) == [5, 6, 7] == context_slots(8, 3)
+    assert _key_users(3, 3, restarts=[4]) == [(4, 1)]             # frames after 4 no longer see 3
+    assert _key_users(4, 3, restarts=[4]) == [(5, 3), (6, 2), (7, 1)]
+
+
+def test_streaming_with_restarts_equals_the_dense_result():
+    features, first = _random_sequence(frames=16, h=9, w=11, seed=3)
+    params = PropagationParams(context=4, radius=3, topk=5, temperature=0.1, tile=3)
+    stream = LabelStream(features[0], first, params, restarts=[6, 7, 12])
+    got = [first] + [labels for f in features[1:] for _, labels in stream.push(f)]
+    got += [labels for _, labels in stream.close()]
+    expected = dense_propagation(features, first, 4, 3, 5, 0.1, restarts=[6, 7, 12])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, expected, strict=True))
+    plain = dense_propagation(features, first, 4, 3, 5, 0.1)
+    assert not torch.allclose(got[-1], plain[-1], atol=1e-3)      # the restarts changed the result
 
 
 def test_radius_covering_the_frame_equals_the_unrestricted_computation():

@@ -112,3 +112,13 @@ def test_bad_inputs_are_user_errors(tmp_path):
         list(track(frames, points=[(0, 60.0, 3.0)], model="pixels"))
     with pytest.raises(ValueError, match="masks or points"):
         track(frames, model="pixels")
+
+
+def test_an_object_that_earlier_frames_show_as_background_is_followed_from_its_mask_on(synth_root):
+    _, images, truths = _first_sequence(synth_root)
+    truth = [read_annotation(p) for p in truths]
+    first, later = np.where(truth[0] == 1, 1, 0), np.where(truth[4] == 2, 2, 0)   # object 2 visible from frame 0
+    results = list(track(images, masks={0: first, 4: later}, model="pixels", stride=STRIDE))
+    for result, expected in zip(results[5:], truth[5:]):
+        overlap = ((result.ids == 2) & (expected == 2)).sum() / ((result.ids == 2) | (expected == 2)).sum()
+        assert overlap > 0.6, (result.index, overlap)

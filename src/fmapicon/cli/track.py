@@ -33,9 +33,8 @@ def register(subparsers) -> None:
     parser.add_argument("source", metavar="SOURCE", help="a video file (.mp4, .mov, ...) or a folder of frames")
     parser.add_argument("--mask", dest="masks", action="append", type=_mask_spec, default=[], metavar="FILE[@N]",
                         help="object ids of frame N (default 0, or --mask-frame): an indexed, 0/255 or "
-                        "DAVIS-coloured PNG; repeat with @N for objects that enter later (annotate each object "
-                        "on the first frame that shows it: earlier frames that show it as background outvote "
-                        "a later mask)")
+                        "DAVIS-coloured PNG; repeat with @N for objects that enter or are added at frame N (it "
+                        "restarts the short-term context, so the frames before it cannot outvote its objects)")
     parser.add_argument("--mask-frame", type=non_negative_int, default=0, metavar="N",
                         help="the frame a --mask without @N annotates (default: 0)")
     parser.add_argument("--points", default=None, metavar="FILE.csv",

@@ -183,15 +183,18 @@ def labels_to_ids(labels: torch.Tensor, size) -> np.ndarray:
     return full.permute(1, 2, 0).contiguous().argmax(dim=-1).to(torch.uint8).cpu().numpy()
 
 
-def context_slots(t: int, context: int) -> list[int]:
-    """The short-term context frames of frame t: t-n .. t-1, below 0 repeating frame 0."""
-    return [max(0, t - context + j) for j in range(context)]
+def context_slots(t: int, context: int, restarts=()) -> list[int]:
+    """The short-term context frames of frame t: t-n .. t-1, below 0 repeating frame 0, or,
+    after a restart frame r < t (the latest), below r repeating r."""
+    start = max([0, *(r for r in restarts if r < t)])
+    return [max(start, t - context + j) for j in range(context)]
 
 
-def _key_users(s: int, context: int) -> list[tuple[int, int]]:
+def _key_users(s: int, context: int, restarts=()) -> list[tuple[int, int]]:
     """``(t, copies)`` for every query frame t whose short-term context holds key frame s,
-    ``copies`` times (frame 0 fills the early contexts several times)."""
-    return [(t, context_slots(t, context).count(s)) for t in range(s + 1, s + context + 1)]
+    ``copies`` times (frame 0, or a restart frame, fills the early contexts several times)."""
+    users = [(t, context_slots(t, context, restarts).count(s)) for t in range(s + 1, s + context + 1)]
+    return [(t, copies) for t, copies in users if copies]
 
 
 # --------------------------------------------------------------------------- streaming CRW
@@ -219,6 +222,10 @@ class LabelStream:
     amend : optional ``amend(t, labels) -> labels``, called on each propagated frame's
         ``K x h x w`` labels before they enter the context of later frames (to add
         objects or points that start at frame t)
+    restarts : frames r >= 1 that start the short-term context afresh, as frame 0 does: the
+        frames after r see r in place of the frames before it (``context_slots``), so that
+        what ``amend`` adds at r (an object the earlier frames called background) is not
+        outvoted by them; frame 0 stays the long-term memory
 
     ``push(features)`` adds the next frame's ``C x h x w`` features and returns the
     ``(t, labels)`` of the frames finished by it (``K x h x w``, in order); ``close()``
@@ -227,9 +234,12 @@ class LabelStream:
     """
 
     def __init__(self, first_features: torch.Tensor, first_labels: torch.Tensor, params: PropagationParams,
-                 amend: Callable | None = None):
+                 amend: Callable | None = None, restarts=()):
         self.params = params.checked()
         self.n, self.amend = int(params.context), amend
+        self.restarts = sorted({int(r) for r in restarts} - {0})
+        if self.restarts and self.restarts[0] < 0:
+            raise ValueError(f"restart frames must be >= 1, got {self.restarts[0]}")
         channels = first_features.shape[0]
         self.tiles = Tiles(first_features.shape[-2:], params.radius, params.tile, first_features.device,
                            first_features.dtype)
@@ -324,7 +334,8 @@ class LabelStream:
         return self.near.all_windows(padded[:, m: m + self.near.padded[0], m: m + self.near.padded[1]])
 
     def _near_frames(self, t: int) -> list[int]:
-        return sorted({max(0, t - j) for j in range(1, min(NEAR_FRAMES, self.n) + 1)})
+        """The last ``NEAR_FRAMES`` frames of t's short-term context (all held)."""
+        return sorted(set(context_slots(t, self.n, self.restarts)[-min(NEAR_FRAMES, self.n):]))
 
     def _near_floor(self, t: int, queries: torch.Tensor) -> torch.Tensor:
         """``neighbour_floor`` over the ``NEAR_FRAMES`` frames before t (held, in t's context
@@ -340,7 +351,7 @@ class LabelStream:
     def _advance(self) -> tuple[int, torch.Tensor]:
         """Meet key frame s = met + 1 with its query frames, finish frame s + 1."""
         s = self.met + 1
-        users = [(t, copies) for t, copies in _key_users(s, self.n) if t < self.count]
+        users = [(t, copies) for t, copies in _key_users(s, self.n, self.restarts) if t < self.count]
         first, last = users[0][0], users[-1][0]
         floor = torch.stack([self.pending[t].floor for t, _ in users])
         queries = self.queries[:, :, first - self.base: last + 1 - self.base]
@@ -376,7 +387,7 @@ class LabelStream:
 
 
 def propagate_labels(features, first_labels: torch.Tensor, params: PropagationParams, on_frame=None,
-                     amend=None) -> Iterator[torch.Tensor]:
+                     amend=None, restarts=()) -> Iterator[torch.Tensor]:
     """CRW label propagation on feature maps; yields the soft labels of every frame in order.
 
     Parameters
@@ -386,13 +397,13 @@ def propagate_labels(features, first_labels: torch.Tensor, params: PropagationPa
     first_labels : ``(K+1) x h x w`` soft labels of frame 0
     params : the protocol (context, radius, topk, temperature, restrict_first, tile)
     on_frame : called after each propagated frame
-    amend : see ``LabelStream``
+    amend, restarts : see ``LabelStream``
 
     Yields ``(K+1) x h x w`` soft labels of frames 0, 1, ... (frame 0's are ``first_labels``).
     The result equals the dense computation (top-k of the masked full affinities), ties aside.
     """
     frames = iter(features)
-    stream = LabelStream(next(frames), first_labels, params, amend)
+    stream = LabelStream(next(frames), first_labels, params, amend, restarts)
     yield first_labels
     for finished in (*(stream.push(f) for f in frames), stream.close()):
         for _, labels in finished:
@@ -402,7 +413,7 @@ def propagate_labels(features, first_labels: torch.Tensor, params: PropagationPa
 
 
 def propagate_frames(model, frames: Iterable[np.ndarray], annotate: Callable, params: PropagationParams,
-                     timings: dict | None = None) -> Iterator[tuple[int, np.ndarray, torch.Tensor]]:
+                     timings: dict | None = None, restarts=()) -> Iterator[tuple[int, np.ndarray, torch.Tensor]]:
     """Streaming CRW propagation over video frames; yields ``(t, frame, labels)`` in order.
 
     Parameters
@@ -414,6 +425,8 @@ def propagate_frames(model, frames: Iterable[np.ndarray], annotate: Callable, pa
         keep for frame t (``labels`` itself, or amended)
     timings : a dict where ``features_s`` and ``propagation_s`` (seconds) accumulate, and
         ``peak_retained`` (frames whose features or images were held at once) is kept
+    restarts : frames that start the short-term context afresh (``LabelStream``), e.g. those
+        where ``annotate`` adds objects
 
     Frames and features are held only while a later frame's context needs them: about
     ``context + batch_size`` frames at any time, whatever the video's length.
@@ -443,7 +456,8 @@ def propagate_frames(model, frames: Iterable[np.ndarray], annotate: Callable, pa
                 start = time.perf_counter()
                 if stream is None:
                     first = annotate(0, None, feature.shape[-2:])
-                    stream = LabelStream(feature, first, params, lambda t, labels: annotate(t, labels, None))
+                    stream = LabelStream(feature, first, params, lambda t, labels: annotate(t, labels, None),
+                                         restarts)
                     finished = [(0, first)]
                 else:
                     finished = stream.push(feature)

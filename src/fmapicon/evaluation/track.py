@@ -11,9 +11,11 @@ Contract:
   first mask this gives exactly ``fmapicon eval``'s masks.
 - The first mask frame's mask is the truth there (void 255 read as background). A later
   mask (``masks={n: ...}``: objects entering at frame n, as in DAVIS-2017) sets its
-  non-zero ids at frame n; its zero pixels keep the propagated ids. The frames before n
-  keep voting for what they were labelled: an object they show as background is outvoted
-  after frame n, so each object is annotated on the first frame that shows it.
+  non-zero ids at frame n; its zero pixels keep the propagated ids. Frame n then starts
+  the short-term context afresh, as the first frame does (``LabelStream``'s restarts: the
+  frames after n see copies of n in place of the frames before it), so that an object the
+  earlier frames showed as background is followed from n on; the first frame stays the
+  long-term memory.
 - A point tracks from its own frame on; before it, its position and score are NaN.
 """
 
@@ -188,8 +190,9 @@ class Tracking:
             self._check_first(np.asarray(first))
         size = self.size = np.asarray(first).shape[:2]
         with torch.no_grad():
+            restarts = [f - self.start for f in self.masks if f != self.first_mask]   # later masks
             stream = propagate_frames(self.model, itertools.chain([first], frames), self._annotate, self.params,
-                                      self.stats)
+                                      self.stats, restarts)
             for t, frame, labels in stream:
                 yield self._result(self.start + t, frame, labels, size)
                 self.stats["frames"] = self.start + t + 1
