@@ -270,7 +270,8 @@ def track(frames, masks=None, points=None, model="reference", device="auto", **p
     frames : a video file, a folder of frames, or an iterable of ``H x W x 3`` uint8 arrays
     masks : the annotated frame's object ids: an ``H x W`` array or a mask file (indexed,
         0/255 or DAVIS-coloured PNG, read as ``eval`` reads annotations) for frame 0, or a
-        dict ``{frame: array or file}`` (later frames: objects entering there)
+        dict ``{frame: array or file}`` (later frames: objects entering or added there; each
+        restarts the short-term context, see the module docstring)
     points : query points: a CSV file (``read_point_file``), ``N x 3`` rows ``(frame, x, y)``
         in pixels, or ``Points``
     model : ``reference`` (shipped), a run folder or checkpoint, ``pixels``, ``random``, or a
