@@ -105,14 +105,12 @@ def _load_mask(path: Path) -> tuple[str, np.ndarray]:
     except OSError as error:
         raise UserError(f"cannot read annotation {path}: {error}") from error
     if lossy:                  # JPEG: levels and colours change along every edge; only a 0/255 mask survives
-        if mode in ("RGB", "RGBA"):
-            spread = array[..., :3].max(axis=-1).astype(np.int16) - array[..., :3].min(axis=-1)
+        if mode == "RGB":
+            spread = array.max(axis=-1).astype(np.int16) - array.min(axis=-1)
             if spread.max() > COLOUR_TOLERANCE:
                 raise UserError(f"annotation {path} is a colour JPEG: its lossy compression adds colours along "
                                 "every edge, so objects cannot be told apart by colour; save the mask as a PNG "
                                 "(indexed, DAVIS palette)")
-            array = array[..., 0]
-        elif array.ndim == 3:
             array = array[..., 0]
         return "binary", array.astype(np.uint8)
     opaque = None
