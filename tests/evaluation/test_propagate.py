@@ -309,6 +309,7 @@ def test_first_frame_searches_agree_with_a_full_row_top_k():
     assert torch.equal(torch.gather(full, 1, got_cells), values)
     floor = values[:, 3] - 1e-4 * torch.rand(40, generator=generator)      # some rows: only 4 pass
     floor[20:] = values[20:, -1] - 0.05                                      # others: more than k
+    floor[36:] = -0.5                                # not positive: bf16 scores compared as floats
     expected = values.masked_fill(values <= floor[:, None], -math.inf)
     for coarse in ("low-rank", "bf16"):
         search = FrameSearch(rows, h, coarse, rank=8)
@@ -351,6 +352,97 @@ def test_both_coarse_searches_of_frame_0_give_the_dense_result(monkeypatch):
         got += [labels for _, labels in stream.close()]
         expected = dense_propagation(features, first, 3, 3, 5, 0.1)
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, expected, strict=True))
+
+
+def _moving_scene(frames=10, channels=80, h=12, w=15, seed=0):
+    """Unit features of a smooth random field seen through a window that moves one cell a
+    frame (plus a little noise): each query's best keys are few and clear, as in video."""
+    generator = torch.Generator().manual_seed(seed)
+    field = F.avg_pool2d(torch.randn(1, channels, h + frames + 4, w + frames + 4, generator=generator), 3, 1, 1)
+    maps = [field[0, :, t: t + h, t // 2: t // 2 + w] for t in range(frames)]
+    noise = 0.02 * torch.randn(frames, channels, h, w, generator=generator)
+    return F.normalize(torch.stack(maps) + noise, dim=1)
+
+
+def _count_sampled(monkeypatch) -> list:
+    """Record the number of entries each ``sampled_product`` call scores."""
+    import fmapicon.evaluation.local_affinity as local_affinity
+
+    counts, sampled = [], local_affinity.sampled_product
+    monkeypatch.setattr(local_affinity, "sampled_product",
+                        lambda rows, columns, line, col: counts.append(len(line)) or sampled(rows, columns, line, col))
+    return counts
+
+
+def test_sampled_product_gives_the_entries_of_the_full_product():
+    from fmapicon.evaluation.local_affinity import sampled_product
+
+    generator = torch.Generator().manual_seed(2)
+    rows, columns = torch.randn(30, 12, generator=generator), torch.randn(40, 12, generator=generator).t()
+    line = torch.sort(torch.randint(0, 30, (200,), generator=generator)).values
+    col = torch.randint(0, 40, (200,), generator=generator)
+    order = torch.argsort(line * 40 + col)
+    line, col = line[order], col[order]
+    assert torch.allclose(sampled_product(rows, columns, line, col), (rows @ columns)[line, col], atol=1e-5)
+    assert sampled_product(rows, columns.contiguous(), line[:0], col[:0]).shape == (0,)
+
+
+def test_bf16_bits_below_keep_every_larger_bf16_number_above_them():
+    from fmapicon.evaluation.local_affinity import _bf16_bits_below
+
+    generator = torch.Generator().manual_seed(4)
+    floors = torch.rand(2000, generator=generator) + 1e-3
+    bits = _bf16_bits_below(floors)
+    assert (bits.view(torch.bfloat16).float() <= floors).all()          # at or below
+    numbers = torch.randn(2000, 50, generator=generator).to(torch.bfloat16)
+    above = numbers.float() > floors[:, None]
+    assert torch.equal(above & (numbers.view(torch.int16) > bits[:, None]), above)     # none lost
+    assert ((numbers.view(torch.int16) > bits[:, None]) & ~above).sum() <= 0.01 * above.sum()   # few more
+
+
+def test_coarse_bf16_windows_give_the_float32_candidates(monkeypatch):
+    import fmapicon.evaluation.local_affinity as local_affinity
+    from fmapicon.evaluation.local_affinity import BF16_ERROR, Tiles, window_candidates
+
+    features = _moving_scene(frames=5)
+    tiles = Tiles((12, 15), 4, 4, "cpu")
+    queries, keys = tiles.arrange(features[1:]), tiles.pad_keys(features[:1])[0]
+    coarse = (queries.to(torch.bfloat16), keys.to(torch.bfloat16))
+    exact = window_candidates(tiles, queries, keys, 5, None)              # every query's top 5
+    top = local_affinity.scatter_rows(exact[0] * tiles.cells + exact[1], exact[2], exact[3], 4 * tiles.cells, 5)[0]
+    third = top.sort(dim=-1, descending=True).values[:, 2]
+    counts = _count_sampled(monkeypatch)
+    for name, floor in (("3rd best", third.clamp(min=0.05) - 1e-4), ("low, positive", torch.full_like(third, 0.02)),
+                        ("negative", third.clamp(max=-0.5))):
+        floor = torch.where(torch.isfinite(floor), floor, torch.tensor(2.0)).view(4, -1)   # padding cells: none
+        counts.clear()
+        expected = window_candidates(tiles, queries, keys, 5, floor)
+        got = window_candidates(tiles, queries, keys, 5, floor, coarse)
+        pairs = lambda found: {(u, q, k): v for u, q, v, k in zip(*(x.tolist() for x in found))}
+        assert pairs(got).keys() == pairs(expected).keys(), name
+        assert all(abs(pairs(got)[x] - v) < 1e-6 for x, v in pairs(expected).items()), name
+        if name == "3rd best":                                  # found by bf16, scored again in float32
+            assert sum(counts) >= len(expected[0]) and sum(counts) < 0.1 * tiles.cells * 4 * tiles.side**2
+        else:                     # most pass, or the floor is not positive: float32 products only
+            assert counts == [], name
+    assert BF16_ERROR < 0.02
+
+
+def test_the_coarse_windows_of_a_stream_give_the_dense_result(monkeypatch):
+    import fmapicon.evaluation.propagate as propagate
+
+    features = _moving_scene(frames=12)
+    first = torch.softmax(3 * torch.randn(3, 12, 15, generator=torch.Generator().manual_seed(1)), dim=0)
+    params = PropagationParams(context=4, radius=4, topk=5, temperature=0.1, tile=4)
+    monkeypatch.setattr(propagate, "bf16_is_faster", lambda device: True)
+    counts = _count_sampled(monkeypatch)
+    stream = LabelStream(features[0], first, params)
+    assert stream.coarse is not None and stream.first_search.coarse == "bf16"
+    got = [first] + [labels for f in features[1:] for _, labels in stream.push(f)]
+    got += [labels for _, labels in stream.close()]
+    assert sum(counts) > 0 and stream.coarse[1].keys() == stream.keys.keys()     # bf16 copies dropped with them
+    expected = dense_propagation(features, first, 4, 4, 5, 0.1)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, expected, strict=True))
 
 
 def test_parallel_map_keeps_order_and_runs_blocks_on_several_threads():

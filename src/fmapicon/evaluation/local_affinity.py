@@ -14,7 +14,10 @@ enter its top-k. ``window_candidates`` then returns only the entries above the f
 as sparse triples, and runs a full top-k only on the rows where more than k pass. The
 tighter the floor, the fewer entries pass: ``neighbour_floor`` gives one from a few key
 frames' nearby cells before any full product, lowered by ``rounding_margin`` so that the
-same entries, found again by another kernel, never fall below it.
+same entries, found again by another kernel, never fall below it. Where bf16 products are
+native (``bf16_is_faster``), the entries above a floor are found by a bf16 product first
+(``window_candidates``' and ``FrameSearch``'s ``coarse``: within ``BF16_ERROR`` of float32)
+and only those are scored in float32, by a sampled product (``sampled_product``).
 
 Threads: on CPU the blocks (tile rows, query chunks) are spread over
 ``torch.get_num_threads()`` Python threads (``parallel_map``; torch releases the GIL in its
@@ -28,6 +31,7 @@ import functools
 import math
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -150,7 +154,7 @@ class Tiles:
 
 @torch.no_grad()
 def window_candidates(tiles: Tiles, queries: torch.Tensor, keys: torch.Tensor, topk: int, floor=None,
-                      block_bytes: int = 16 << 20):
+                      coarse=None, block_bytes: int = 16 << 20):
     """Candidates of U query frames among one key frame's cells within the radius.
 
     queries : ``rows x cols x U x Q x C`` (``Tiles.arrange``, frames consecutive)
@@ -158,6 +162,11 @@ def window_candidates(tiles: Tiles, queries: torch.Tensor, keys: torch.Tensor, t
     floor : None, or ``U x Nq`` (tile order), a lower bound of each query's final k-th
         best affinity; then only the entries above it are returned, a full top-k
         (of the radius-restricted row) running where more than k pass
+    coarse : None, or ``(queries, keys)`` as above in bfloat16 (unit features; for CPUs with
+        native bf16 products). With a finite floor the entries are then found by the bf16
+        product: those above ``floor - BF16_ERROR`` are scored again in float32
+        (``torch.sparse.sampled_addmm``), the same entries as without it, ties aside. A
+        block where more than ``COARSE_SHARE`` of the scores pass is scored in float32 whole.
     block_bytes : the size of one block of scores (speed only)
 
     Returns ``(user, query, value, key)`` 1-D tensors: query frame (0..U-1), query cell
@@ -169,30 +178,132 @@ def window_candidates(tiles: Tiles, queries: torch.Tensor, keys: torch.Tensor, t
     prune = floor is not None and bool(torch.isfinite(floor).all())
     if prune:
         floor = floor.view(count, rows, cols, cells)
+    coarse = coarse if prune else None
+
+    def exact(row, span, scores):
+        k = min(topk, scores.shape[-1])
+        if prune:
+            return _above_floor(scores, tiles, row, span, floor[:, row, span].transpose(0, 1), k)
+        scores.add_(tiles.bias[row][span][:, None])
+        values, r = scores.topk(k, dim=-1)
+        c, u, q_cell, _ = torch.meshgrid(*(torch.arange(n, device=values.device) for n in values.shape),
+                                         indexing="ij")
+        keep = torch.isfinite(values).view(-1).nonzero().squeeze(1)
+        return [x.reshape(-1).index_select(0, keep) for x in (c, u, q_cell, r, values)]
+
+    def product(source, key_map, row, span):
+        q = source[row, span].reshape(span.stop - span.start, count * cells, channels)
+        return torch.bmm(q, tiles.windows(key_map, row, span)).view(span.stop - span.start, count, cells, -1)
 
     def block(where):
         row, start = where
         span = slice(start, min(cols, start + step))
-        size = tiles.valid[row].shape[-1]
-        k = min(topk, size)
-        q = queries[row, span].reshape(span.stop - span.start, count * cells, channels)
-        scores = torch.bmm(q, tiles.windows(keys, row, span)).view(-1, count, cells, size)
-        if prune:
-            found = _above_floor(scores, tiles, row, span, floor[:, row, span].transpose(0, 1), k)
-        else:
-            scores.add_(tiles.bias[row][span][:, None])
-            values, r = scores.topk(k, dim=-1)
-            c, u, q_cell, _ = torch.meshgrid(*(torch.arange(n, device=values.device) for n in values.shape),
-                                             indexing="ij")
-            keep = torch.isfinite(values).view(-1).nonzero().squeeze(1)
-            found = [x.reshape(-1).index_select(0, keep) for x in (c, u, q_cell, r, values)]
-        c, u, q_cell, r, values = found
+        found = None
+        lowered = floor[:, row, span].transpose(0, 1) - BF16_ERROR if coarse is not None else None
+        if lowered is not None and bool((lowered > 0).all()):
+            scores = product(*coarse, row, span).view(torch.int16)
+            found = _valid_above(scores, tiles, row, span, _bf16_bits_below(lowered))[1:]
+            if len(found[0]) > COARSE_SHARE * scores.numel():
+                found = None
+        if found is None:
+            c, u, q_cell, r, values = exact(row, span, product(queries, keys, row, span))
+        else:                                       # values: by _rescore
+            line, r, c, q_cell = found
+            u, values = (line // cells) % count, None
         query = ((row * cols) + start + c) * cells + q_cell
         return u, query, values, tiles.key_index(row, start + c, r)
 
     blocks = [(row, start) for row in range(rows) for start in range(0, cols, step)]
     parts = parallel_map(block, blocks, queries.device)
-    return tuple(torch.cat([p[i] for p in parts]) for i in range(4))
+    scored = [p for p in parts if p[2] is not None]
+    if len(scored) < len(parts):
+        rescored = _rescore(queries, keys, floor, topk, [p for p in parts if p[2] is None], cols, cells)
+        scored.append(rescored)
+    return tuple(torch.cat([p[i] for p in scored]) for i in range(4))
+
+
+def _bf16_bits_below(values: torch.Tensor) -> torch.Tensor:
+    """The bit patterns (as int16) of the largest bfloat16 numbers at or below ``values``
+    (positive float32). Positive bf16 numbers read as int16 keep their order, negative
+    ones read as negative int16: every bf16 x above ``values`` has bits above these, so an
+    integer comparison (a fast one) keeps them all, and at most the numbers in between."""
+    rounded = values.to(torch.bfloat16)
+    bits = rounded.view(torch.int16).clone()
+    bits -= (rounded.float() > values).to(torch.int16)
+    return bits
+
+
+# a coarse block whose passing share of scores exceeds this is scored in float32 whole: one
+# entry's sparse product costs about as much as 8 dense ones
+COARSE_SHARE = 1 / 16
+
+
+def _rescore(queries, keys, floor, topk: int, parts: list, cols: int, cells: int):
+    """Float32 affinities of the coarse candidates ``parts`` (``(user, query, None, key)``
+    each), by a sampled product over the rows of ``queries`` and the columns of ``keys``
+    (no gathered copies); those above the floor, at most the best ``topk`` per query."""
+    _consume_csr_warning()
+    user, query, _, key = (torch.cat([p[i] for p in parts]) if i != 2 else None for i in range(4))
+    channels = queries.shape[-1]
+    if queries.stride(-1) != 1 or any(s % channels for s in queries.stride()[:-1]):
+        queries = queries.contiguous()
+    stride = [s // channels for s in queries.stride()[:-1]]           # row steps of tile row, col, U, Q
+    matrix = queries.as_strided((1 + sum((n - 1) * s for n, s in zip(queries.shape[:-1], stride)), channels),
+                                (channels, 1))
+    tile = query // cells
+    line = (tile // cols) * stride[0] + (tile % cols) * stride[1] + user * stride[2] + (query % cells) * stride[3]
+    order = torch.argsort(line * keys[0].numel() + key)
+    user, query, line, key = user[order], query[order], line[order], key[order]
+    keys = keys.reshape(channels, -1).t().contiguous().t()          # (see sampled_product)
+    pieces = torch.arange(len(line), device=line.device).tensor_split(max(1, torch.get_num_threads()))
+    values = torch.cat(parallel_map(lambda piece: sampled_product(matrix, keys, line[piece], key[piece]), pieces,
+                                    queries.device))
+    keep = (values > floor.reshape(floor.shape[0], -1)[user, query]).nonzero().squeeze(1)
+    user, query, values, key = (x.index_select(0, keep) for x in (user, query, values, key))
+    keep = _best_entries(user * floor[0].numel() + query, values, floor.numel(), topk)
+    return tuple(x.index_select(0, keep) for x in (user, query, values, key))
+
+
+def sampled_product(rows: torch.Tensor, columns: torch.Tensor, line: torch.Tensor, col: torch.Tensor):
+    """The entries ``(line[i], col[i])`` of ``rows @ columns`` (``n x C`` and ``C x m``) and
+    no others: ``torch.sparse.sampled_addmm`` over a CSR pattern (no gathered copies of
+    the vectors). ``line`` sorted, ``col`` sorted within a line. Returns ``len(line)``.
+    ``columns`` is best the transpose of a contiguous ``m x C`` (else it is copied so)."""
+    _consume_csr_warning()
+    starts = torch.zeros(len(rows) + 1, dtype=torch.long, device=line.device)
+    starts[1:] = torch.cumsum(torch.bincount(line, minlength=len(rows)), 0)
+    pattern = torch.sparse_csr_tensor(starts, col, rows.new_zeros(len(line)), size=(len(rows), columns.shape[1]),
+                                      check_invariants=False)
+    return torch.sparse.sampled_addmm(pattern, rows, columns, beta=0.0).values()
+
+
+@functools.cache
+def _consume_csr_warning() -> None:
+    """torch warns once per process that CSR tensors are in beta, at the first one made:
+    make that one here, with the warning silenced (the pattern is internal)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        torch.sparse_csr_tensor(torch.tensor([0, 0]), torch.zeros(0, dtype=torch.long), torch.zeros(0), size=(1, 1),
+                                check_invariants=True)
+
+
+def _best_entries(line, values, lines: int, k: int) -> torch.Tensor:
+    """Positions of the entries of ``values`` to keep: all of a line's (``line``, of
+    ``lines``) when it has at most k, else its k best."""
+    counts = torch.bincount(line, minlength=lines)
+    every = torch.arange(len(line), device=line.device)
+    if not len(line) or int(counts.max()) <= k:
+        return every
+    crowded = counts.take(line) > k
+    many = crowded.nonzero().squeeze(1)
+    slot = torch.zeros(lines, dtype=torch.long, device=line.device)
+    heavy = (counts > k).nonzero().squeeze(1)
+    slot[heavy] = torch.arange(len(heavy), device=line.device)
+    dense, position = scatter_rows(slot.take(line.index_select(0, many)), values.index_select(0, many),
+                                   many, len(heavy))
+    best, pick = dense.topk(k, dim=-1)
+    chosen = position.gather(1, pick)[torch.isfinite(best)]
+    return torch.cat([(~crowded).nonzero().squeeze(1), chosen])
 
 
 def _above_floor(scores, tiles: Tiles, row: int, span: slice, floor, k: int):
@@ -202,14 +313,7 @@ def _above_floor(scores, tiles: Tiles, row: int, span: slice, floor, k: int):
     ``index_select`` on flat positions: boolean masks cost several times more.)"""
     n, count, cells, size = scores.shape
     flat = scores.view(-1)
-    length = _segment_length(size)
-    above = _entries_above(scores.view(-1, length), floor.reshape(-1), size // length)
-    line = above // size                                  # row of scores: (c U + u) Q + q
-    r = above - line * size
-    c, q_cell = line // (count * cells), line % cells
-    valid = tiles.valid[row].view(-1).take(((span.start + c) * cells + q_cell) * size + r)
-    keep = valid.nonzero().squeeze(1)
-    above, line, r, c, q_cell = (x.index_select(0, keep) for x in (above, line, r, c, q_cell))
+    above, line, r, c, q_cell = _valid_above(scores, tiles, row, span, floor)
     counts = torch.bincount(line, minlength=n * count * cells)
     if not counts.numel() or int(counts.max()) <= k:
         return [c, (line // cells) % count, q_cell, r, flat.take(above)]
@@ -226,6 +330,21 @@ def _above_floor(scores, tiles: Tiles, row: int, span: slice, floor, k: int):
     return [torch.cat([a, b.reshape(-1)]) for a, b in zip(found, more)]
 
 
+def _valid_above(scores, tiles: Tiles, row: int, span: slice, floor):
+    """``(flat position, line, window cell, col, query cell)`` of the entries of ``scores``
+    (``n x U x Q x R``) above ``floor`` (``n x U x Q``) that lie within the radius and on
+    the frame; ``line`` is the row of scores, ``(c U + u) Q + q``."""
+    n, count, cells, size = scores.shape
+    length = _segment_length(size)
+    above = _entries_above(scores.view(-1, length), floor.reshape(-1), size // length)
+    line = above // size
+    r = above - line * size
+    c, q_cell = line // (count * cells), line % cells
+    valid = tiles.valid[row].view(-1).take(((span.start + c) * cells + q_cell) * size + r)
+    keep = valid.nonzero().squeeze(1)
+    return tuple(x.index_select(0, keep) for x in (above, line, r, c, q_cell))
+
+
 def _segment_length(size: int) -> int:
     """The segment of a row of ``size`` scores whose maxima ``_entries_above`` takes: the
     smallest divisor of ``size`` of at least 100 (a maximum over fewer contiguous floats
@@ -233,13 +352,15 @@ def _segment_length(size: int) -> int:
     return next((d for d in range(100, size // 2 + 1) if size % d == 0), size)
 
 
-def _entries_above(segments: torch.Tensor, floor: torch.Tensor, per_row: int) -> torch.Tensor:
+def _entries_above(segments: torch.Tensor, floor: torch.Tensor, per_row: int, maxima=None) -> torch.Tensor:
     """Flat positions (sorted) of the entries of ``segments`` (``rows * per_row x L``, each
     row of scores cut into ``per_row`` segments) above their row's ``floor`` (``rows``).
     Only the segments whose maximum passes are searched entry by entry: a row-wide
-    comparison and ``nonzero`` cost several times more than one maximum per segment."""
+    comparison and ``nonzero`` cost several times more than one maximum per segment.
+    ``maxima``: the segments' maxima when already taken (``rows x per_row``)."""
     length = segments.shape[1]
-    hits = (segments.amax(dim=-1).view(-1, per_row) > floor[:, None]).view(-1).nonzero().squeeze(1)
+    maxima = segments.amax(dim=-1) if maxima is None else maxima
+    hits = (maxima.view(-1, per_row) > floor[:, None]).view(-1).nonzero().squeeze(1)
     passed = segments.index_select(0, hits) > floor.index_select(0, hits // per_row)[:, None]
     where = passed.view(-1).nonzero().squeeze(1)
     return hits.index_select(0, where // length) * length + where % length
@@ -363,19 +484,22 @@ class FrameSearch:
       raise the floor.
 
     ``above(queries, floor, topk)`` then scores in float32 only the segments whose bound
-    exceeds the floor, for the queries that need them.
+    exceeds the floor, for the queries that need them (low-rank), or only the entries
+    whose bf16 affinity does (bf16).
 
     keys : ``hw x C`` unit features of the key frame (row-major cells)
     chunk : query rows per block of the coarse product (speed only: small blocks spread
-        evenly over the threads, and their scores stay in cache)
+        evenly over the threads, and their scores stay in cache); default 64 (low-rank),
+        256 (bf16)
     """
 
     def __init__(self, keys: torch.Tensor, segments: int, coarse: str = "low-rank", rank: int = 16,
-                 chunk: int = 64):
+                 chunk: int | None = None):
         if coarse not in ("low-rank", "bf16"):
             raise ValueError(f"coarse must be 'low-rank' or 'bf16', got {coarse!r}")
         cells, channels = keys.shape
-        self.segments, self.segment, self.coarse, self.chunk = segments, cells // segments, coarse, chunk
+        self.segments, self.segment, self.coarse = segments, cells // segments, coarse
+        self.chunk = chunk or (256 if coarse == "bf16" else 64)
         self.order = cluster_order(keys, segments)                  # sorted position -> cell
         self.keys = keys.index_select(0, self.order)
         if coarse == "bf16":
@@ -398,15 +522,15 @@ class FrameSearch:
         aside."""
         count = queries.shape[0]
         k = min(topk, len(self.keys))
-        low = queries.to(torch.bfloat16) if self.coarse == "bf16" else self._low_rank(queries)
+        if self.coarse == "bf16":
+            return self._above_by_entries(queries, floor, k)
+        low = self._low_rank(queries)
 
         def maxima(start):
-            scores = (low[start:start + self.chunk] @ self.low_keys).float()     # (a bf16 maximum is slow)
+            scores = low[start:start + self.chunk] @ self.low_keys
             return scores.view(scores.shape[0], self.segments, self.segment).amax(dim=-1)
 
         best = torch.cat(parallel_map(maxima, range(0, count, self.chunk), queries.device))
-        if self.coarse == "bf16" and k <= self.segments:   # k segment maxima are k entries: a lower bound
-            floor = torch.maximum(floor, best.topk(k, dim=-1).values[:, -1] - self.error)
         seg, query = (best.t() > (floor - self.error)[None]).nonzero(as_tuple=True)   # sorted by segment
         sizes = torch.bincount(seg, minlength=self.segments).tolist()
         blocks = self.keys.view(self.segments, self.segment, -1)
@@ -425,6 +549,37 @@ class FrameSearch:
             query = index = torch.zeros(0, dtype=torch.long, device=queries.device)
             values = queries.new_zeros(0)
         return _best_per_row(query, values, index, count, k)
+
+    def _above_by_entries(self, queries: torch.Tensor, floor: torch.Tensor, k: int):
+        """``above`` with the bf16 product: per block of query rows, the entries whose bf16
+        affinity passes ``floor - BF16_ERROR`` (segment maxima first, as ``_entries_above``),
+        scored again in float32 by ``sampled_product``; the k best segment maxima, less the
+        error, raise the floor first (k entries that large exist)."""
+        _consume_csr_warning()
+        low = queries.to(torch.bfloat16)
+        cells = len(self.keys)
+
+        def block(start):
+            rows = slice(start, start + self.chunk)
+            scores, lowered = low[rows] @ self.low_keys, floor[rows] - self.error
+            # positive floors: the bf16 bits read as int16 keep the order (``_bf16_bits_below``)
+            bits = bool((lowered > 0).all())
+            scores = scores.view(torch.int16) if bits else scores.float()
+            best = scores.view(len(scores), self.segments, self.segment).amax(dim=-1)
+            raised = floor[rows]
+            if k <= self.segments:
+                values = best.view(torch.bfloat16).float().masked_fill(best < 0, -math.inf) if bits else best
+                raised = torch.maximum(raised, values.topk(k, dim=-1).values[:, -1] - self.error)
+            threshold = _bf16_bits_below(raised - self.error) if bits else raised - self.error
+            flat = _entries_above(scores.view(-1, self.segment), threshold, self.segments, best)
+            line, cell = flat // cells, flat % cells
+            values = sampled_product(queries[rows], self.keys.t(), line, cell)
+            keep = (values > raised.index_select(0, line)).nonzero().squeeze(1)
+            return start + line.index_select(0, keep), values.index_select(0, keep), cell.index_select(0, keep)
+
+        query, values, cell = (torch.cat(x) for x in zip(*parallel_map(block, range(0, len(queries), self.chunk),
+                                                                         queries.device)))
+        return _best_per_row(query, values, self.order.index_select(0, cell), len(queries), k)
 
 
 def _best_per_row(query, values, index, rows: int, k: int):

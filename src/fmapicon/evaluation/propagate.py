@@ -63,7 +63,10 @@ PROTOCOLS = ("crw", "original", "copy")
 VOID = 255
 NEAR_RADIUS = 4.0        # the recent frames' keys that give each query a floor early
 NEAR_FRAMES = 8
-SEARCH_MIN_CHANNELS = 64   # frame 0 searched by a coarse bound first (``FrameSearch``) from this many channels
+# coarse bounds first, float32 products where they pass (frame 0's ``FrameSearch``; where bf16
+# products are native, the windows' too), from this many channels: below, a float32 product is
+# cheaper than the entries it would rescore
+COARSE_MIN_CHANNELS = 64
 
 
 @dataclass
@@ -250,7 +253,7 @@ class LabelStream:
         # the coarse search of frame 0 pays for its float32 rescoring from about 64 channels on,
         # on CPU (a GPU's full product is cheap next to the search's many small steps)
         self.first_search = None
-        if (channels >= SEARCH_MIN_CHANNELS and first_features.dtype == torch.float32
+        if (channels >= COARSE_MIN_CHANNELS and first_features.dtype == torch.float32
                 and first_features.device.type == "cpu" and not params.restrict_first):
             coarse = "bf16" if bf16_is_faster(first_features.device) else "low-rank"
             self.first_search = FrameSearch(self.first_keys, first_features.shape[-2], coarse)
@@ -262,6 +265,12 @@ class LabelStream:
         self.queries = first_features.new_zeros(tiles.rows, tiles.cols, capacity, tiles.tile**2, channels)
         self.base, self.count, self.met = 1, 1, -1
         self.keys = {0: self.first_padded}
+        # where bf16 products are native, the windows' entries are found by a bf16 copy of the
+        # queries and keys first (``window_candidates``'s coarse), rescored in float32
+        self.coarse = None
+        if (channels >= COARSE_MIN_CHANNELS and first_features.dtype == torch.float32
+                and bf16_is_faster(first_features.device)):
+            self.coarse = (self.queries.to(torch.bfloat16), {0: self.first_padded.to(torch.bfloat16)})
         self.near_windows = {0: self._near_windows(self.first_padded)}   # the near floor's key frames
         self.pending: dict[int, _Candidates] = {}
         self.peak_retained = self.retained
@@ -285,11 +294,15 @@ class LabelStream:
         t = self.count
         if t - self.base == self.queries.shape[2]:
             keep = self.met + 2                                # the first query frame not finished
-            self.queries[:, :, : t - keep] = self.queries[:, :, keep - self.base: t - self.base].clone()
+            for held in (self.queries,) + ((self.coarse[0],) if self.coarse else ()):
+                held[:, :, : t - keep] = held[:, :, keep - self.base: t - self.base].clone()
             self.base = keep
         query = self.tiles.arrange(features[None])[:, :, 0]
         self.queries[:, :, t - self.base] = query
         self.keys[t] = self.tiles.pad_keys(features[None])[0]
+        if self.coarse:
+            self.coarse[0][:, :, t - self.base] = query
+            self.coarse[1][t] = self.keys[t].to(torch.bfloat16)
         self.pending[t] = self._seed(t, query)
         self.near_windows[t] = self._near_windows(self.keys[t])
         self.count += 1
@@ -355,7 +368,11 @@ class LabelStream:
         first, last = users[0][0], users[-1][0]
         floor = torch.stack([self.pending[t].floor for t, _ in users])
         queries = self.queries[:, :, first - self.base: last + 1 - self.base]
-        user, query, values, index = window_candidates(self.tiles, queries, self.keys[s], self.params.topk, floor)
+        coarse = None
+        if self.coarse:
+            coarse = (self.coarse[0][:, :, first - self.base: last + 1 - self.base], self.coarse[1][s])
+        user, query, values, index = window_candidates(self.tiles, queries, self.keys[s], self.params.topk, floor,
+                                                       coarse)
         index += self._slot(s) * self.tiles.plane
         order = torch.argsort(user)
         sizes = torch.bincount(user, minlength=len(users)).tolist()
@@ -364,6 +381,8 @@ class LabelStream:
             self.pending[t].sparse += [part] * min(copies, self.params.topk)
         if s > 0:
             del self.keys[s]
+            if self.coarse:
+                del self.coarse[1][s]
         self.met = s
         t = s + 1
         labels = self._finish(self.pending.pop(t))
