@@ -198,28 +198,28 @@ def window_candidates(tiles: Tiles, queries: torch.Tensor, keys: torch.Tensor, t
     def block(where):
         row, start = where
         span = slice(start, min(cols, start + step))
-        found = None
-        lowered = floor[:, row, span].transpose(0, 1) - BF16_ERROR if coarse is not None else None
-        if lowered is not None and bool((lowered > 0).all()):
+        found, below = None, floor[:, row, span].transpose(0, 1) if prune else None
+        if coarse is not None and bool((below > BF16_ERROR).all()):
             scores = product(*coarse, row, span).view(torch.int16)
-            found = _valid_above(scores, tiles, row, span, _bf16_bits_below(lowered))[1:]
+            found = _valid_above(scores, tiles, row, span, _bf16_bits_below(below - BF16_ERROR))[1:]
             if len(found[0]) > COARSE_SHARE * scores.numel():
                 found = None
         if found is None:
             c, u, q_cell, r, values = exact(row, span, product(queries, keys, row, span))
-        else:                                       # values: by _rescore
+        else:
             line, r, c, q_cell = found
-            u, values = (line // cells) % count, None
+            key = tiles.key_index(row, start + c, r)
+            c, u, q_cell, key, values = _rescore(queries[row, span], columns, below, topk, line, c, q_cell, key)
+            return u, ((row * cols) + start + c) * cells + q_cell, values, key
         query = ((row * cols) + start + c) * cells + q_cell
         return u, query, values, tiles.key_index(row, start + c, r)
 
+    if coarse is not None:
+        _consume_csr_warning()
+        columns = keys.reshape(channels, -1).t().contiguous().t()         # (see sampled_product)
     blocks = [(row, start) for row in range(rows) for start in range(0, cols, step)]
     parts = parallel_map(block, blocks, queries.device)
-    scored = [p for p in parts if p[2] is not None]
-    if len(scored) < len(parts):
-        rescored = _rescore(queries, keys, floor, topk, [p for p in parts if p[2] is None], cols, cells)
-        scored.append(rescored)
-    return tuple(torch.cat([p[i] for p in scored]) for i in range(4))
+    return tuple(torch.cat([p[i] for p in parts]) for i in range(4))
 
 
 def _bf16_bits_below(values: torch.Tensor) -> torch.Tensor:
@@ -238,30 +238,36 @@ def _bf16_bits_below(values: torch.Tensor) -> torch.Tensor:
 COARSE_SHARE = 1 / 16
 
 
-def _rescore(queries, keys, floor, topk: int, parts: list, cols: int, cells: int):
-    """Float32 affinities of the coarse candidates ``parts`` (``(user, query, None, key)``
-    each), by a sampled product over the rows of ``queries`` and the columns of ``keys``
-    (no gathered copies); those above the floor, at most the best ``topk`` per query."""
-    _consume_csr_warning()
-    user, query, _, key = (torch.cat([p[i] for p in parts]) if i != 2 else None for i in range(4))
-    channels = queries.shape[-1]
+def _rescore(queries, columns, floor, topk: int, line, c, q_cell, key):
+    """Float32 affinities of one block's coarse candidates, by a sampled product (no
+    gathered copies); those above the floor, at most the best ``topk`` of a line.
+
+    queries : ``n x U x Q x C``, the block's tiles (a view of the held queries)
+    columns : ``C x padded`` key cells (``sampled_product``'s layout)
+    floor : ``n x U x Q``
+    line, c, q_cell, key : the candidates' line of scores (``(c U + u) Q + q``), tile,
+        query cell and padded key position, in the order of their lines
+
+    Returns ``(c, u, q_cell, key, value)`` of the entries kept.
+    """
+    n, count, cells, channels = queries.shape
     if queries.stride(-1) != 1 or any(s % channels for s in queries.stride()[:-1]):
         queries = queries.contiguous()
-    stride = [s // channels for s in queries.stride()[:-1]]           # row steps of tile row, col, U, Q
-    matrix = queries.as_strided((1 + sum((n - 1) * s for n, s in zip(queries.shape[:-1], stride)), channels),
+    stride = [s // channels for s in queries.stride()[:-1]]
+    matrix = queries.as_strided((1 + sum((m - 1) * s for m, s in zip(queries.shape[:-1], stride)), channels),
                                 (channels, 1))
-    tile = query // cells
-    line = (tile // cols) * stride[0] + (tile % cols) * stride[1] + user * stride[2] + (query % cells) * stride[3]
-    order = torch.argsort(line * keys[0].numel() + key)
-    user, query, line, key = user[order], query[order], line[order], key[order]
-    keys = keys.reshape(channels, -1).t().contiguous().t()          # (see sampled_product)
-    pieces = torch.arange(len(line), device=line.device).tensor_split(max(1, torch.get_num_threads()))
-    values = torch.cat(parallel_map(lambda piece: sampled_product(matrix, keys, line[piece], key[piece]), pieces,
-                                    queries.device))
-    keep = (values > floor.reshape(floor.shape[0], -1)[user, query]).nonzero().squeeze(1)
-    user, query, values, key = (x.index_select(0, keep) for x in (user, query, values, key))
-    keep = _best_entries(user * floor[0].numel() + query, values, floor.numel(), topk)
-    return tuple(x.index_select(0, keep) for x in (user, query, values, key))
+    u = (line // cells) % count
+    rows = c * stride[0] + u * stride[1] + q_cell * stride[2]
+    position = rows * columns.shape[1] + key
+    found = [c, u, q_cell, key, rows]
+    if len(position) > 1 and not bool((position[1:] >= position[:-1]).all()):
+        order = torch.argsort(position)
+        found, line = [x.index_select(0, order) for x in found], line.index_select(0, order)
+    values = sampled_product(matrix, columns, found[4], found[3])
+    keep = (values > floor.reshape(-1).take(line)).nonzero().squeeze(1)
+    found = [x.index_select(0, keep) for x in found[:4] + [values]]
+    best = _best_entries(line.index_select(0, keep), found[4], n * count * cells, topk)
+    return found if best is None else [x.index_select(0, best) for x in found]
 
 
 def sampled_product(rows: torch.Tensor, columns: torch.Tensor, line: torch.Tensor, col: torch.Tensor):
@@ -287,13 +293,12 @@ def _consume_csr_warning() -> None:
                                 check_invariants=True)
 
 
-def _best_entries(line, values, lines: int, k: int) -> torch.Tensor:
+def _best_entries(line, values, lines: int, k: int):
     """Positions of the entries of ``values`` to keep: all of a line's (``line``, of
-    ``lines``) when it has at most k, else its k best."""
+    ``lines``) when it has at most k, else its k best; None when all are kept."""
     counts = torch.bincount(line, minlength=lines)
-    every = torch.arange(len(line), device=line.device)
     if not len(line) or int(counts.max()) <= k:
-        return every
+        return None
     crowded = counts.take(line) > k
     many = crowded.nonzero().squeeze(1)
     slot = torch.zeros(lines, dtype=torch.long, device=line.device)

@@ -354,12 +354,14 @@ class LabelStream:
         """``neighbour_floor`` over the ``NEAR_FRAMES`` frames before t (held, in t's context
         within the radius: many close matches, so far above frame 0's k-th best), lowered by
         the rounding margin: the full products find those keys again, never below it. The
-        windows of a frame no later query frame needs are dropped."""
+        tiles' padding cells (no query) get a floor above any affinity of unit features, so
+        that no product's entries are kept for them. The windows of a frame no later query
+        frame needs are dropped."""
         frames = self._near_frames(t)
         floor = neighbour_floor(self.near, queries, [self.near_windows[s] for s in frames], self.params.topk)
         for s in set(self.near_windows) - {0, *self._near_frames(t + 1)}:
             del self.near_windows[s]
-        return floor - self.margin
+        return (floor - self.margin).masked_fill_(~self.tiles.on_grid, 2.0)
 
     def _advance(self) -> tuple[int, torch.Tensor]:
         """Meet key frame s = met + 1 with its query frames, finish frame s + 1."""
@@ -402,6 +404,7 @@ class LabelStream:
             values, pick = values.topk(min(self.params.topk, values.shape[-1]), dim=-1)
             index = torch.gather(index, -1, pick)
         weights = torch.softmax(values / self.params.temperature, dim=-1)
+        weights.masked_fill_(~self.tiles.on_grid[:, None], 0.0)       # padding cells: no candidates, no labels
         return self.tiles.to_grid((weights[..., None] * self.store[index]).sum(dim=1))
 
 
