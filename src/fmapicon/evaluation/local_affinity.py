@@ -123,15 +123,22 @@ class Tiles:
         blocks = padded.reshape(frames, channels, self.rows, tile, self.cols, tile)
         return blocks.permute(2, 4, 0, 3, 5, 1).reshape(self.rows, self.cols, frames, tile * tile, channels)
 
-    def windows(self, padded: torch.Tensor, row: int, cols: slice) -> torch.Tensor:
+    def windows(self, padded: torch.Tensor, row: int, cols: slice, multiple: int = 1) -> torch.Tensor:
         """Key windows of tile row ``row``, tile columns ``cols``, in one padded key map
-        ``C x padded``: ``n x C x R`` (the window rows on the grid, ``window_rows[row]``)."""
+        ``C x padded``: ``n x C x R`` (the window rows on the grid, ``window_rows[row]``),
+        followed by zero keys up to a multiple of ``multiple`` cells."""
         start = cols.start * self.tile
         stop = (cols.stop - 1) * self.tile + self.side
         y0, y1 = self.window_rows[row]
         strip = padded[:, row * self.tile + y0: row * self.tile + y1, start:stop]  # C x rows x width
-        strip = strip.unfold(2, self.side, self.tile)                              # C x rows x n x side
-        return strip.permute(2, 0, 1, 3).reshape(cols.stop - cols.start, padded.shape[0], -1)
+        strip = strip.unfold(2, self.side, self.tile).permute(2, 0, 1, 3)         # n x C x rows x side
+        n, channels, size = cols.stop - cols.start, padded.shape[0], (y1 - y0) * self.side
+        if size % multiple == 0:
+            return strip.reshape(n, channels, size)
+        out = padded.new_empty(n, channels, size - size % multiple + multiple)
+        out[..., size:] = 0
+        out[..., :size].view(n, channels, y1 - y0, self.side).copy_(strip)
+        return out
 
     def all_windows(self, padded: torch.Tensor) -> list[torch.Tensor]:
         """``windows`` of every tile row, all tile columns, of one padded key map: a list of
@@ -194,9 +201,7 @@ def window_candidates(tiles: Tiles, queries: torch.Tensor, keys: torch.Tensor, t
     def product(source, key_map, row, span, multiple=1):
         """Scores ``n x U x Q x R'``, R' the window's R cells and zero keys up to a multiple."""
         q = source[row, span].reshape(span.stop - span.start, count * cells, channels)
-        windows = tiles.windows(key_map, row, span)
-        windows = F.pad(windows, (0, -windows.shape[-1] % multiple))
-        return torch.bmm(q, windows).view(span.stop - span.start, count, cells, -1)
+        return torch.bmm(q, tiles.windows(key_map, row, span, multiple)).view(span.stop - span.start, count, cells, -1)
 
     def block(where):
         row, start = where
