@@ -215,13 +215,12 @@ def window_candidates(tiles: Tiles, queries: torch.Tensor, keys: torch.Tensor, t
                 found = None
         if found is None:
             c, u, q_cell, r, values = exact(row, span, product(queries, keys, row, span))
+            key = tiles.key_index(row, start + c, r)
         else:
             line, r, c, q_cell = found
-            key = tiles.key_index(row, start + c, r)
-            c, u, q_cell, key, values = _rescore(queries[row, span], columns, below, topk, line, c, q_cell, key)
-            return u, ((row * cols) + start + c) * cells + q_cell, values, key
-        query = ((row * cols) + start + c) * cells + q_cell
-        return u, query, values, tiles.key_index(row, start + c, r)
+            c, u, q_cell, key, values = _rescore(queries[row, span], columns, below, topk, line, c, q_cell,
+                                                 tiles.key_index(row, start + c, r))
+        return u, ((row * cols) + start + c) * cells + q_cell, values, key
 
     if coarse is not None:
         _consume_csr_warning()

@@ -67,6 +67,7 @@ NEAR_FRAMES = 8
 # products are native, the windows' too), from this many channels: below, a float32 product is
 # cheaper than the entries it would rescore
 COARSE_MIN_CHANNELS = 64
+NO_QUERY_FLOOR = 2.0     # the floor of the tiles' padding cells: above any cosine, no candidates
 
 
 @dataclass
@@ -330,9 +331,7 @@ class LabelStream:
         else:
             flat = queries.reshape(-1, queries.shape[-1])
             if self.first_search is not None and bool(torch.isfinite(floor).all()):
-                # the tiles' padding cells (no query) get no candidates
-                above = floor.masked_fill(~tiles.on_grid, math.inf)
-                values, cells = self.first_search.above(flat, above, k)
+                values, cells = self.first_search.above(flat, floor, k)
             else:
                 values, cells = first_frame_topk(flat, self.first_keys, k, tiles.w)
             index = tiles.grid_index[cells]
@@ -354,14 +353,14 @@ class LabelStream:
         """``neighbour_floor`` over the ``NEAR_FRAMES`` frames before t (held, in t's context
         within the radius: many close matches, so far above frame 0's k-th best), lowered by
         the rounding margin: the full products find those keys again, never below it. The
-        tiles' padding cells (no query) get a floor above any affinity of unit features, so
-        that no product's entries are kept for them. The windows of a frame no later query
+        tiles' padding cells (no query) get ``NO_QUERY_FLOOR``, so that no product's entries
+        (frame 0's or the windows') are kept for them. The windows of a frame no later query
         frame needs are dropped."""
         frames = self._near_frames(t)
         floor = neighbour_floor(self.near, queries, [self.near_windows[s] for s in frames], self.params.topk)
         for s in set(self.near_windows) - {0, *self._near_frames(t + 1)}:
             del self.near_windows[s]
-        return (floor - self.margin).masked_fill_(~self.tiles.on_grid, 2.0)
+        return (floor - self.margin).masked_fill_(~self.tiles.on_grid, NO_QUERY_FLOOR)
 
     def _advance(self) -> tuple[int, torch.Tensor]:
         """Meet key frame s = met + 1 with its query frames, finish frame s + 1."""
