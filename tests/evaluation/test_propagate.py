@@ -402,12 +402,13 @@ def test_bf16_bits_below_keep_every_larger_bf16_number_above_them():
 
 def test_coarse_bf16_windows_give_the_float32_candidates(monkeypatch):
     import fmapicon.evaluation.local_affinity as local_affinity
-    from fmapicon.evaluation.local_affinity import BF16_ERROR, Tiles, window_candidates
+    from fmapicon.evaluation.local_affinity import Tiles, bf16_copy, window_candidates
 
     features = _moving_scene(frames=5)
     tiles = Tiles((12, 15), 6, 4, "cpu")
     queries, keys = tiles.arrange(features[1:]), tiles.pad_keys(features[:1])[0]
-    coarse = (queries.to(torch.bfloat16), keys.to(torch.bfloat16))
+    low_keys, key_rounding = bf16_copy(keys, dim=0)
+    coarse = (*bf16_copy(queries), low_keys, key_rounding.max())
     exact = window_candidates(tiles, queries, keys, 8, None)              # every query's top 8
     top = local_affinity.scatter_rows(exact[0] * tiles.cells + exact[1], exact[2], exact[3], 4 * tiles.cells, 8)[0]
     top = top.sort(dim=-1, descending=True).values.clamp(min=0.05)
@@ -427,7 +428,25 @@ def test_coarse_bf16_windows_give_the_float32_candidates(monkeypatch):
             assert counts == [], name
         per_query = torch.bincount(got[0] * tiles.cells + got[1])
         assert per_query.max() == (5 if "8th" in name else per_query.max()) and per_query.max() <= 5
-    assert BF16_ERROR < 0.02
+
+
+def test_the_bf16_product_error_bounds_the_product_of_the_rounded_vectors():
+    from fmapicon.evaluation.local_affinity import BF16_OUTPUT_ERROR, bf16_copy, bf16_product_error
+
+    generator = torch.Generator().manual_seed(6)
+    queries = F.normalize(torch.randn(300, 91, generator=generator), dim=1)
+    keys = F.normalize(torch.randn(400, 91, generator=generator), dim=1)
+    keys[:200] = F.normalize(queries[:200] + 0.1 * torch.randn(200, 91, generator=generator), dim=1)  # near 1 too
+    (low_queries, query_rounding), (low_keys, key_rounding) = bf16_copy(queries), bf16_copy(keys)
+    assert torch.allclose(query_rounding, (low_queries.double() - queries.double()).norm(dim=1).float())
+    # the bf16 product before its own rounding: exact sums of the rounded vectors' products
+    deviation = (low_queries.double() @ low_keys.double().t() - queries.double() @ keys.double().t()).abs()
+    bound = bf16_product_error(query_rounding, key_rounding.max(), 91).double()
+    assert (deviation <= bound[:, None]).all()
+    assert bound.max() < 0.008 and deviation.max() > 0.05 * bound.max()      # tighter than the worst case
+    rounded = (low_queries @ low_keys.t()).double()                          # the result rounded to bf16 too
+    exact = low_queries.double() @ low_keys.double().t()
+    assert ((rounded - exact).abs() <= BF16_OUTPUT_ERROR + 1e-6).all()
 
 
 def test_the_coarse_windows_of_a_stream_give_the_dense_result(monkeypatch):
@@ -442,7 +461,7 @@ def test_the_coarse_windows_of_a_stream_give_the_dense_result(monkeypatch):
     assert stream.coarse is not None and stream.first_search.coarse == "bf16"
     got = [first] + [labels for f in features[1:] for _, labels in stream.push(f)]
     got += [labels for _, labels in stream.close()]
-    assert sum(counts) > 0 and stream.coarse[1].keys() == stream.keys.keys()     # bf16 copies dropped with them
+    assert sum(counts) > 0 and stream.coarse[2].keys() == stream.keys.keys()     # bf16 copies dropped with them
     expected = dense_propagation(features, first, 4, 4, 5, 0.1)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, expected, strict=True))
 

@@ -16,7 +16,7 @@ tighter the floor, the fewer entries pass: ``neighbour_floor`` gives one from a 
 frames' nearby cells before any full product, lowered by ``rounding_margin`` so that the
 same entries, found again by another kernel, never fall below it. Where bf16 products are
 native (``bf16_is_faster``), the entries above a floor are found by a bf16 product first
-(``window_candidates``' and ``FrameSearch``'s ``coarse``: within ``BF16_ERROR`` of float32)
+(``window_candidates``' and ``FrameSearch``'s ``coarse``: within ``bf16_product_error``)
 and only those are scored in float32, by a sampled product (``sampled_product``).
 
 Threads: on CPU the blocks (tile rows, query chunks) are spread over
@@ -169,11 +169,14 @@ def window_candidates(tiles: Tiles, queries: torch.Tensor, keys: torch.Tensor, t
     floor : None, or ``U x Nq`` (tile order), a lower bound of each query's final k-th
         best affinity; then only the entries above it are returned, a full top-k
         (of the radius-restricted row) running where more than k pass
-    coarse : None, or ``(queries, keys)`` as above in bfloat16 (unit features; for CPUs with
-        native bf16 products). With a finite floor the entries are then found by the bf16
-        product: those above ``floor - BF16_ERROR`` are scored again in float32
+    coarse : None, or ``(queries, query_rounding, keys, key_rounding)``: the queries and keys
+        above in bfloat16 (``bf16_copy``: features of norm <= 1; for CPUs with native bf16
+        products), the queries' rounding norms (``rows x cols x U x Q``) and the keys' largest
+        (a number). With a finite floor the entries are then found by the bf16 product:
+        those above ``floor - bf16_product_error`` are scored again in float32
         (``torch.sparse.sampled_addmm``), the same entries as without it, ties aside. A
-        block where more than ``COARSE_SHARE`` of the scores pass is scored in float32 whole.
+        block where more than ``COARSE_SHARE`` of the scores pass, or with a floor at or
+        below the error, is scored in float32 whole.
     block_bytes : the size of one block of scores (speed only)
 
     Returns ``(user, query, value, key)`` 1-D tensors: query frame (0..U-1), query cell
@@ -207,12 +210,17 @@ def window_candidates(tiles: Tiles, queries: torch.Tensor, keys: torch.Tensor, t
         row, start = where
         span = slice(start, min(cols, start + step))
         found, below = None, floor[:, row, span].transpose(0, 1) if prune else None
-        if coarse is not None and bool((below > BF16_ERROR).all()):
-            # the padding's zero keys score 0 and never pass a positive floor
-            scores = product(*coarse, row, span, BF16_SEGMENT).view(torch.int16)
-            found = _valid_above(scores, tiles, row, span, _bf16_bits_below(below - BF16_ERROR), BF16_SEGMENT)[1:]
-            if len(found[0]) > COARSE_SHARE * scores.numel():
-                found = None
+        if coarse is not None:
+            low_queries, query_rounding, low_keys, key_rounding = coarse
+            lowered = below - bf16_product_error(query_rounding[row, span], key_rounding, channels)
+            if bool((lowered > 0).all()):
+                # an entry above the floor has a bf16 product above ``lowered`` before its rounding,
+                # at or above the largest bf16 at or below ``lowered`` after it (rounding keeps the
+                # order): its bits exceed that one's less 1. The padding's zero keys never pass.
+                scores = product(low_queries, low_keys, row, span, BF16_SEGMENT).view(torch.int16)
+                found = _valid_above(scores, tiles, row, span, _bf16_bits_below(lowered) - 1, BF16_SEGMENT)[1:]
+                if len(found[0]) > COARSE_SHARE * scores.numel():
+                    found = None
         if found is None:
             c, u, q_cell, r, values = exact(row, span, product(queries, keys, row, span))
             key = tiles.key_index(row, start + c, r)
@@ -448,10 +456,30 @@ def first_frame_topk(queries: torch.Tensor, first_keys: torch.Tensor, topk: int,
 # torch takes several times faster than over other lengths (measured: 0.14 ns an entry, 0.43 at 107)
 BF16_SEGMENT = 64
 
-# |bf16(q).bf16(k) - q.k| for unit q, k: each input rounded (2u + u^2, u = 2^-8 the unit
-# roundoff of bfloat16) and the bf16 result rounded once more (u for |value| < 2); the fp32
-# accumulation inside the product adds < C * 2^-24, within ``rounding_margin``
-BF16_ERROR = 3 * 2.0**-8 + 2.0**-16
+# the rounding of a bf16 product's result (float32 sums rounded to bfloat16): at most half a
+# unit in the last place, 2^-8 for |value| < 2 (cosines of unit features)
+BF16_OUTPUT_ERROR = 2.0**-8
+
+
+def bf16_copy(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` rounded to bfloat16, and the norms of the rounding error ``|bf16(x) - x|`` of
+    its vectors along ``dim`` (float32; about 2^-9 |x|, at most 2^-8 |x|)."""
+    low = x.to(torch.bfloat16)
+    return low, (low.to(x.dtype) - x).norm(dim=dim)
+
+
+def bf16_product_error(query_rounding: torch.Tensor, key_rounding, channels: int) -> torch.Tensor:
+    """A bound on ``|bf16(q).bf16(k) - q.k|`` for vectors of norm <= 1 before the result is
+    rounded to bfloat16 (``BF16_OUTPUT_ERROR``): with ``q~ = bf16(q)`` and ``k~ = bf16(k)``,
+    ``q~.k~ - q.k = (q~ - q).k~ + q.(k~ - k)``, so (Cauchy-Schwarz) it is at most ``|q~ - q|
+    (1 + |k~ - k|) + |k~ - k|``; the float32 sums inside the product add less than
+    ``rounding_margin`` (products of bf16 numbers are exact in float32).
+
+    query_rounding : ``|q~ - q|`` of each query (``bf16_copy``), any shape
+    key_rounding : ``|k~ - k|``, the largest over the keys (a number or 0-d tensor)
+    Returns ``query_rounding``'s shape: typically 0.005 for unit features, where the
+    worst case of any unit vectors (every component rounded by 2^-8) is 0.008."""
+    return query_rounding * (1 + key_rounding) + key_rounding + rounding_margin(channels)
 
 
 def bf16_is_faster(device) -> bool:
@@ -499,9 +527,9 @@ class FrameSearch:
       vectors of the key frame's features (``C x rank``) and q', k' the parts of q and k
       outside their span, q.k = (qB).(kB) + q'.k' <=
       [qB, |q'|] . [kB, |k'|] (Cauchy-Schwarz), one product of ``rank + 1`` channels.
-      ``coarse="bf16"``: a bfloat16 product plus ``BF16_ERROR`` (unit features; for CPUs
-      with native bf16 products), whose k best segment maxima less ``BF16_ERROR`` also
-      raise the floor.
+      ``coarse="bf16"``: a bfloat16 product plus its error (``bf16_product_error``; unit
+      features; for CPUs with native bf16 products), whose k best segment maxima less the
+      error also raise the floor.
 
     ``above(queries, floor, topk)`` then scores in float32 only the segments whose bound
     exceeds the floor, for the queries that need them (low-rank), or only the entries
@@ -526,7 +554,8 @@ class FrameSearch:
         self.keys = keys.index_select(0, self.order)
         if coarse == "bf16":
             padded = F.pad(self.keys, (0, 0, 0, segments * self.segment - cells))   # zero keys: affinity 0
-            self.low_keys, self.error = padded.t().to(torch.bfloat16), BF16_ERROR
+            low_keys, rounding = bf16_copy(padded)
+            self.low_keys, self.key_rounding = low_keys.t(), rounding.max()
         else:
             self.basis = torch.linalg.svd(self.keys, full_matrices=False).Vh[:min(rank, channels)].t()   # C x r
             self.low_keys = self._low_rank(self.keys).t().contiguous()
@@ -575,16 +604,18 @@ class FrameSearch:
 
     def _above_by_entries(self, queries: torch.Tensor, floor: torch.Tensor, k: int):
         """``above`` with the bf16 product: per block of query rows, the entries whose bf16
-        affinity passes ``floor - BF16_ERROR`` (segment maxima first, as ``_entries_above``),
-        scored again in float32 by ``sampled_product``; the k best segment maxima, less the
-        error, raise the floor first (k entries that large exist)."""
+        affinity passes ``floor`` less its error (``bf16_product_error``; segment maxima first,
+        as ``_entries_above``), scored again in float32 by ``sampled_product``; the k best
+        segment maxima, less the error and ``BF16_OUTPUT_ERROR``, raise the floor first (k
+        entries that large exist)."""
         _consume_csr_warning()
-        low = queries.to(torch.bfloat16)
+        low, rounding = bf16_copy(queries)
+        error = bf16_product_error(rounding, self.key_rounding, queries.shape[1])
         cells = self.segments * self.segment                  # the keys, then the padding's zero keys
 
         def block(start):
             rows = slice(start, start + self.chunk)
-            scores, lowered = low[rows] @ self.low_keys, floor[rows] - self.error
+            scores, lowered = low[rows] @ self.low_keys, floor[rows] - error[rows]
             # positive floors: the bf16 bits read as int16 keep the order (``_bf16_bits_below``),
             # and the padding's zero keys never pass; else floats, the padding at -inf
             bits = bool((lowered > 0).all())
@@ -595,8 +626,12 @@ class FrameSearch:
             raised = floor[rows]
             if k <= self.segments:
                 values = best.view(torch.bfloat16).float().masked_fill(best < 0, -math.inf) if bits else best
-                raised = torch.maximum(raised, values.topk(k, dim=-1).values[:, -1] - self.error)
-            threshold = _bf16_bits_below(raised - self.error) if bits else raised - self.error
+                raised = torch.maximum(raised, values.topk(k, dim=-1).values[:, -1] - error[rows] - BF16_OUTPUT_ERROR)
+            # an entry above ``raised`` has a bf16 product above ``raised - error`` before its
+            # rounding: after it, at or above the largest bf16 at or below that (rounding keeps the
+            # order), whose bits less 1 it exceeds; as floats, above that less the output's rounding
+            lowered = raised - error[rows]
+            threshold = _bf16_bits_below(lowered) - 1 if bits else lowered - BF16_OUTPUT_ERROR
             flat = _entries_above(scores.view(-1, self.segment), threshold, self.segments, best)
             line, cell = flat // cells, flat % cells
             values = sampled_product(queries[rows], self.keys.t(), line, cell)

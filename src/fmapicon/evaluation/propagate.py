@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from fmapicon.errors import UserError
-from fmapicon.evaluation.local_affinity import (FrameSearch, Tiles, bf16_is_faster, first_frame_topk,
+from fmapicon.evaluation.local_affinity import (FrameSearch, Tiles, bf16_copy, bf16_is_faster, first_frame_topk,
                                                neighbour_floor, rounding_margin, scatter_rows, window_candidates)
 
 PROTOCOLS = ("crw", "original", "copy")
@@ -268,10 +268,13 @@ class LabelStream:
         self.keys = {0: self.first_padded}
         # where bf16 products are native, the windows' entries are found by a bf16 copy of the
         # queries and keys first (``window_candidates``'s coarse), rescored in float32
+        # (``bf16_copy``: the queries' rounding norms held beside them, each key frame's largest)
         self.coarse = None
         if (channels >= COARSE_MIN_CHANNELS and first_features.dtype == torch.float32
                 and bf16_is_faster(first_features.device)):
-            self.coarse = (self.queries.to(torch.bfloat16), {0: self.first_padded.to(torch.bfloat16)})
+            low_keys, rounding = bf16_copy(self.first_padded, dim=0)
+            self.coarse = (self.queries.to(torch.bfloat16), self.queries.new_zeros(self.queries.shape[:-1]),
+                           {0: (low_keys, rounding.max())})
         self.near_windows = {0: self._near_windows(self.first_padded)}   # the near floor's key frames
         self.pending: dict[int, _Candidates] = {}
         self.peak_retained = self.retained
@@ -295,15 +298,16 @@ class LabelStream:
         t = self.count
         if t - self.base == self.queries.shape[2]:
             keep = self.met + 2                                # the first query frame not finished
-            for held in (self.queries,) + ((self.coarse[0],) if self.coarse else ()):
+            for held in (self.queries,) + (self.coarse[:2] if self.coarse else ()):
                 held[:, :, : t - keep] = held[:, :, keep - self.base: t - self.base].clone()
             self.base = keep
         query = self.tiles.arrange(features[None])[:, :, 0]
         self.queries[:, :, t - self.base] = query
         self.keys[t] = self.tiles.pad_keys(features[None])[0]
         if self.coarse:
-            self.coarse[0][:, :, t - self.base] = query
-            self.coarse[1][t] = self.keys[t].to(torch.bfloat16)
+            self.coarse[0][:, :, t - self.base], self.coarse[1][:, :, t - self.base] = bf16_copy(query)
+            low_keys, rounding = bf16_copy(self.keys[t], dim=0)
+            self.coarse[2][t] = (low_keys, rounding.max())
         self.pending[t] = self._seed(t, query)
         self.near_windows[t] = self._near_windows(self.keys[t])
         self.count += 1
@@ -371,7 +375,8 @@ class LabelStream:
         queries = self.queries[:, :, first - self.base: last + 1 - self.base]
         coarse = None
         if self.coarse:
-            coarse = (self.coarse[0][:, :, first - self.base: last + 1 - self.base], self.coarse[1][s])
+            held = slice(first - self.base, last + 1 - self.base)
+            coarse = (self.coarse[0][:, :, held], self.coarse[1][:, :, held], *self.coarse[2][s])
         user, query, values, index = window_candidates(self.tiles, queries, self.keys[s], self.params.topk, floor,
                                                        coarse)
         index += self._slot(s) * self.tiles.plane
@@ -383,7 +388,7 @@ class LabelStream:
         if s > 0:
             del self.keys[s]
             if self.coarse:
-                del self.coarse[1][s]
+                del self.coarse[2][s]
         self.met = s
         t = s + 1
         labels = self._finish(self.pending.pop(t))
