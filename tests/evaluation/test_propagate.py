@@ -433,20 +433,62 @@ def test_coarse_bf16_windows_give_the_float32_candidates(monkeypatch):
 def test_the_bf16_product_error_bounds_the_product_of_the_rounded_vectors():
     from fmapicon.evaluation.local_affinity import BF16_OUTPUT_ERROR, bf16_copy, bf16_product_error
 
+    def deviation_and_bound(queries, keys):
+        (low_queries, query_rounding), (low_keys, key_rounding) = bf16_copy(queries), bf16_copy(keys)
+        assert torch.allclose(query_rounding, (low_queries.double() - queries.double()).norm(dim=1).float())
+        # the bf16 product before its own rounding: exact sums of the rounded vectors' products
+        deviation = (low_queries.double() @ low_keys.double().t() - queries.double() @ keys.double().t()).abs()
+        return deviation, bf16_product_error(query_rounding, key_rounding.max(), 91).double(), key_rounding
+
     generator = torch.Generator().manual_seed(6)
-    queries = F.normalize(torch.randn(300, 91, generator=generator), dim=1)
-    keys = F.normalize(torch.randn(400, 91, generator=generator), dim=1)
+    unit = lambda n: F.normalize(torch.randn(n, 91, generator=generator), dim=1)
+    queries, keys = unit(300), unit(400)
     keys[:200] = F.normalize(queries[:200] + 0.1 * torch.randn(200, 91, generator=generator), dim=1)  # near 1 too
-    (low_queries, query_rounding), (low_keys, key_rounding) = bf16_copy(queries), bf16_copy(keys)
-    assert torch.allclose(query_rounding, (low_queries.double() - queries.double()).norm(dim=1).float())
-    # the bf16 product before its own rounding: exact sums of the rounded vectors' products
-    deviation = (low_queries.double() @ low_keys.double().t() - queries.double() @ keys.double().t()).abs()
-    bound = bf16_product_error(query_rounding, key_rounding.max(), 91).double()
-    assert (deviation <= bound[:, None]).all()
-    assert bound.max() < 0.008 and deviation.max() > 0.05 * bound.max()      # tighter than the worst case
-    rounded = (low_queries @ low_keys.t()).double()                          # the result rounded to bf16 too
-    exact = low_queries.double() @ low_keys.double().t()
-    assert ((rounded - exact).abs() <= BF16_OUTPUT_ERROR + 1e-6).all()
+    deviation, bound, _ = deviation_and_bound(queries, keys)
+    assert (deviation <= bound[:, None]).all() and bound.max() < 0.006      # the worst case of any: 0.0078
+    rounded = (queries.bfloat16() @ keys.bfloat16().t()).double()            # the result rounded to bf16 too
+    assert ((rounded - queries.bfloat16().double() @ keys.bfloat16().double().t()).abs() <= BF16_OUTPUT_ERROR).all()
+
+    # each term is needed: keys exact in bf16 along the queries' rounding, then queries exact in
+    # bf16 along the keys' rounding, make the deviation reach the query's or the key's term
+    queries = unit(100)
+    along = lambda x: (0.99 * F.normalize(x.bfloat16().float() - x, dim=1)).bfloat16().float()   # norm < 1
+    deviation, bound, _ = deviation_and_bound(queries, along(queries))
+    assert (deviation <= bound[:, None]).all() and (deviation.diagonal() > 0.9 * bound).all()
+    keys = unit(100)
+    deviation, bound, key_rounding = deviation_and_bound(along(keys), keys)
+    assert (deviation <= bound[:, None]).all() and (deviation.diagonal() > 0.9 * key_rounding.double()).all()
+
+
+def test_a_bf16_product_that_rounds_down_to_the_threshold_still_passes():
+    from fmapicon.evaluation.local_affinity import FrameSearch, Tiles, bf16_copy, window_candidates
+
+    # vectors exact in bf16 (no rounding error): the bf16 product before its rounding is
+    # 0.75 + 2^-10, above a floor just below it; rounded, it is 0.75, the largest bf16 at or
+    # below the lowered floor: kept only if "at or above" is what is compared
+    query = torch.zeros(64)
+    query[:4] = 0.5
+    keys = torch.zeros(128, 64)
+    keys[:, 4:] = 0.1 * torch.eye(60).repeat(3, 1)[:128]           # other keys: 0 with the query
+    keys[37, :4] = torch.tensor([0.5, 0.5, 0.5, 2.0**-9])
+    value = 0.75 + 2.0**-10
+    floor = torch.tensor([value - 1e-6])
+    search = FrameSearch(keys, 2, "bf16")
+    found, cells = search.above(query[None], floor, 3)
+    assert found[0].tolist().count(value) == 1 and cells[0][found[0] == value].tolist() == [37]
+
+    tiles = Tiles((4, 8), 2, 4, "cpu")                                # the windows: the same rule
+    features = keys[:32].t().reshape(1, 64, 4, 8).clone()
+    features[0, :, 0, 5] = keys[37]                                     # the key at cell (0, 5)
+    queries = tiles.arrange(query.view(1, 64, 1, 1).expand(1, 64, 4, 8).contiguous())
+    padded = tiles.pad_keys(features)[0]
+    low_keys, key_rounding = bf16_copy(padded, dim=0)
+    floors = torch.full((1, tiles.cells), 2.0)                          # no entries but...
+    at = tiles.arrange(torch.arange(32.0).view(1, 1, 4, 8)).reshape(-1) == 5
+    floors[0, at] = value - 1e-6                                        # ...the query at (0, 5)'s
+    user, where, values, key = window_candidates(tiles, queries, padded, 3, floors,
+                                                 (*bf16_copy(queries), low_keys, key_rounding.max()))
+    assert values.tolist() == [value] and at[where].all()
 
 
 def test_the_coarse_windows_of_a_stream_give_the_dense_result(monkeypatch):
