@@ -625,8 +625,13 @@ class FrameSearch:
             best = scores.view(len(scores), self.segments, self.segment).amax(dim=-1)
             raised = floor[rows]
             if k <= self.segments:
+                # only rows where k segment maxima pass their floor (a few) need the k-th best
                 values = best.view(torch.bfloat16).float().masked_fill(best < 0, -math.inf) if bits else best
-                raised = torch.maximum(raised, values.topk(k, dim=-1).values[:, -1] - error[rows] - BF16_OUTPUT_ERROR)
+                margin = error[rows] + BF16_OUTPUT_ERROR
+                some = ((values > (raised + margin)[:, None]).sum(dim=-1) >= k).nonzero().squeeze(1)
+                if len(some):
+                    kth = values.index_select(0, some).topk(k, dim=-1).values[:, -1] - margin.index_select(0, some)
+                    raised = raised.index_put((some,), torch.maximum(raised.index_select(0, some), kth))
             # an entry above ``raised`` has a bf16 product above ``raised - error`` before its
             # rounding: after it, at or above the largest bf16 at or below that (rounding keeps the
             # order), whose bits less 1 it exceeds; as floats, above that less the output's rounding
