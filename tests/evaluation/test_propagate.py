@@ -311,7 +311,7 @@ def test_first_frame_searches_agree_with_a_full_row_top_k():
     floor[20:] = values[20:, -1] - 0.05                                      # others: more than k
     floor[36:] = -0.5                                # not positive: bf16 scores compared as floats
     expected = values.masked_fill(values <= floor[:, None], -math.inf)
-    for coarse in ("low-rank", "bf16"):
+    for coarse in ("low-rank", "bf16", "int8"):
         search = FrameSearch(rows, h, coarse, rank=8)
         assert sorted(search.order.tolist()) == list(range(h * w))          # a permutation of the cells
         above, where = search.above(queries, floor, 6)
@@ -339,15 +339,16 @@ def test_the_low_rank_bound_of_the_frame_search_holds_and_prunes():
     assert (segment_bound < kth[:, None]).float().mean() > 0.5             # most segments need no product
 
 
-def test_both_coarse_searches_of_frame_0_give_the_dense_result(monkeypatch):
+def test_each_coarse_search_of_frame_0_gives_the_dense_result(monkeypatch):
     import fmapicon.evaluation.propagate as propagate
 
     features, first = _random_sequence(frames=8, channels=80, h=9, w=12, seed=21)
     params = PropagationParams(context=3, radius=3, topk=5, temperature=0.1, tile=4)
-    for fast in (False, True):
-        monkeypatch.setattr(propagate, "bf16_is_faster", lambda device, fast=fast: fast)
+    for coarse in ("low-rank", "bf16", "int8"):
+        monkeypatch.setattr(propagate, "bf16_is_faster", lambda device, fast=coarse != "low-rank": fast)
+        monkeypatch.setattr(propagate, "int8_is_faster", lambda device, fast=coarse == "int8": fast)
         stream = LabelStream(features[0], first, params)
-        assert stream.first_search.coarse == ("bf16" if fast else "low-rank")
+        assert stream.first_search.coarse == coarse
         got = [first] + [labels for f in features[1:] for _, labels in stream.push(f)]
         got += [labels for _, labels in stream.close()]
         expected = dense_propagation(features, first, 3, 3, 5, 0.1)
@@ -430,15 +431,15 @@ def test_coarse_bf16_windows_give_the_float32_candidates(monkeypatch):
         assert per_query.max() == (5 if "8th" in name else per_query.max()) and per_query.max() <= 5
 
 
-def test_the_bf16_product_error_bounds_the_product_of_the_rounded_vectors():
-    from fmapicon.evaluation.local_affinity import BF16_OUTPUT_ERROR, bf16_copy, bf16_product_error
+def test_the_rounded_product_error_bounds_the_product_of_the_rounded_vectors():
+    from fmapicon.evaluation.local_affinity import BF16_OUTPUT_ERROR, bf16_copy, rounded_product_error
 
     def deviation_and_bound(queries, keys):
         (low_queries, query_rounding), (low_keys, key_rounding) = bf16_copy(queries), bf16_copy(keys)
         assert torch.allclose(query_rounding, (low_queries.double() - queries.double()).norm(dim=1).float())
         # the bf16 product before its own rounding: exact sums of the rounded vectors' products
         deviation = (low_queries.double() @ low_keys.double().t() - queries.double() @ keys.double().t()).abs()
-        return deviation, bf16_product_error(query_rounding, key_rounding.max(), 91).double(), key_rounding
+        return deviation, rounded_product_error(query_rounding, key_rounding.max(), 91).double(), key_rounding
 
     generator = torch.Generator().manual_seed(6)
     unit = lambda n: F.normalize(torch.randn(n, 91, generator=generator), dim=1)

@@ -16,7 +16,7 @@ tighter the floor, the fewer entries pass: ``neighbour_floor`` gives one from a 
 frames' nearby cells before any full product, lowered by ``rounding_margin`` so that the
 same entries, found again by another kernel, never fall below it. Where bf16 products are
 native (``bf16_is_faster``), the entries above a floor are found by a bf16 product first
-(``window_candidates``' and ``FrameSearch``'s ``coarse``: within ``bf16_product_error``)
+(``window_candidates``' and ``FrameSearch``'s ``coarse``: within ``rounded_product_error``)
 and only those are scored in float32, by a sampled product (``sampled_product``).
 
 Threads: on CPU the blocks (tile rows, query chunks) are spread over
@@ -173,7 +173,7 @@ def window_candidates(tiles: Tiles, queries: torch.Tensor, keys: torch.Tensor, t
         above in bfloat16 (``bf16_copy``: features of norm <= 1; for CPUs with native bf16
         products), the queries' rounding norms (``rows x cols x U x Q``) and the keys' largest
         (a number). With a finite floor the entries are then found by the bf16 product:
-        those above ``floor - bf16_product_error`` are scored again in float32
+        those above ``floor - rounded_product_error`` are scored again in float32
         (``torch.sparse.sampled_addmm``), the same entries as without it, ties aside. A
         block where more than ``COARSE_SHARE`` of the scores pass, or with a floor at or
         below the error, is scored in float32 whole.
@@ -212,7 +212,7 @@ def window_candidates(tiles: Tiles, queries: torch.Tensor, keys: torch.Tensor, t
         found, below = None, floor[:, row, span].transpose(0, 1) if prune else None
         if coarse is not None:
             low_queries, query_rounding, low_keys, key_rounding = coarse
-            lowered = below - bf16_product_error(query_rounding[row, span], key_rounding, channels)
+            lowered = below - rounded_product_error(query_rounding[row, span], key_rounding, channels)
             if bool((lowered > 0).all()):
                 # an entry above the floor has a bf16 product above ``lowered`` before its rounding,
                 # at or above the largest bf16 at or below ``lowered`` after it (rounding keeps the
@@ -468,17 +468,32 @@ def bf16_copy(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tenso
     return low, (low.to(x.dtype) - x).norm(dim=dim)
 
 
-def bf16_product_error(query_rounding: torch.Tensor, key_rounding, channels: int) -> torch.Tensor:
-    """A bound on ``|bf16(q).bf16(k) - q.k|`` for vectors of norm <= 1 before the result is
-    rounded to bfloat16 (``BF16_OUTPUT_ERROR``): with ``q~ = bf16(q)`` and ``k~ = bf16(k)``,
-    ``q~.k~ - q.k = (q~ - q).k~ + q.(k~ - k)``, so (Cauchy-Schwarz) it is at most ``|q~ - q|
-    (1 + |k~ - k|) + |k~ - k|``; the float32 sums inside the product add less than
-    ``rounding_margin`` (products of bf16 numbers are exact in float32).
+def int8_copy(x: torch.Tensor, dim: int = -1, per_vector: bool = True):
+    """``x`` as int8 ``round(s x)``, with ``s = 127 / max |x|`` of each vector along ``dim``
+    (or one ``s`` for all of ``x``: ``per_vector=False``), so that ``round(s x) / s`` is
+    within ``1 / (2 s)`` of ``x`` in each component. Returns ``(int8 copy, |round(s x) / s - x|
+    of each vector (float32), s)``; ``s`` has ``x``'s shape less ``dim`` (a 0-d tensor for
+    one), float64, 1 for zero vectors. The products of two copies are exact integers (int32
+    sums, ``torch._int_mm``): ``round(s q).round(t k) / (s t)``."""
+    top = (x.abs().amax(dim=dim) if per_vector else x.abs().max()).double()
+    scale = 127 / torch.where(top > 0, top, torch.ones_like(top))
+    spread = scale.unsqueeze(dim) if per_vector else scale
+    low = torch.round(x.double() * spread)
+    return low.to(torch.int8), (low / spread - x.double()).norm(dim=dim).float(), scale
 
-    query_rounding : ``|q~ - q|`` of each query (``bf16_copy``), any shape
+
+def rounded_product_error(query_rounding: torch.Tensor, key_rounding, channels: int) -> torch.Tensor:
+    """A bound on ``|q~.k~ - q.k|`` for vectors q, k of norm <= 1 and their rounded copies q~,
+    k~ (``bf16_copy``, ``int8_copy`` scaled back), before a bf16 product's result is rounded
+    (``BF16_OUTPUT_ERROR``): ``q~.k~ - q.k = (q~ - q).k~ + q.(k~ - k)``, so (Cauchy-Schwarz)
+    it is at most ``|q~ - q| (1 + |k~ - k|) + |k~ - k|``; the float32 sums inside a bf16
+    product add less than ``rounding_margin`` (products of bf16 numbers are exact in float32;
+    int8 sums are exact).
+
+    query_rounding : ``|q~ - q|`` of each query, any shape
     key_rounding : ``|k~ - k|``, the largest over the keys (a number or 0-d tensor)
-    Returns ``query_rounding``'s shape: typically 0.005 for unit features, where the
-    worst case of any unit vectors (every component rounded by 2^-8) is 0.008."""
+    Returns ``query_rounding``'s shape: for unit features about 0.005 in bf16 (the worst case
+    of any unit vectors, every component rounded by 2^-8: 0.008), 0.03 in int8."""
     return query_rounding * (1 + key_rounding) + key_rounding + rounding_margin(channels)
 
 
@@ -486,6 +501,31 @@ def bf16_is_faster(device) -> bool:
     """Whether a bfloat16 matrix product runs at least twice as fast as a float32 one here
     (CPUs with native bf16 dot products; measured once, on CPU only)."""
     return torch.device(device).type == "cpu" and _cpu_bf16_is_faster()
+
+
+def int8_is_faster(device) -> bool:
+    """Whether an int8 matrix product (``torch._int_mm``: VNNI dot products) runs at least 1.25
+    times as fast as a bf16 one where bf16 is native (``bf16_is_faster``; measured once, on
+    CPU only; 1.4-3x on an AVX-512 VNNI CPU, measured at frame 0's shape)."""
+    return bf16_is_faster(device) and _cpu_int8_is_faster()
+
+
+@functools.cache
+def _cpu_int8_is_faster() -> bool:
+    # a block of frame 0's search: 256 queries, a frame's keys; the fastest of 10 calls each
+    # (the first calls of a shape, and fresh pages for its result, cost more)
+    a, b = torch.ones(256, 96, dtype=torch.int8), torch.ones(96, 6400, dtype=torch.int8)
+    x, y = a.bfloat16(), b.bfloat16()
+    seconds = []
+    for product in (lambda: x @ y, lambda: torch._int_mm(a, b)):
+        product()
+        calls = []
+        for _ in range(10):
+            start = time.perf_counter()
+            product()
+            calls.append(time.perf_counter() - start)
+        seconds.append(min(calls))
+    return seconds[1] < seconds[0] / 1.25
 
 
 @functools.cache
@@ -527,7 +567,7 @@ class FrameSearch:
       vectors of the key frame's features (``C x rank``) and q', k' the parts of q and k
       outside their span, q.k = (qB).(kB) + q'.k' <=
       [qB, |q'|] . [kB, |k'|] (Cauchy-Schwarz), one product of ``rank + 1`` channels.
-      ``coarse="bf16"``: a bfloat16 product plus its error (``bf16_product_error``; unit
+      ``coarse="bf16"``: a bfloat16 product plus its error (``rounded_product_error``; unit
       features; for CPUs with native bf16 products), whose k best segment maxima less the
       error also raise the floor.
 
@@ -543,19 +583,22 @@ class FrameSearch:
 
     def __init__(self, keys: torch.Tensor, segments: int, coarse: str = "low-rank", rank: int = 16,
                  chunk: int | None = None):
-        if coarse not in ("low-rank", "bf16"):
-            raise ValueError(f"coarse must be 'low-rank' or 'bf16', got {coarse!r}")
+        if coarse not in ("low-rank", "bf16", "int8"):
+            raise ValueError(f"coarse must be 'low-rank', 'bf16' or 'int8', got {coarse!r}")
         cells, channels = keys.shape
-        if coarse == "bf16":
+        if coarse != "low-rank":
             segments = -(-cells // BF16_SEGMENT)
         self.segments, self.segment, self.coarse = segments, -(-cells // segments), coarse
-        self.chunk = chunk or (256 if coarse == "bf16" else 64)
+        self.chunk = chunk or (64 if coarse == "low-rank" else 256)
         self.order = cluster_order(keys, segments)                  # sorted position -> cell
         self.keys = keys.index_select(0, self.order)
-        if coarse == "bf16":
+        if coarse != "low-rank":
             padded = F.pad(self.keys, (0, 0, 0, segments * self.segment - cells))   # zero keys: affinity 0
-            low_keys, rounding = bf16_copy(padded)
-            self.low_keys, self.key_rounding = low_keys.t(), rounding.max()
+            if coarse == "bf16":
+                low_keys, rounding = bf16_copy(padded)
+            else:                                    # one scale for all keys: the products compare as integers
+                low_keys, rounding, self.key_scale = int8_copy(padded, per_vector=False)
+            self.low_keys, self.key_rounding = low_keys.t().contiguous(), rounding.max()
         else:
             self.basis = torch.linalg.svd(self.keys, full_matrices=False).Vh[:min(rank, channels)].t()   # C x r
             self.low_keys = self._low_rank(self.keys).t().contiguous()
@@ -574,7 +617,7 @@ class FrameSearch:
         aside."""
         count = queries.shape[0]
         k = min(topk, len(self.keys))
-        if self.coarse == "bf16":
+        if self.coarse != "low-rank":
             return self._above_by_entries(queries, floor, k)
         low = self._low_rank(queries)
 
@@ -603,40 +646,56 @@ class FrameSearch:
         return _best_per_row(query, values, index, count, k)
 
     def _above_by_entries(self, queries: torch.Tensor, floor: torch.Tensor, k: int):
-        """``above`` with the bf16 product: per block of query rows, the entries whose bf16
-        affinity passes ``floor`` less its error (``bf16_product_error``; segment maxima first,
-        as ``_entries_above``), scored again in float32 by ``sampled_product``; the k best
-        segment maxima, less the error and ``BF16_OUTPUT_ERROR``, raise the floor first (k
-        entries that large exist)."""
+        """``above`` with a bf16 or int8 product: per block of query rows, the entries whose
+        coarse affinity passes ``floor`` less its error (``rounded_product_error``; segment maxima
+        first, as ``_entries_above``), scored again in float32 by ``sampled_product``; the k
+        best segment maxima, less the error (and for bf16 ``BF16_OUTPUT_ERROR``), raise the
+        floor first (k entries that large exist)."""
         _consume_csr_warning()
-        low, rounding = bf16_copy(queries)
-        error = bf16_product_error(rounding, self.key_rounding, queries.shape[1])
+        if self.coarse == "bf16":
+            low, rounding = bf16_copy(queries)
+        else:
+            low, rounding, scale = int8_copy(queries)
+            scale = scale * self.key_scale            # an int32 score / scale = the product of the copies
+        error = rounded_product_error(rounding, self.key_rounding, queries.shape[1])
         cells = self.segments * self.segment                  # the keys, then the padding's zero keys
 
         def block(start):
             rows = slice(start, start + self.chunk)
-            scores, lowered = low[rows] @ self.low_keys, floor[rows] - error[rows]
-            # positive floors: the bf16 bits read as int16 keep the order (``_bf16_bits_below``),
-            # and the padding's zero keys never pass; else floats, the padding at -inf
-            bits = bool((lowered > 0).all())
-            scores = scores.view(torch.int16) if bits else scores.float()
-            if not bits:
-                scores[:, len(self.keys):] = -math.inf
+            if self.coarse == "bf16":
+                scores, lowered = low[rows] @ self.low_keys, floor[rows] - error[rows]
+                # positive floors: the bf16 bits read as int16 keep the order (``_bf16_bits_below``),
+                # and the padding's zero keys never pass; else floats, the padding at -inf
+                bits = bool((lowered > 0).all())
+                scores = scores.view(torch.int16) if bits else scores.float()
+                if not bits:
+                    scores[:, len(self.keys):] = -math.inf
+            else:                                     # exact integer sums: no rounding of the result
+                scores = torch._int_mm(low[rows], self.low_keys)
+                scores[:, len(self.keys):] = torch.iinfo(torch.int32).min
             best = scores.view(len(scores), self.segments, self.segment).amax(dim=-1)
             raised = floor[rows]
             if k <= self.segments:
                 # only rows where k segment maxima pass their floor (a few) need the k-th best
-                values = best.view(torch.bfloat16).float().masked_fill(best < 0, -math.inf) if bits else best
-                margin = error[rows] + BF16_OUTPUT_ERROR
+                if self.coarse == "int8":
+                    values, margin = best.double().div_(scale[rows, None]).float(), error[rows]
+                else:
+                    values = best.view(torch.bfloat16).float().masked_fill(best < 0, -math.inf) if bits else best
+                    margin = error[rows] + BF16_OUTPUT_ERROR
                 some = ((values > (raised + margin)[:, None]).sum(dim=-1) >= k).nonzero().squeeze(1)
                 if len(some):
                     kth = values.index_select(0, some).topk(k, dim=-1).values[:, -1] - margin.index_select(0, some)
                     raised = raised.index_put((some,), torch.maximum(raised.index_select(0, some), kth))
-            # an entry above ``raised`` has a bf16 product above ``raised - error`` before its
-            # rounding: after it, at or above the largest bf16 at or below that (rounding keeps the
-            # order), whose bits less 1 it exceeds; as floats, above that less the output's rounding
+            # an entry above ``raised`` has a coarse product above ``lowered``. bf16: after its
+            # rounding, at or above the largest bf16 at or below ``lowered`` (rounding keeps the
+            # order), whose bits less 1 it exceeds; as floats, above ``lowered`` less the output's
+            # rounding. int8: an integer above ``lowered`` times the scales, so above its floor less 1
             lowered = raised - error[rows]
-            threshold = _bf16_bits_below(lowered) - 1 if bits else lowered - BF16_OUTPUT_ERROR
+            if self.coarse == "int8":
+                limit = (lowered.double() * scale[rows]).floor_() - 1
+                threshold = limit.clamp_(-2**31, 2**31 - 1).to(torch.int32)
+            else:
+                threshold = _bf16_bits_below(lowered) - 1 if bits else lowered - BF16_OUTPUT_ERROR
             flat = _entries_above(scores.view(-1, self.segment), threshold, self.segments, best)
             line, cell = flat // cells, flat % cells
             values = sampled_product(queries[rows], self.keys.t(), line, cell)

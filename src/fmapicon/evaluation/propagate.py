@@ -57,7 +57,8 @@ import torch.nn.functional as F
 
 from fmapicon.errors import UserError
 from fmapicon.evaluation.local_affinity import (FrameSearch, Tiles, bf16_copy, bf16_is_faster, first_frame_topk,
-                                               neighbour_floor, rounding_margin, scatter_rows, window_candidates)
+                                               int8_is_faster, neighbour_floor, rounding_margin, scatter_rows,
+                                               window_candidates)
 
 PROTOCOLS = ("crw", "original", "copy")
 VOID = 255
@@ -256,7 +257,8 @@ class LabelStream:
         self.first_search = None
         if (channels >= COARSE_MIN_CHANNELS and first_features.dtype == torch.float32
                 and first_features.device.type == "cpu" and not params.restrict_first):
-            coarse = "bf16" if bf16_is_faster(first_features.device) else "low-rank"
+            device = first_features.device
+            coarse = "int8" if int8_is_faster(device) else "bf16" if bf16_is_faster(device) else "low-rank"
             self.first_search = FrameSearch(self.first_keys, first_features.shape[-2], coarse)
         tiles = self.tiles
         self.first_padded = tiles.pad_keys(first_features[None])[0]
