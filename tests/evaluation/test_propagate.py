@@ -499,6 +499,7 @@ def test_the_coarse_windows_of_a_stream_give_the_dense_result(monkeypatch):
     first = torch.softmax(3 * torch.randn(3, 12, 15, generator=torch.Generator().manual_seed(1)), dim=0)
     params = PropagationParams(context=4, radius=4, topk=5, temperature=0.1, tile=4)
     monkeypatch.setattr(propagate, "bf16_is_faster", lambda device: True)
+    monkeypatch.setattr(propagate, "int8_is_faster", lambda device: False)
     counts = _count_sampled(monkeypatch)
     stream = LabelStream(features[0], first, params)
     assert stream.coarse is not None and stream.first_search.coarse == "bf16"
