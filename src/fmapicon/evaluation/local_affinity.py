@@ -17,7 +17,8 @@ frames' nearby cells before any full product, lowered by ``rounding_margin`` so 
 same entries, found again by another kernel, never fall below it. Where bf16 products are
 native (``bf16_is_faster``), the entries above a floor are found by a bf16 product first
 (``window_candidates``' and ``FrameSearch``'s ``coarse``: within ``rounded_product_error``)
-and only those are scored in float32, by a sampled product (``sampled_product``).
+and only those are scored in float32, by a sampled product (``sampled_product``); frame 0's
+search by an int8 product where that is faster still (``int8_is_faster``).
 
 Threads: on CPU the blocks (tile rows, query chunks) are spread over
 ``torch.get_num_threads()`` Python threads (``parallel_map``; torch releases the GIL in its
@@ -559,7 +560,7 @@ class FrameSearch:
 
     - its cells are ordered by ``cluster_order`` into ``segments`` clusters and cut into
       ``segments`` equal segments (``segments`` divides hw: the grid's height), so that a
-      segment holds similar keys; with ``coarse="bf16"`` into segments of
+      segment holds similar keys; with ``coarse="bf16"`` or ``"int8"`` into segments of
       ``BF16_SEGMENT`` keys instead, the last one padded with zero keys (maxima over 64
       int16 run several times faster than over other lengths);
     - a coarse product gives, for each query and segment, an upper bound of its best
@@ -569,16 +570,18 @@ class FrameSearch:
       [qB, |q'|] . [kB, |k'|] (Cauchy-Schwarz), one product of ``rank + 1`` channels.
       ``coarse="bf16"``: a bfloat16 product plus its error (``rounded_product_error``; unit
       features; for CPUs with native bf16 products), whose k best segment maxima less the
-      error also raise the floor.
+      error also raise the floor. ``coarse="int8"``: the same with an int8 product
+      (``int8_copy``: a scale per query, one for the keys; exact int32 sums, a looser
+      bound, for CPUs whose int8 products are faster still: ``int8_is_faster``).
 
     ``above(queries, floor, topk)`` then scores in float32 only the segments whose bound
     exceeds the floor, for the queries that need them (low-rank), or only the entries
-    whose bf16 affinity does (bf16).
+    whose bf16 or int8 affinity does (bf16, int8).
 
     keys : ``hw x C`` unit features of the key frame (row-major cells)
     chunk : query rows per block of the coarse product (speed only: small blocks spread
         evenly over the threads, and their scores stay in cache); default 64 (low-rank),
-        256 (bf16)
+        256 (bf16, int8)
     """
 
     def __init__(self, keys: torch.Tensor, segments: int, coarse: str = "low-rank", rank: int = 16,
