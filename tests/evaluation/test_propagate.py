@@ -432,7 +432,7 @@ def test_coarse_bf16_windows_give_the_float32_candidates(monkeypatch):
 
 
 def test_the_rounded_product_error_bounds_the_product_of_the_rounded_vectors():
-    from fmapicon.evaluation.local_affinity import BF16_OUTPUT_ERROR, bf16_copy, rounded_product_error
+    from fmapicon.evaluation.local_affinity import BF16_OUTPUT_ERROR, bf16_copy, int8_copy, rounded_product_error
 
     def deviation_and_bound(queries, keys):
         (low_queries, query_rounding), (low_keys, key_rounding) = bf16_copy(queries), bf16_copy(keys)
@@ -459,6 +459,19 @@ def test_the_rounded_product_error_bounds_the_product_of_the_rounded_vectors():
     keys = unit(100)
     deviation, bound, key_rounding = deviation_and_bound(along(keys), keys)
     assert (deviation <= bound[:, None]).all() and (deviation.diagonal() > 0.9 * key_rounding.double()).all()
+
+    # int8 copies (a scale per query, one for the keys): exact integer sums, the same bound
+    queries, keys = unit(300), unit(400)
+    (low_queries, query_rounding, query_scale) = int8_copy(queries)
+    (low_keys, key_rounding, key_scale) = int8_copy(keys, per_vector=False)
+    assert low_keys.dtype == torch.int8 and low_keys.abs().max() == 127 and query_scale.shape == (300,)
+    rounding = (low_queries.double() / query_scale[:, None] - queries.double()).norm(dim=1)
+    assert torch.allclose(query_rounding.double(), rounding) and (rounding <= 91**0.5 / (2 * query_scale)).all()
+    sums = torch._int_mm(low_queries, low_keys.t().contiguous())
+    assert torch.equal(sums.long(), low_queries.long() @ low_keys.long().t())
+    deviation = (sums.double() / (query_scale[:, None] * key_scale) - queries.double() @ keys.double().t()).abs()
+    bound = rounded_product_error(query_rounding, key_rounding.max(), 91).double()
+    assert (deviation <= bound[:, None]).all() and deviation.max() > 0.1 * bound.max()
 
 
 def test_a_bf16_product_that_rounds_down_to_the_threshold_still_passes():
