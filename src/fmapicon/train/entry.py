@@ -6,7 +6,7 @@ from pathlib import Path
 
 from fmapicon.errors import UserError
 from fmapicon.train.config import TrainConfig, check_resumable
-from fmapicon.train.distributed import close_processes, init_processes, rank_zero_error
+from fmapicon.train.distributed import barrier, close_processes, init_processes, rank_zero_error
 from fmapicon.train.faults import StopRequests, TrainingInterrupted
 from fmapicon.train.loop import Trainer
 from fmapicon.train.model import amp_dtype
@@ -44,6 +44,9 @@ def train(config: TrainConfig | None, out_dir, resume: bool = False, *, force: b
         trainer = Trainer(config, run, processes, device, progress)
         rank_zero_error(processes, lambda: check_free_space(run, _checkpoint_need(trainer.net)))
         signum = _run(trainer, run, resume)
+        # every rank done (rank 0 writes the last files) before any tears the group down: gloo's
+        # teardown while another rank still works aborted a rank now and then
+        barrier(processes)
     finally:
         close_processes(processes)
     if signum is not None:
