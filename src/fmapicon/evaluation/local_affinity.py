@@ -214,12 +214,9 @@ def window_candidates(tiles: Tiles, queries: torch.Tensor, keys: torch.Tensor, t
         if coarse is not None:
             low_queries, query_rounding, low_keys, key_rounding = coarse
             lowered = below - rounded_product_error(query_rounding[row, span], key_rounding, channels)
-            if bool((lowered > 0).all()):
-                # an entry above the floor has a bf16 product above ``lowered`` before its rounding,
-                # at or above the largest bf16 at or below ``lowered`` after it (rounding keeps the
-                # order): its bits exceed that one's less 1. The padding's zero keys never pass.
+            if bool((lowered > 0).all()):                 # (the padding's zero keys never pass)
                 scores = product(low_queries, low_keys, row, span, BF16_SEGMENT).view(torch.int16)
-                found = _valid_above(scores, tiles, row, span, _bf16_bits_below(lowered) - 1, BF16_SEGMENT)[1:]
+                found = _valid_above(scores, tiles, row, span, _bf16_product_threshold(lowered), BF16_SEGMENT)[1:]
                 if len(found[0]) > COARSE_SHARE * scores.numel():
                     found = None
         if found is None:
@@ -248,6 +245,14 @@ def _bf16_bits_below(values: torch.Tensor) -> torch.Tensor:
     bits = rounded.view(torch.int16).clone()
     bits -= (rounded.float() > values).to(torch.int16)
     return bits
+
+
+def _bf16_product_threshold(lowered: torch.Tensor) -> torch.Tensor:
+    """The int16 bits that the bits of a bf16 product's result exceed whenever the product,
+    before its rounding, is above ``lowered`` (positive): the result is then at or above the
+    largest bf16 at or below ``lowered`` (rounding keeps the order), so its bits are above
+    that one's (``_bf16_bits_below``) less 1."""
+    return _bf16_bits_below(lowered) - 1
 
 
 # a coarse block whose passing share of scores exceeds this is scored in float32 whole: one
@@ -681,24 +686,23 @@ class FrameSearch:
             if k <= self.segments:
                 # only rows where k segment maxima pass their floor (a few) need the k-th best
                 if self.coarse == "int8":
-                    values, margin = best.double().div_(scale[rows, None]).float(), error[rows]
+                    maxima, margin = best.double().div_(scale[rows, None]).float(), error[rows]
                 else:
-                    values = best.view(torch.bfloat16).float().masked_fill(best < 0, -math.inf) if bits else best
+                    maxima = best.view(torch.bfloat16).float().masked_fill(best < 0, -math.inf) if bits else best
                     margin = error[rows] + BF16_OUTPUT_ERROR
-                some = ((values > (raised + margin)[:, None]).sum(dim=-1) >= k).nonzero().squeeze(1)
+                some = ((maxima > (raised + margin)[:, None]).sum(dim=-1) >= k).nonzero().squeeze(1)
                 if len(some):
-                    kth = values.index_select(0, some).topk(k, dim=-1).values[:, -1] - margin.index_select(0, some)
+                    kth = maxima.index_select(0, some).topk(k, dim=-1).values[:, -1] - margin.index_select(0, some)
                     raised = raised.index_put((some,), torch.maximum(raised.index_select(0, some), kth))
-            # an entry above ``raised`` has a coarse product above ``lowered``. bf16: after its
-            # rounding, at or above the largest bf16 at or below ``lowered`` (rounding keeps the
-            # order), whose bits less 1 it exceeds; as floats, above ``lowered`` less the output's
-            # rounding. int8: an integer above ``lowered`` times the scales, so above its floor less 1
+            # an entry above ``raised`` has a coarse product above ``lowered``: in bf16 bits above
+            # ``_bf16_product_threshold``, as floats above ``lowered`` less the output's rounding;
+            # in int8 an integer above ``lowered`` times the scales, so above its floor less 1
             lowered = raised - error[rows]
             if self.coarse == "int8":
                 limit = (lowered.double() * scale[rows]).floor_() - 1
                 threshold = limit.clamp_(-2**31, 2**31 - 1).to(torch.int32)
             else:
-                threshold = _bf16_bits_below(lowered) - 1 if bits else lowered - BF16_OUTPUT_ERROR
+                threshold = _bf16_product_threshold(lowered) if bits else lowered - BF16_OUTPUT_ERROR
             flat = _entries_above(scores.view(-1, self.segment), threshold, self.segments, best)
             line, cell = flat // cells, flat % cells
             values = sampled_product(queries[rows], self.keys.t(), line, cell)
