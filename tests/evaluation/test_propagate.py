@@ -235,7 +235,8 @@ def test_streaming_holds_a_bounded_number_of_frames_and_equals_the_dense_result(
     stream = LabelStream(features[0], first, params)
     got = [first] + [labels for f in features[1:] for _, labels in stream.push(f)]
     assert len(got) == 40 - params.context + 1 and stream.retained == params.context + 1
-    assert sorted(stream.near_windows) == [0, 37, 38, 39]     # the near floor's next key frames only
+    # the near floor's key maps and motions: of the next query frame's near frames only
+    assert sorted(stream.near_keys) == [37, 38, 39] and sorted(stream.motion) == [37, 38, 39]
     got += [labels for _, labels in stream.close()]
     assert stream.peak_retained == params.context + 2     # frame 0, the next key, the context's queries
     expected = dense_propagation(features, first, 3, 2.5, 4, 0.1)
@@ -245,20 +246,71 @@ def test_streaming_holds_a_bounded_number_of_frames_and_equals_the_dense_result(
 # --------------------------------------------------------------------------- sparse, short, output folder
 
 
-def test_neighbour_floor_is_the_k_th_best_among_the_near_cells_of_the_given_frames():
-    from fmapicon.evaluation.local_affinity import Tiles, neighbour_floor
+def test_near_floor_is_the_k_th_best_within_the_moved_windows():
+    from fmapicon.evaluation.local_affinity import NearFloor, Tiles
 
     features, _ = _random_sequence(frames=3, h=11, w=14, seed=7)
-    near = Tiles((11, 14), 2.5, 4, "cpu")
-    queries = near.arrange(features[2:])[:, :, 0]
-    floor = neighbour_floor(near, queries, [near.all_windows(near.pad_keys(features[i:i + 1])[0]) for i in (0, 1)], 6)
+    tiles = Tiles((11, 14), 6.0, 4, "cpu")
+    near = NearFloor(tiles, 2.5)
+    assert near.reach == 3 and near.clamp((5.2, -0.6)) == (3, -1)
+    queries = tiles.arrange(features[2:])[:, :, 0]
     cells = torch.cartesian_prod(torch.arange(11), torch.arange(14)).float()
-    close = torch.cdist(cells, cells) < 2.5
-    dense = torch.cat([(features[2].flatten(1).t() @ features[i].flatten(1)).masked_fill(~close, -math.inf)
-                       for i in (0, 1)], dim=1)
-    expected = near.arrange(dense.topk(6, dim=1).values[:, -1].view(1, 1, 11, 14)).reshape(-1)
-    inside = near.arrange(torch.ones(1, 1, 11, 14)).reshape(-1) == 1
-    assert torch.allclose(floor[inside], expected[inside], atol=1e-6)
+    key_minus_query = cells[None, :] - cells[:, None]                                  # q x k x 2
+    on = tiles.on_grid
+    for shifts in [((0, 0), (0, 0)), ((2, -3), (0, 1)), ((3, 3), (-3, 2))]:
+        frames = [(near.key_map(tiles.pad_keys(features[i:i + 1])[0]), d) for i, d in zip((0, 1), shifts)]
+        floor, _ = near.floor(queries, frames, 6)
+        dense = []
+        for i, d in zip((0, 1), shifts):
+            kept = ((key_minus_query - torch.tensor(d)) ** 2).sum(-1) < 2.5**2
+            kept &= (key_minus_query**2).sum(-1) < 6.0**2                               # within the full radius
+            dense.append((features[2].flatten(1).t() @ features[i].flatten(1)).masked_fill(~kept, -math.inf))
+        kth = tiles.arrange(torch.cat(dense, dim=1).topk(6, dim=1).values[:, -1].view(1, 1, 11, 14)).reshape(-1)
+        assert torch.allclose(floor[on], kth[on].clamp(min=-1.0), atol=1e-6)
+        # -1 (the least cosine: no pruning) where fewer than k keys lie on the frame
+        assert (kth[on] == -math.inf).any() == (shifts[0] == (3, 3))
+
+
+def test_the_near_floor_follows_a_pan_and_keeps_the_dense_result():
+    # a scene panning 1 cell a frame: frame t shows scene column x + t at column x, so a
+    # query's content lies j cells to its right j frames before (the near windows, radius 4,
+    # reach the 4 latest only if they move; radius 7 leaves them room)
+    generator = torch.Generator().manual_seed(13)
+    scene = torch.randn(1, 16, 15, 40, generator=generator)
+    frames = torch.cat([scene[..., t: t + 24] for t in range(12)])
+    features = F.normalize(frames + 0.3 * torch.randn(frames.shape, generator=generator), dim=1)
+    first = torch.softmax(3 * torch.randn(3, 15, 24, generator=generator), dim=0)
+    params = PropagationParams(context=5, radius=7, topk=4, temperature=0.1, tile=4)
+    runs = {}
+    for still in (False, True):
+        stream = LabelStream(features[0], first, params)
+        if still:                                     # windows that do not move
+            stream.near.clamp = lambda shift: (0, 0)
+        got, floors, motion = [first], [], []
+        for t, f in enumerate(features[1:], 1):
+            got += [labels for _, labels in stream.push(f)]
+            floors.append(stream.pending[t].floor[stream.tiles.on_grid])
+            motion.append(stream.motion[t][1])
+        runs[still] = got + [labels for _, labels in stream.close()], torch.cat(floors), motion
+    got, floors, motion = runs[False]
+    assert motion == list(range(1, 12))
+    assert floors.median() > runs[True][1].median() + 0.2       # the moved windows hold 4 matches, else 3
+    expected = dense_propagation(features, first, 5, 7, 4, 0.1)
+    for labels in (got, runs[True][0]):
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(labels, expected, strict=True))
+
+
+def test_near_floor_measures_the_global_motion_of_a_pan():
+    from fmapicon.evaluation.local_affinity import NearFloor, Tiles
+
+    features, _ = _random_sequence(frames=1, h=15, w=18, seed=3)
+    panned = torch.roll(features, shifts=(2, -1), dims=(2, 3))     # content at q now at q + (2, -1)
+    tiles = Tiles((15, 18), 6.0, 4, "cpu")
+    near = NearFloor(tiles, 4.0)
+    queries = tiles.arrange(features)[:, :, 0]
+    keys = near.key_map(tiles.pad_keys(panned)[0])
+    for guess in [(0, 0), (1, 0), (2, -2), (-1, 1)]:      # the motion within 4 cells of the guess
+        assert near.floor(queries, [(keys, guess)], 4)[1] == (2, -1)
 
 
 def test_near_ties_at_the_floor_keep_the_dense_result():

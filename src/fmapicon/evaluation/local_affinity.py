@@ -12,9 +12,10 @@ Pruning, never a different result (ties aside): given a *floor* per query, a low
 of the k-th best affinity it will finally keep, an entry at or below the floor cannot
 enter its top-k. ``window_candidates`` then returns only the entries above the floor,
 as sparse triples, and runs a full top-k only on the rows where more than k pass. The
-tighter the floor, the fewer entries pass: ``neighbour_floor`` gives one from a few key
-frames' nearby cells before any full product, lowered by ``rounding_margin`` so that the
-same entries, found again by another kernel, never fall below it. Where bf16 products are
+tighter the floor, the fewer entries pass: ``NearFloor`` gives one from a few key
+frames' cells near where each query's content moved (the camera's pan followed), before
+any full product, lowered by ``rounding_margin`` so that the same entries, found again by
+another kernel, never fall below it. Where bf16 products are
 native (``bf16_is_faster``), the entries above a floor are found by a bf16 product first
 (``window_candidates``' and ``FrameSearch``'s ``coarse``: within ``rounded_product_error``)
 and only those are scored in float32, by a sampled product (``sampled_product``); frame 0's
@@ -83,7 +84,7 @@ class Tiles:
 
     def __init__(self, grid, radius: float, tile: int, device, dtype=torch.float32):
         self.h, self.w = grid
-        self.tile, self.m = tile, radius_offsets(radius, grid)
+        self.tile, self.m, self.radius = tile, radius_offsets(radius, grid), radius
         self.rows, self.cols = -(-self.h // tile), -(-self.w // tile)
         self.side = tile + 2 * self.m
         self.padded = (self.rows * tile + 2 * self.m, self.cols * tile + 2 * self.m)
@@ -402,29 +403,112 @@ def rounding_margin(channels: int, dtype=torch.float32) -> float:
     return 2.0 * channels * torch.finfo(dtype).eps
 
 
-@torch.no_grad()
-def neighbour_floor(near: Tiles, queries: torch.Tensor, windows: list, topk: int) -> torch.Tensor:
-    """The k-th best affinity of each query cell among the cells of a few key frames
-    within ``near``'s (small) radius: a lower bound of its k-th best over any context that
-    holds these frames within a larger radius. -inf where fewer than k such cells exist.
+class NearFloor:
+    """A floor for each query cell of a frame before any full product: its k-th best
+    affinity among the keys of a few recent key frames within a small radius of where its
+    content is expected, a lower bound of its final k-th best (these keys are candidates
+    too). Where the camera pans, the keys around the query's own cell are the wrong ones
+    (stroller: about half of the final entries lie 4-11 cells away), so each key frame's
+    small window is moved by the global motion between the frames (a ``shift``; ``floor``
+    measures the motion to the latest frame, the caller chains it from frame to frame).
+    Speed only: any window gives a valid floor.
 
-    near : ``Tiles`` of the same grid and tile, with the small radius
-    queries : ``rows x cols x Q x C`` (one frame, ``Tiles.arrange``)
-    windows : for each key frame, ``near.all_windows`` of its ``C x padded`` map
-        (``near.pad_keys``, or a crop of a wider padding)
+    tiles : the ``Tiles`` of the full radius R (the padding of its key maps bounds the moves)
+    radius : the small radius r (in cells); windows move by at most ``reach`` = ``tiles.m -
+        m`` cells along each axis, and keep the keys within r of the moved centre, within R
+        of the query and on the frame
 
-    Returns ``Nq`` (tile order). One product per key frame and tile row, about ``(tile +
-    2 m)^2`` keys per query: cheap next to the full radius.
+    One product per tile row covers all the frames: their windows are gathered from
+    channels-last key maps (``key_map``: a window row is one contiguous run) into one key
+    block; a 0 / -inf bias keeps the keys (one ``Q x R`` part per shift, made once, plus
+    the window rows and columns off the frame).
     """
-    rows, cols, cells, channels = queries.shape
-    if len(windows) * min(v.shape[-1] for v in near.valid) < topk:
-        return queries.new_full((rows * cols * cells,), -math.inf)
 
-    def kth(row):
-        scores = [torch.bmm(queries[row], frame[row]).add_(near.bias[row]) for frame in windows]
-        return torch.cat(scores, dim=-1).topk(topk, dim=-1).values[..., -1].reshape(-1)
+    def __init__(self, tiles: Tiles, radius: float):
+        self.tiles, self.radius = tiles, radius
+        self.m = radius_offsets(radius, (tiles.h, tiles.w))
+        self.reach = tiles.m - self.m
+        self.side = tiles.tile + 2 * self.m
+        device, tile = tiles.grid_index.device, tiles.tile
+        window, query = torch.arange(self.side, device=device), torch.arange(tile, device=device)
+        offset = window[None, :] - self.m - query[:, None]                 # tile x side, key - query
+        shape = (tile, tile, self.side, self.side)                         # qy qx ry rx
+        self.offset = [offset[:, None, :, None].expand(shape).reshape(tile * tile, -1),
+                       offset[None, :, None, :].expand(shape).reshape(tile * tile, -1)]  # Q x R: dy, dx
+        self._bias: dict[tuple[int, int], torch.Tensor] = {}
 
-    return torch.cat(parallel_map(kth, range(rows), queries.device))
+    def clamp(self, shift) -> tuple[int, int]:
+        """The nearest whole shift that the key maps' padding allows."""
+        return tuple(max(-self.reach, min(self.reach, int(round(d)))) for d in shift)
+
+    def bias(self, shift: tuple[int, int], dtype=torch.float32) -> torch.Tensor:
+        """``Q x R``: 0 for the window cells within r of the moved centre and R of the
+        query, -inf for the others (made once per shift)."""
+        if shift not in self._bias:
+            dy, dx = self.offset
+            near = dy**2 + dx**2 < self.radius**2
+            full = (dy + shift[0]) ** 2 + (dx + shift[1]) ** 2 < self.tiles.radius**2
+            self._bias[shift] = torch.zeros(dy.shape, dtype=dtype, device=dy.device).masked_fill_(
+                ~(near & full), -math.inf)
+        return self._bias[shift]
+
+    @staticmethod
+    def key_map(padded: torch.Tensor) -> torch.Tensor:
+        """A key map ``C x`` the full radius' padding (``Tiles.pad_keys``) as ``floor`` reads it:
+        channels last, so that a window row is one contiguous run."""
+        return padded.permute(1, 2, 0).contiguous()
+
+    def _off_frame(self, start: torch.Tensor, size: int, dtype) -> torch.Tensor:
+        """``N x side``: 0 where a window's row (or column) lies on the grid's ``size`` cells
+        along that axis, -inf off it; ``start`` (``N``) the grid position of each window's first."""
+        position = start[:, None] + torch.arange(self.side, device=start.device)
+        zero = torch.zeros(position.shape, dtype=dtype, device=start.device)
+        return zero.masked_fill_((position < 0) | (position >= size), -math.inf)
+
+    @torch.no_grad()
+    def floor(self, queries: torch.Tensor, frames: list, topk: int):
+        """The floor of each query cell from the keys of ``frames``, each ``(key map, shift)``
+        (``key_map``; ``shift`` ``(dy, dx)`` cells, key minus query, ``clamp``ed), and the
+        global motion to the last frame's keys: its shift plus the most common offset,
+        within the window, of the queries' best keys there (queries on the grid).
+
+        queries : ``rows x cols x Q x C`` (one frame, ``Tiles.arrange``)
+
+        Returns ``(floor, motion)``: ``Nq`` (tile order; -1, the least cosine, which prunes
+        nothing, where the frames hold fewer than k keys for a query) and ``(dy, dx)``.
+        """
+        rows, cols, cells, channels = queries.shape
+        tiles, side, n = self.tiles, self.side, len(frames)
+        size, span = side * side, 2 * self.m + 1
+        if n * size < topk:
+            return queries.new_full((rows * cols * cells,), -1.0), frames[-1][1]
+        within = torch.cat([self.bias(shift, queries.dtype) for _, shift in frames], dim=-1)   # Q x nR
+        starts = torch.arange(cols, device=queries.device) * tiles.tile - self.m
+        columns = torch.cat([self._off_frame(starts + dx, tiles.w, queries.dtype).repeat(1, side)
+                             for _, (_, dx) in frames], dim=-1)[:, None]                    # cols x 1 x nR
+        on_grid = tiles.on_grid.view(rows, cols, cells)
+        width = cols * tiles.tile + 2 * self.m
+
+        def row_floor(row):
+            keys = queries.new_empty(cols, n, side, side, channels)
+            for f, (key_map, (dy, dx)) in enumerate(frames):
+                y0, x0 = self.reach + dy + row * tiles.tile, self.reach + dx
+                strip = key_map[y0: y0 + side, x0: x0 + width]                      # side x width x C
+                keys[:, f] = strip.unfold(1, side, tiles.tile).permute(1, 0, 3, 2)   # cols x side x side x C
+            start = torch.tensor([row * tiles.tile - self.m + dy for _, (dy, _) in frames], device=queries.device)
+            lines = self._off_frame(start, tiles.h, queries.dtype)[:, :, None].expand(n, side, side)   # n x side
+            scores = torch.bmm(queries[row], keys.view(cols, n * size, channels).transpose(1, 2))
+            scores.add_(within + lines.reshape(-1)).add_(columns)
+            bound = scores.topk(topk, dim=-1).values[..., -1].reshape(-1)
+            value, best = scores[..., (n - 1) * size:].max(dim=-1)                  # cols x Q
+            best += torch.arange(cells, device=scores.device) * size
+            bins = (self.offset[0].take(best) + self.m) * span + self.offset[1].take(best) + self.m
+            return bound, torch.bincount(bins[on_grid[row] & (value > -math.inf)], minlength=span * span)
+
+        parts = parallel_map(row_floor, range(rows), queries.device)
+        bound = torch.cat([p[0] for p in parts])
+        mode, shift = int(sum(p[1] for p in parts).argmax()), frames[-1][1]
+        return bound.clamp(min=-1.0), (shift[0] + mode // span - self.m, shift[1] + mode % span - self.m)
 
 
 @torch.no_grad()

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from fmapicon.errors import UserError
 from fmapicon.evaluation.local_affinity import (FrameSearch, Tiles, bf16_copy, bf16_is_faster, first_frame_topk,
-                                               int8_is_faster, neighbour_floor, rounding_margin, scatter_rows,
+                                               int8_is_faster, NearFloor, rounding_margin, scatter_rows,
                                                window_candidates)
 
 PROTOCOLS = ("crw", "original", "copy")
@@ -248,8 +248,7 @@ class LabelStream:
         channels = first_features.shape[0]
         self.tiles = Tiles(first_features.shape[-2:], params.radius, params.tile, first_features.device,
                            first_features.dtype)
-        self.near = Tiles(first_features.shape[-2:], min(NEAR_RADIUS, params.radius), params.tile,
-                          first_features.device, first_features.dtype)
+        self.near = NearFloor(self.tiles, min(NEAR_RADIUS, params.radius))
         self.margin = rounding_margin(channels, first_features.dtype)
         self.first_keys = first_features.reshape(channels, -1).t().contiguous()     # hw x C
         # the coarse search of frame 0 pays for its float32 rescoring from about 64 channels on,
@@ -277,7 +276,8 @@ class LabelStream:
             low_keys, rounding = bf16_copy(self.first_padded, dim=0)
             self.coarse = (self.queries.to(torch.bfloat16), self.queries.new_zeros(self.queries.shape[:-1]),
                            {0: (low_keys, rounding.max())})
-        self.near_windows = {0: self._near_windows(self.first_padded)}   # the near floor's key frames
+        self.near_keys = {0: NearFloor.key_map(self.first_padded)}   # the near floor's key frames
+        self.motion = {0: (0, 0)}       # recent frames' global motion since frame 0, cells (dy, dx)
         self.pending: dict[int, _Candidates] = {}
         self.peak_retained = self.retained
 
@@ -310,8 +310,8 @@ class LabelStream:
             self.coarse[0][:, :, t - self.base], self.coarse[1][:, :, t - self.base] = bf16_copy(query)
             low_keys, rounding = bf16_copy(self.keys[t], dim=0)
             self.coarse[2][t] = (low_keys, rounding.max())
+        self.near_keys[t] = NearFloor.key_map(self.keys[t])
         self.pending[t] = self._seed(t, query)
-        self.near_windows[t] = self._near_windows(self.keys[t])
         self.count += 1
         self.peak_retained = max(self.peak_retained, self.retained)
         finished = []
@@ -345,27 +345,31 @@ class LabelStream:
         kth = values.amin(dim=-1) if full else values.new_full(values.shape[:1], -math.inf)
         return _Candidates(values, index, torch.maximum(kth, floor), [])
 
-    def _near_windows(self, padded: torch.Tensor) -> list[torch.Tensor]:
-        """The near floor's windows of one key frame (``padded``: ``C x`` the radius' padding),
-        gathered once for the ``NEAR_FRAMES`` query frames that meet it."""
-        m = self.tiles.m - self.near.m
-        return self.near.all_windows(padded[:, m: m + self.near.padded[0], m: m + self.near.padded[1]])
-
     def _near_frames(self, t: int) -> list[int]:
         """The last ``NEAR_FRAMES`` frames of t's short-term context (all held)."""
         return sorted(set(context_slots(t, self.n, self.restarts)[-min(NEAR_FRAMES, self.n):]))
 
     def _near_floor(self, t: int, queries: torch.Tensor) -> torch.Tensor:
-        """``neighbour_floor`` over the ``NEAR_FRAMES`` frames before t (held, in t's context
-        within the radius: many close matches, so far above frame 0's k-th best), lowered by
-        the rounding margin: the full products find those keys again, never below it. The
-        tiles' padding cells (no query) get ``NO_QUERY_FLOOR``, so that no product's entries
-        (frame 0's or the windows') are kept for them. The windows of a frame no later query
-        frame needs are dropped."""
-        frames = self._near_frames(t)
-        floor = neighbour_floor(self.near, queries, [self.near_windows[s] for s in frames], self.params.topk)
-        for s in set(self.near_windows) - {0, *self._near_frames(t + 1)}:
-            del self.near_windows[s]
+        """``NearFloor``'s floor over the ``NEAR_FRAMES`` frames before t (held, in t's
+        context within the radius: many close matches, so far above frame 0's k-th best),
+        lowered by the rounding margin: the full products find those keys again, never below
+        it. The windows move by the motion guessed for t (the latest frame's velocity, kept
+        up); the motion measured there is t's. The tiles' padding cells (no query) get
+        ``NO_QUERY_FLOOR``, so that no product's entries (frame 0's or the windows') are kept
+        for them. The key maps and motions no later query frame needs are dropped."""
+        frames, motion = self._near_frames(t), self.motion
+        latest = frames[-1]
+        velocity = [a - b for a, b in zip(motion[latest], motion.get(latest - 1, motion[latest]))]
+        guess = [a + v * (t - latest) for a, v in zip(motion[latest], velocity)]
+        shifts = [self.near.clamp([a - b for a, b in zip(guess, motion[s])]) for s in frames]
+        floor, moved = self.near.floor(queries, [(self.near_keys[s], d) for s, d in zip(frames, shifts)],
+                                       self.params.topk)
+        motion[t] = tuple(a + b for a, b in zip(motion[latest], moved))
+        later = self._near_frames(t + 1)
+        for s in set(motion) - {t - 1, t, *later}:
+            del motion[s]
+        for s in set(self.near_keys) - set(later):
+            del self.near_keys[s]
         return (floor - self.margin).masked_fill_(~self.tiles.on_grid, NO_QUERY_FLOOR)
 
     def _advance(self) -> tuple[int, torch.Tensor]:
