@@ -470,7 +470,8 @@ class NearFloor:
         """The floor of each query cell from the keys of ``frames``, each ``(key map, shift)``
         (``key_map``; ``shift`` ``(dy, dx)`` cells, key minus query, ``clamp``ed), and the
         global motion to the last frame's keys: its shift plus the most common offset,
-        within the window, of the queries' best keys there (queries on the grid).
+        within the window, of the queries' best keys there (queries on the grid; the shift
+        alone where no query has a key there).
 
         queries : ``rows x cols x Q x C`` (one frame, ``Tiles.arrange``)
 
@@ -507,7 +508,10 @@ class NearFloor:
 
         parts = parallel_map(row_floor, range(rows), queries.device)
         bound = torch.cat([p[0] for p in parts])
-        mode, shift = int(sum(p[1] for p in parts).argmax()), frames[-1][1]
+        counts, shift = sum(p[1] for p in parts), frames[-1][1]
+        if not int(counts.sum()):                      # no query with a key there: nothing measured
+            return bound.clamp(min=-1.0), shift
+        mode = int(counts.argmax())
         return bound.clamp(min=-1.0), (shift[0] + mode // span - self.m, shift[1] + mode % span - self.m)
 
 

@@ -56,8 +56,8 @@ import torch
 import torch.nn.functional as F
 
 from fmapicon.errors import UserError
-from fmapicon.evaluation.local_affinity import (FrameSearch, Tiles, bf16_copy, bf16_is_faster, first_frame_topk,
-                                               int8_is_faster, NearFloor, rounding_margin, scatter_rows,
+from fmapicon.evaluation.local_affinity import (FrameSearch, NearFloor, Tiles, bf16_copy, bf16_is_faster,
+                                               first_frame_topk, int8_is_faster, rounding_margin, scatter_rows,
                                                window_candidates)
 
 PROTOCOLS = ("crw", "original", "copy")
