@@ -251,14 +251,14 @@ def test_near_floor_is_the_k_th_best_within_the_moved_windows():
 
     features, _ = _random_sequence(frames=3, h=11, w=14, seed=7)
     tiles = Tiles((11, 14), 6.0, 4, "cpu")
-    near = NearFloor(tiles, 2.5)
+    near = NearFloor(tiles, 2.5, 2)
     assert near.reach == 3 and near.clamp((5.2, -0.6)) == (3, -1)
     queries = tiles.arrange(features[2:])[:, :, 0]
     cells = torch.cartesian_prod(torch.arange(11), torch.arange(14)).float()
     key_minus_query = cells[None, :] - cells[:, None]                                  # q x k x 2
     on = tiles.on_grid
     for shifts in [((0, 0), (0, 0)), ((2, -3), (0, 1)), ((3, 3), (-3, 2))]:
-        frames = [(near.key_map(tiles.pad_keys(features[i:i + 1])[0]), d) for i, d in zip((0, 1), shifts)]
+        frames = [(i, near.key_map(tiles.pad_keys(features[i:i + 1])[0]), d) for i, d in zip((0, 1), shifts)]
         floor, _ = near.floor(queries, frames, 6)
         dense = []
         for i, d in zip((0, 1), shifts):
@@ -291,9 +291,11 @@ def test_the_near_floor_follows_a_pan_and_keeps_the_dense_result():
             got += [labels for _, labels in stream.push(f)]
             floors.append(stream.pending[t].floor[stream.tiles.on_grid])
             motion.append(stream.motion[t][1])
-        runs[still] = got + [labels for _, labels in stream.close()], torch.cat(floors), motion
-    got, floors, motion = runs[False]
+        runs[still] = got + [labels for _, labels in stream.close()], torch.cat(floors), motion, stream.near.gathered
+    got, floors, motion, gathered = runs[False]
     assert motion == list(range(1, 12))
+    # a frame's windows are gathered once while they stay put (frames 0-10), again when they move
+    assert runs[True][3] == 11 and gathered > 11
     assert floors.median() > runs[True][1].median() + 0.2       # the moved windows hold 4 matches, else 3
     expected = dense_propagation(features, first, 5, 7, 4, 0.1)
     for labels in (got, runs[True][0]):
@@ -306,11 +308,11 @@ def test_near_floor_measures_the_global_motion_of_a_pan():
     features, _ = _random_sequence(frames=1, h=15, w=18, seed=3)
     panned = torch.roll(features, shifts=(2, -1), dims=(2, 3))     # content at q now at q + (2, -1)
     tiles = Tiles((15, 18), 6.0, 4, "cpu")
-    near = NearFloor(tiles, 4.0)
+    near = NearFloor(tiles, 4.0, 1)
     queries = tiles.arrange(features)[:, :, 0]
     keys = near.key_map(tiles.pad_keys(panned)[0])
     for guess in [(0, 0), (1, 0), (2, -2), (-1, 1)]:      # the motion within 4 cells of the guess
-        assert near.floor(queries, [(keys, guess)], 4)[1] == (2, -1)
+        assert near.floor(queries, [(0, keys, guess)], 4)[1] == (2, -1)
 
 
 def test_near_ties_at_the_floor_keep_the_dense_result():

@@ -418,14 +418,20 @@ class NearFloor:
         m`` cells along each axis, and keep the keys within r of the moved centre, within R
         of the query and on the frame
 
+    slots : the most frames a call gets (the near frames, a run of consecutive ones)
+
     One product per tile row covers all the frames: their windows are gathered from
     channels-last key maps (``key_map``: a window row is one contiguous run) into one key
-    block; a 0 / -inf bias keeps the keys (one ``Q x R`` part per shift, made once, plus
-    the window rows and columns off the frame).
+    block, frame s in slot ``s % slots``, kept from call to call: a frame's windows are
+    gathered again only when its shift changed (a still camera: once; ``gathered`` counts
+    them). A 0 / -inf bias keeps the keys (one ``Q x R`` part per shift, made once, plus the
+    window rows and columns off the frame, and the slots of no frame).
     """
 
-    def __init__(self, tiles: Tiles, radius: float):
-        self.tiles, self.radius = tiles, radius
+    def __init__(self, tiles: Tiles, radius: float, slots: int):
+        self.tiles, self.radius, self.slots = tiles, radius, slots
+        self._block, self._held = None, [None] * slots          # the key block, each slot's (frame, shift)
+        self.gathered = 0
         self.m = radius_offsets(radius, (tiles.h, tiles.w))
         self.reach = tiles.m - self.m
         self.side = tiles.tile + 2 * self.m
@@ -467,11 +473,12 @@ class NearFloor:
 
     @torch.no_grad()
     def floor(self, queries: torch.Tensor, frames: list, topk: int):
-        """The floor of each query cell from the keys of ``frames``, each ``(key map, shift)``
-        (``key_map``; ``shift`` ``(dy, dx)`` cells, key minus query, ``clamp``ed), and the
-        global motion to the last frame's keys: its shift plus the most common offset,
-        within the window, of the queries' best keys there (queries on the grid; the shift
-        alone where no query has a key there).
+        """The floor of each query cell from the keys of ``frames``, each ``(s, key map,
+        shift)`` (frame index s, distinct modulo ``slots``; ``key_map``; ``shift`` ``(dy, dx)``
+        cells, key minus query, ``clamp``ed; the same s and shift must come with the same
+        map), and the global motion to the last frame's keys: its shift plus the most common
+        offset, within the window, of the queries' best keys there (queries on the grid; the
+        shift alone where no query has a key there).
 
         queries : ``rows x cols x Q x C`` (one frame, ``Tiles.arrange``)
 
@@ -479,36 +486,51 @@ class NearFloor:
         nothing, where the frames hold fewer than k keys for a query) and ``(dy, dx)``.
         """
         rows, cols, cells, channels = queries.shape
-        tiles, side, n = self.tiles, self.side, len(frames)
+        tiles, side, slots = self.tiles, self.side, self.slots
         size, span = side * side, 2 * self.m + 1
-        if n * size < topk:
-            return queries.new_full((rows * cols * cells,), -1.0), frames[-1][1]
-        within = torch.cat([self.bias(shift, queries.dtype) for _, shift in frames], dim=-1)   # Q x nR
+        if len(frames) * size < topk:
+            return queries.new_full((rows * cols * cells,), -1.0), frames[-1][2]
+        shape = (rows, cols, slots, side, side, channels)
+        if self._block is None or self._block.shape != shape or self._block.dtype != queries.dtype:
+            self._block, self._held = queries.new_zeros(shape), [None] * slots       # (a slot of no frame: 0, masked)
+        by_slot = {s % slots: (s, key_map, shift) for s, key_map, shift in frames}
+        stale = [(slot, key_map, shift) for slot, (s, key_map, shift) in by_slot.items()
+                 if self._held[slot] != (s, shift)]
+        for slot, _, _ in stale:                      # (until gathered: a stopped call leaves them stale)
+            self._held[slot] = None
+        no_keys = torch.full((cells, size), -math.inf, dtype=queries.dtype, device=queries.device)
+        within = torch.cat([self.bias(by_slot[i][2], queries.dtype) if i in by_slot else no_keys
+                            for i in range(slots)], dim=-1)                                   # Q x slots R
         starts = torch.arange(cols, device=queries.device) * tiles.tile - self.m
-        columns = torch.cat([self._off_frame(starts + dx, tiles.w, queries.dtype).repeat(1, side)
-                             for _, (_, dx) in frames], dim=-1)[:, None]                    # cols x 1 x nR
+        dxs = [by_slot[i][2][1] if i in by_slot else 0 for i in range(slots)]
+        columns = torch.cat([self._off_frame(starts + dx, tiles.w, queries.dtype).repeat(1, side) for dx in dxs],
+                            dim=-1)[:, None]                                                 # cols x 1 x slots R
+        dys = torch.tensor([by_slot[i][2][0] if i in by_slot else 0 for i in range(slots)], device=queries.device)
         on_grid = tiles.on_grid.view(rows, cols, cells)
         width = cols * tiles.tile + 2 * self.m
+        last = frames[-1][0] % slots
 
         def row_floor(row):
-            keys = queries.new_empty(cols, n, side, side, channels)
-            for f, (key_map, (dy, dx)) in enumerate(frames):
+            keys = self._block[row]                                                  # cols x slots x side x side x C
+            for slot, key_map, (dy, dx) in stale:
                 y0, x0 = self.reach + dy + row * tiles.tile, self.reach + dx
                 strip = key_map[y0: y0 + side, x0: x0 + width]                      # side x width x C
-                keys[:, f] = strip.unfold(1, side, tiles.tile).permute(1, 0, 3, 2)   # cols x side x side x C
-            start = torch.tensor([row * tiles.tile - self.m + dy for _, (dy, _) in frames], device=queries.device)
-            lines = self._off_frame(start, tiles.h, queries.dtype)[:, :, None].expand(n, side, side)   # n x side
-            scores = torch.bmm(queries[row], keys.view(cols, n * size, channels).transpose(1, 2))
-            scores.add_(within + lines.reshape(-1)).add_(columns)
+                keys[:, slot] = strip.unfold(1, side, tiles.tile).permute(1, 0, 3, 2)   # cols x side x side x C
+            lines = self._off_frame(row * tiles.tile - self.m + dys, tiles.h, queries.dtype)   # slots x side
+            scores = torch.bmm(queries[row], keys.view(cols, slots * size, channels).transpose(1, 2))
+            scores.add_(within + lines[:, :, None].expand(slots, side, side).reshape(-1)).add_(columns)
             bound = scores.topk(topk, dim=-1).values[..., -1].reshape(-1)
-            value, best = scores[..., (n - 1) * size:].max(dim=-1)                  # cols x Q
+            value, best = scores[..., last * size: (last + 1) * size].max(dim=-1)     # cols x Q
             best += torch.arange(cells, device=scores.device) * size
             bins = (self.offset[0].take(best) + self.m) * span + self.offset[1].take(best) + self.m
             return bound, torch.bincount(bins[on_grid[row] & (value > -math.inf)], minlength=span * span)
 
         parts = parallel_map(row_floor, range(rows), queries.device)
+        for slot, (s, _, shift) in by_slot.items():
+            self._held[slot] = (s, shift)
+        self.gathered += len(stale)
         bound = torch.cat([p[0] for p in parts])
-        counts, shift = sum(p[1] for p in parts), frames[-1][1]
+        counts, shift = sum(p[1] for p in parts), frames[-1][2]
         if not int(counts.sum()):                      # no query with a key there: nothing measured
             return bound.clamp(min=-1.0), shift
         mode = int(counts.argmax())

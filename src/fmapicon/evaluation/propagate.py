@@ -248,7 +248,7 @@ class LabelStream:
         channels = first_features.shape[0]
         self.tiles = Tiles(first_features.shape[-2:], params.radius, params.tile, first_features.device,
                            first_features.dtype)
-        self.near = NearFloor(self.tiles, min(NEAR_RADIUS, params.radius))
+        self.near = NearFloor(self.tiles, min(NEAR_RADIUS, params.radius), min(NEAR_FRAMES, self.n))
         self.margin = rounding_margin(channels, first_features.dtype)
         self.first_keys = first_features.reshape(channels, -1).t().contiguous()     # hw x C
         # the coarse search of frame 0 pays for its float32 rescoring from about 64 channels on,
@@ -362,7 +362,7 @@ class LabelStream:
         velocity = [a - b for a, b in zip(motion[latest], motion.get(latest - 1, motion[latest]))]
         guess = [a + v * (t - latest) for a, v in zip(motion[latest], velocity)]
         shifts = [self.near.clamp([a - b for a, b in zip(guess, motion[s])]) for s in frames]
-        floor, moved = self.near.floor(queries, [(self.near_keys[s], d) for s, d in zip(frames, shifts)],
+        floor, moved = self.near.floor(queries, [(s, self.near_keys[s], d) for s, d in zip(frames, shifts)],
                                        self.params.topk)
         motion[t] = tuple(a + b for a, b in zip(motion[latest], moved))
         later = self._near_frames(t + 1)
