@@ -417,7 +417,6 @@ class NearFloor:
     radius : the small radius r (in cells); windows move by at most ``reach`` = ``tiles.m -
         m`` cells along each axis, and keep the keys within r of the moved centre, within R
         of the query and on the frame
-
     slots : the most frames a call gets (the near frames, a run of consecutive ones)
 
     One product per tile row covers all the frames: their windows are gathered from
