@@ -142,12 +142,6 @@ class Tiles:
         out[..., :size].view(n, channels, y1 - y0, self.side).copy_(strip)
         return out
 
-    def all_windows(self, padded: torch.Tensor) -> list[torch.Tensor]:
-        """``windows`` of every tile row, all tile columns, of one padded key map: a list of
-        ``cols x C x R`` (a copy of about (side / tile)^2 times the map, to reuse for several
-        query frames)."""
-        return [self.windows(padded, row, slice(0, self.cols)) for row in range(self.rows)]
-
     def to_grid(self, values: torch.Tensor) -> torch.Tensor:
         """``Nq x K`` in tile order -> ``K x h x w``."""
         tile = self.tile
