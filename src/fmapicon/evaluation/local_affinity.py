@@ -45,6 +45,17 @@ def radius_offsets(radius: float, size) -> int:
     return max(0, min(math.ceil(radius) - 1, max(size) - 1))
 
 
+def window_offsets(tile: int, m: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dy, dx)``, each ``Q x R``: the offset, key minus query in cells, of each window cell
+    (R = side^2, side = tile + 2m, row-major) from each query cell of a ``tile x tile`` tile
+    (Q = tile^2, row-major), the window starting m cells before the tile on each axis."""
+    side = tile + 2 * m
+    offset = torch.arange(side, device=device)[None, :] - m - torch.arange(tile, device=device)[:, None]
+    shape = (tile, tile, side, side)                                     # qy qx ry rx
+    return (offset[:, None, :, None].expand(shape).reshape(tile * tile, -1),
+            offset[None, :, None, :].expand(shape).reshape(tile * tile, -1))
+
+
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 os.register_at_fork(after_in_child=_POOLS.clear)     # a pool's threads do not survive a fork
 
@@ -90,10 +101,9 @@ class Tiles:
         self.padded = (self.rows * tile + 2 * self.m, self.cols * tile + 2 * self.m)
         self.plane = self.padded[0] * self.padded[1]
         self.cells = self.rows * self.cols * tile * tile
-        window, query = torch.arange(self.side, device=device), torch.arange(tile, device=device)
-        offset = window[None, :] - self.m - query[:, None]                       # tile x side
-        distance = offset[:, None, :, None] ** 2 + offset[None, :, None, :] ** 2  # qy qx ry rx
-        within = (distance < radius**2).reshape(tile * tile, -1)               # Q x R
+        window = torch.arange(self.side, device=device)
+        dy, dx = window_offsets(tile, self.m, device)
+        within = dy**2 + dx**2 < radius**2                                      # Q x R
         ys = torch.arange(self.rows, device=device)[:, None] * tile + window - self.m  # rows x side
         xs = torch.arange(self.cols, device=device)[:, None] * tile + window - self.m  # cols x side
         on_y, on_x = (ys >= 0) & (ys < self.h), (xs >= 0) & (xs < self.w)
@@ -428,12 +438,7 @@ class NearFloor:
         self.m = radius_offsets(radius, (tiles.h, tiles.w))
         self.reach = tiles.m - self.m
         self.side = tiles.tile + 2 * self.m
-        device, tile = tiles.grid_index.device, tiles.tile
-        window, query = torch.arange(self.side, device=device), torch.arange(tile, device=device)
-        offset = window[None, :] - self.m - query[:, None]                 # tile x side, key - query
-        shape = (tile, tile, self.side, self.side)                         # qy qx ry rx
-        self.offset = [offset[:, None, :, None].expand(shape).reshape(tile * tile, -1),
-                       offset[None, :, None, :].expand(shape).reshape(tile * tile, -1)]  # Q x R: dy, dx
+        self.offset = window_offsets(tiles.tile, self.m, tiles.grid_index.device)     # Q x R: dy, dx
         self._bias: dict[tuple[int, int], torch.Tensor] = {}
 
     def clamp(self, shift) -> tuple[int, int]:
