@@ -56,6 +56,13 @@ def window_offsets(tile: int, m: int, device) -> tuple[torch.Tensor, torch.Tenso
             offset[None, :, None, :].expand(shape).reshape(tile * tile, -1))
 
 
+def on_axis(start: torch.Tensor, side: int, size: int) -> torch.Tensor:
+    """``N x side`` booleans: whether each of ``side`` consecutive positions from ``start``
+    (``N``, grid positions along one axis) lies on the grid's ``size`` cells."""
+    position = start[:, None] + torch.arange(side, device=start.device)
+    return (position >= 0) & (position < size)
+
+
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 os.register_at_fork(after_in_child=_POOLS.clear)     # a pool's threads do not survive a fork
 
@@ -101,12 +108,10 @@ class Tiles:
         self.padded = (self.rows * tile + 2 * self.m, self.cols * tile + 2 * self.m)
         self.plane = self.padded[0] * self.padded[1]
         self.cells = self.rows * self.cols * tile * tile
-        window = torch.arange(self.side, device=device)
         dy, dx = window_offsets(tile, self.m, device)
         within = dy**2 + dx**2 < radius**2                                      # Q x R
-        ys = torch.arange(self.rows, device=device)[:, None] * tile + window - self.m  # rows x side
-        xs = torch.arange(self.cols, device=device)[:, None] * tile + window - self.m  # cols x side
-        on_y, on_x = (ys >= 0) & (ys < self.h), (xs >= 0) & (xs < self.w)
+        on_y = on_axis(torch.arange(self.rows, device=device) * tile - self.m, self.side, self.h)  # rows x side
+        on_x = on_axis(torch.arange(self.cols, device=device) * tile - self.m, self.side, self.w)  # cols x side
         inside = (on_y[:, None, :, None] & on_x[None, :, None, :]).reshape(self.rows, self.cols, -1)
         valid = (within[None, None] & inside[:, :, None, :]).view(self.rows, self.cols, tile * tile, self.side, -1)
         self.window_rows = [(max(0, self.m - i * tile), min(self.side, self.m + self.h - i * tile))
@@ -465,9 +470,8 @@ class NearFloor:
     def _off_frame(self, start: torch.Tensor, size: int, dtype) -> torch.Tensor:
         """``N x side``: 0 where a window's row (or column) lies on the grid's ``size`` cells
         along that axis, -inf off it; ``start`` (``N``) the grid position of each window's first."""
-        position = start[:, None] + torch.arange(self.side, device=start.device)
-        zero = torch.zeros(position.shape, dtype=dtype, device=start.device)
-        return zero.masked_fill_((position < 0) | (position >= size), -math.inf)
+        zero = torch.zeros((len(start), self.side), dtype=dtype, device=start.device)
+        return zero.masked_fill_(~on_axis(start, self.side, size), -math.inf)
 
     @torch.no_grad()
     def floor(self, queries: torch.Tensor, frames: list, topk: int):
