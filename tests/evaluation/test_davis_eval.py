@@ -44,6 +44,39 @@ def test_cli_eval_copy(synth_root, tmp_path, capsys):
     assert main(["eval", "--davis", str(tmp_path / "e"), "--model", "copy", "--out", str(tmp_path / "f")]) == 2
 
 
+def test_bench_propagate_repeat_alternates_and_reports_each_sequences_fastest_run(synth_root, tmp_path, capsys,
+                                                                                    monkeypatch):
+    import fmapicon.bench.propagate as bench
+    from fmapicon.cli import main
+
+    runs = []
+    time_sequence = bench._time_sequence
+
+    def recorded(model, *args):
+        row = time_sequence(model, *args)
+        runs.append((model.name, row))
+        return row
+
+    monkeypatch.setattr(bench, "_time_sequence", recorded)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "propagate", "--davis", str(synth_root), "--model", "random", "--count", "2",
+                 "--frames", "4", "--repeat", "3", "--threads", "1", "--json", str(out)]) == 0
+    # 3 rounds, each sequence by the model then by the baseline
+    names = [name for name, _ in runs]
+    assert len(runs) == 12 and names[0::2] == [names[0]] * 6 and names[1::2] == [names[1]] * 6
+    assert names[0].startswith("random") and names[1].startswith("pixels")
+    record = json.loads(out.read_text())
+    assert record["repeat"] == 3
+    rows = {row["sequence"]: row for row in record["rows"]}
+    for sequence in {row["sequence"] for _, row in runs}:
+        for model, label in ((names[0], sequence), (names[1], f"pixels: {sequence}")):
+            times = [row["total_s"] for name, row in runs if name == model and row["sequence"] == sequence]
+            assert len(times) == 3 and rows[label]["total_s"] == min(times)
+    assert rows["measured"]["frames"] == 8
+    printed = capsys.readouterr().out
+    assert "fastest of 3 runs" in printed and f"propagation, {names[0]} / pixels: " in printed
+
+
 def test_cli_eval_pixels_weight_is_applied_and_recorded(synth_root, tmp_path, capsys):
     from fmapicon.cli import main
 
