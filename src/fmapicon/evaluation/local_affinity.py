@@ -399,9 +399,17 @@ def _entries_above(segments: torch.Tensor, floor: torch.Tensor, per_row: int, ma
     length = segments.shape[1]
     maxima = segments.amax(dim=-1) if maxima is None else maxima
     hits = (maxima.view(-1, per_row) > floor[:, None]).view(-1).nonzero().squeeze(1)
-    passed = segments.index_select(0, hits) > floor.index_select(0, hits // per_row)[:, None]
+    passed = _gather_rows(segments, hits) > floor.index_select(0, hits // per_row)[:, None]
     where = passed.view(-1).nonzero().squeeze(1)
     return hits.index_select(0, where // length) * length + where % length
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(0, index)`` for a 2-D ``x``; a contiguous ``x`` whose rows are whole
+    64-bit words is copied as such (segments of 64 int16 or int32 scores: 2-3x faster)."""
+    if not x.is_contiguous() or x.shape[1] * x.element_size() % 8:
+        return x.index_select(0, index)
+    return x.view(torch.int64).index_select(0, index).view(x.dtype)
 
 
 def rounding_margin(channels: int, dtype=torch.float32) -> float:
@@ -596,8 +604,10 @@ def int8_copy(x: torch.Tensor, dim: int = -1, per_vector: bool = True):
     top = (x.abs().amax(dim=dim) if per_vector else x.abs().max()).double()
     scale = 127 / torch.where(top > 0, top, torch.ones_like(top))
     spread = scale.unsqueeze(dim) if per_vector else scale
-    low = torch.round(x.double() * spread)
-    return low.to(torch.int8), (low / spread - x.double()).norm(dim=dim).float(), scale
+    exact = x.double()
+    low = torch.round(exact * spread)
+    copy = low.to(torch.int8)
+    return copy, low.div_(spread).sub_(exact).norm(dim=dim).float(), scale     # (low / s - x, in place)
 
 
 def rounded_product_error(query_rounding: torch.Tensor, key_rounding, channels: int) -> torch.Tensor:
