@@ -15,6 +15,7 @@ from fmapicon.errors import UserError
 from fmapicon.evaluation.davis_eval import evaluate_davis
 from fmapicon.evaluation.features import FeatureModel
 from fmapicon.evaluation.metrics import score_davis
+from fmapicon.evaluation.local_affinity import scatter_rows
 from fmapicon.evaluation.propagate import (LabelStream, PropagationParams, _key_users, context_slots,
                                            labels_to_ids, propagate_labels, propagate_sequence, soft_labels)
 
@@ -289,7 +290,7 @@ def test_the_near_floor_follows_a_pan_and_keeps_the_dense_result():
         got, floors, motion = [first], [], []
         for t, f in enumerate(features[1:], 1):
             got += [labels for _, labels in stream.push(f)]
-            floors.append(stream.pending[t].floor[stream.tiles.on_grid])
+            floors.append(stream.seed_floor(t)[stream.tiles.on_grid])
             motion.append(stream.motion[t][1])
         runs[still] = got + [labels for _, labels in stream.close()], torch.cat(floors), motion, stream.near.gathered
     got, floors, motion, gathered = runs[False]
@@ -333,7 +334,7 @@ def test_near_ties_at_the_floor_keep_the_dense_result():
         blocks = [query @ features[0].flatten(1)] + [(query @ features[s].flatten(1)).masked_fill(~near, -math.inf)
                                                      for s in context_slots(t, 10)]
         kth = torch.cat(blocks, dim=1).topk(6, dim=1).values[:, -1]
-        floor = stream.tiles.to_grid(stream.pending[t].floor[:, None]).reshape(-1)
+        floor = stream.tiles.to_grid(stream.seed_floor(t)[:, None]).reshape(-1)
         assert (floor <= kth).all()                         # safe: nothing of the top-k is pruned
         if t > 8:                                           # 8 recent frames: the floor is among near ties
             assert ((kth - floor) < 1e-4).float().mean() > 0.9, (kth - floor).max()
@@ -427,6 +428,55 @@ def _count_sampled(monkeypatch) -> list:
     monkeypatch.setattr(local_affinity, "sampled_product",
                         lambda rows, columns, line, col: counts.append(len(line)) or sampled(rows, columns, line, col))
     return counts
+
+
+def test_running_top_k_holds_the_k_best_of_everything_merged_copies_counted():
+    from fmapicon.evaluation.local_affinity import RunningTopK
+
+    generator = torch.Generator().manual_seed(2)
+    frames, cells, k, offset, copies = 3, 40, 5, 1000, [1, 3, 1]
+    start = torch.rand(frames, cells, k, generator=generator)
+    start[0, :7] = -math.inf                                      # rows that hold fewer than k yet
+    values, index = start.clone(), torch.arange(frames * cells * k).view(frames, cells, k)
+    running = RunningTopK(values, index, copies, offset)
+    merged = [(u, q, float(start[u, q, j]), int(index[u, q, j])) for u in range(frames) for q in range(cells)
+              for j in range(k)]
+    for block in (slice(0, 24), slice(24, 40), slice(0, 24)):       # disjoint cells within a key frame
+        n = 30
+        user = torch.randint(0, frames, (n,), generator=generator)
+        query = torch.randint(block.start, block.stop, (n,), generator=generator)
+        value, key = torch.rand(n, generator=generator), torch.randint(0, 500, (n,), generator=generator)
+        running.merge(block, user, query, value, key)
+        merged += [(int(u), int(q), float(v), int(c) + offset) for u, q, v, c in zip(user, query, value, key)
+                   for _ in range(copies[int(u)])]
+    for u in range(frames):
+        for q in range(cells):
+            best = sorted((v, c) for uu, qq, v, c in merged if (uu, qq) == (u, q))[::-1][:k]
+            assert values[u, q].tolist() == pytest.approx([v for v, _ in best])
+            kept = [c for v, c in best if v > -math.inf]
+            assert sorted(index[u, q, : len(kept)].tolist()) == sorted(kept)
+    assert torch.equal(running.kth(slice(3, 9)), values[:, 3:9].amin(dim=-1))
+
+
+def test_the_running_k_th_best_prunes_the_windows():
+    from fmapicon.evaluation.local_affinity import RunningTopK, Tiles, window_candidates
+
+    features = _moving_scene(frames=4)
+    tiles = Tiles((12, 15), 6, 4, "cpu")
+    queries, keys = tiles.arrange(features[1:]), tiles.pad_keys(features[:1])[0]
+    floor = torch.full((3, tiles.cells), -1.0)
+    found = window_candidates(tiles, queries, keys, 5, floor)
+    values = torch.full((3, tiles.cells, 5), -math.inf)
+    index = torch.zeros(3, tiles.cells, 5, dtype=torch.long)
+    assert window_candidates(tiles, queries, keys, 5, floor, running=RunningTopK(values, index)) is None
+    top = scatter_rows(found[0] * tiles.cells + found[1], found[2], found[3], 3 * tiles.cells, 5)[0]
+    assert torch.equal(values.view(-1, 5), top.sort(dim=-1, descending=True).values)      # merged, not returned
+    # a running k-th best above every affinity: nothing passes
+    running, sizes = RunningTopK(torch.full((3, tiles.cells, 5), 2.0), index.clone()), []
+    merge = running.merge
+    running.merge = lambda cells, user, *rest: sizes.append(len(user)) or merge(cells, user, *rest)
+    window_candidates(tiles, queries, keys, 5, floor, running=running)
+    assert len(sizes) > 1 and sum(sizes) == 0 and (running.values == 2.0).all()
 
 
 def test_sampled_product_gives_the_entries_of_the_full_product():

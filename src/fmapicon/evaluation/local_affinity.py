@@ -170,9 +170,58 @@ class Tiles:
         return origin + (r // self.side) * self.padded[1] + r % self.side
 
 
+class RunningTopK:
+    """The k best candidates found so far of each query cell of U query frames, kept as
+    ``window_candidates`` meets key frame after key frame: its blocks (disjoint query cells,
+    on several threads at once) merge their entries in, and the k-th best so far raises
+    the floor of the key frames met later (k real entries that large are candidates).
+
+    values, index : ``U x Nq x k`` (tile order; -inf / 0 where empty), updated in place
+        (views of the caller's buffers)
+    copies : ``U`` ints, how many times each query frame's context holds the key frame met
+        now: its entries are merged that many times (CRW pads the context with copies of
+        the first frame; at most k count)
+    offset : added to the entries' padded key positions (the key frame's place in a store)
+    """
+
+    def __init__(self, values: torch.Tensor, index: torch.Tensor, copies=None, offset: int = 0):
+        self.values, self.index, self.offset = values, index, offset
+        self.copies = None
+        if copies is not None and max(copies) > 1:
+            self.copies = torch.tensor([min(c, values.shape[-1]) for c in copies], device=values.device)
+
+    def kth(self, cells: slice) -> torch.Tensor:
+        """``U x n``: the k-th best so far of the query cells ``cells`` (-inf while fewer than k)."""
+        return self.values[:, cells].amin(dim=-1)
+
+    def merge(self, cells: slice, user, query, value, key) -> None:
+        """Merge entries (query frame 0..U-1, query cell within ``cells``, affinity, padded key
+        position) into the rows of ``cells``."""
+        if not len(value):
+            return
+        k, count, size = self.values.shape[-1], self.values.shape[0], cells.stop - cells.start
+        line = user * size + (query - cells.start)                       # U x size lines
+        key = key + self.offset
+        if self.copies is not None:
+            repeat = self.copies.take(user)
+            line, value, key = (x.repeat_interleave(repeat) for x in (line, value, key))
+        counts = torch.bincount(line, minlength=count * size)
+        order = torch.argsort(line)
+        line, value, key = (x.index_select(0, order) for x in (line, value, key))
+        slot = k + torch.arange(len(line), device=line.device) - (torch.cumsum(counts, 0) - counts).take(line)
+        width = k + int(counts.max())
+        values = self.values.new_full((count * size, width), -math.inf)
+        index = self.index.new_zeros((count * size, width))
+        values[:, :k], index[:, :k] = self.values[:, cells].reshape(-1, k), self.index[:, cells].reshape(-1, k)
+        values[line, slot], index[line, slot] = value, key
+        values, pick = values.topk(k, dim=-1)
+        self.values[:, cells] = values.view(count, size, k)
+        self.index[:, cells] = index.gather(1, pick).view(count, size, k)
+
+
 @torch.no_grad()
 def window_candidates(tiles: Tiles, queries: torch.Tensor, keys: torch.Tensor, topk: int, floor=None,
-                      coarse=None, block_bytes: int = 16 << 20):
+                      coarse=None, running: RunningTopK | None = None, block_bytes: int = 16 << 20):
     """Candidates of U query frames among one key frame's cells within the radius.
 
     queries : ``rows x cols x U x Q x C`` (``Tiles.arrange``, frames consecutive)
@@ -188,11 +237,15 @@ def window_candidates(tiles: Tiles, queries: torch.Tensor, keys: torch.Tensor, t
         (``torch.sparse.sampled_addmm``), the same entries as without it, ties aside. A
         block where more than ``COARSE_SHARE`` of the scores pass, or with a floor at or
         below the error, is scored in float32 whole.
+    running : None, or the U query frames' ``RunningTopK`` (k = ``topk``): each block merges
+        its entries into it instead of returning them, and with a floor, prunes by the
+        larger of the floor and the k-th best found so far (its earlier key frames')
     block_bytes : the size of one block of scores (speed only)
 
     Returns ``(user, query, value, key)`` 1-D tensors: query frame (0..U-1), query cell
     (tile order), affinity, padded key position; at most min(topk, R) per query, every
-    entry of its radius-restricted top-k that lies above the floor among them.
+    entry of its radius-restricted top-k that lies above the floor among them. With
+    ``running``: None.
     """
     rows, cols, count, cells, channels = queries.shape
     step = max(1, block_bytes // max(1, count * cells * tiles.side**2 * 4))
@@ -201,10 +254,10 @@ def window_candidates(tiles: Tiles, queries: torch.Tensor, keys: torch.Tensor, t
         floor = floor.view(count, rows, cols, cells)
     coarse = coarse if prune else None
 
-    def exact(row, span, scores):
+    def exact(row, span, scores, below):
         k = min(topk, scores.shape[-1])
         if prune:
-            return _above_floor(scores, tiles, row, span, floor[:, row, span].transpose(0, 1), k)
+            return _above_floor(scores, tiles, row, span, below, k)
         scores.add_(tiles.bias[row][span][:, None])
         values, r = scores.topk(k, dim=-1)
         c, u, q_cell, _ = torch.meshgrid(*(torch.arange(n, device=values.device) for n in values.shape),
@@ -220,7 +273,11 @@ def window_candidates(tiles: Tiles, queries: torch.Tensor, keys: torch.Tensor, t
     def block(where):
         row, start = where
         span = slice(start, min(cols, start + step))
+        cells_of = slice((row * cols + span.start) * cells, (row * cols + span.stop) * cells)   # the block's queries
         found, below = None, floor[:, row, span].transpose(0, 1) if prune else None
+        if prune and running is not None:
+            kth = running.kth(cells_of).view(count, span.stop - span.start, cells).transpose(0, 1)
+            below = torch.maximum(below, kth)
         if coarse is not None:
             low_queries, query_rounding, low_keys, key_rounding = coarse
             lowered = below - rounded_product_error(query_rounding[row, span], key_rounding, channels)
@@ -230,20 +287,24 @@ def window_candidates(tiles: Tiles, queries: torch.Tensor, keys: torch.Tensor, t
                 if len(found[0]) > COARSE_SHARE * scores.numel():
                     found = None
         if found is None:
-            c, u, q_cell, r, values = exact(row, span, product(queries, keys, row, span))
+            c, u, q_cell, r, values = exact(row, span, product(queries, keys, row, span), below)
             key = tiles.key_index(row, start + c, r)
         else:
             line, r, c, q_cell = found
             c, u, q_cell, key, values = _rescore(queries[row, span], columns, below, topk, line, c, q_cell,
                                                  tiles.key_index(row, start + c, r))
-        return u, ((row * cols) + start + c) * cells + q_cell, values, key
+        query = ((row * cols) + start + c) * cells + q_cell
+        if running is None:
+            return u, query, values, key
+        running.merge(cells_of, u, query, values, key)
 
     if coarse is not None:
         _consume_csr_warning()
         columns = keys.reshape(channels, -1).t().contiguous().t()         # (see sampled_product)
     blocks = [(row, start) for row in range(rows) for start in range(0, cols, step)]
     parts = parallel_map(block, blocks, queries.device)
-    return tuple(torch.cat([p[i] for p in parts]) for i in range(4))
+    if running is None:
+        return tuple(torch.cat([p[i] for p in parts]) for i in range(4))
 
 
 def _bf16_bits_below(values: torch.Tensor) -> torch.Tensor:

@@ -30,8 +30,9 @@ CRW protocol (``protocol="crw"``), every value a field of ``PropagationParams``:
 
 Streaming (``LabelStream``): frames' features arrive one at a time. The affinities do not
 depend on the labels, so each key frame s is met once, by the ``context`` query frames
-whose context holds it (one batched product per tile), as soon as they have arrived; frame
-t is finished once its last context frame, t - 1, was met. A frame's features are dropped
+whose context holds it (one batched product per tile), as soon as they have arrived; each
+query frame keeps its k best candidates so far (``RunningTopK``), whose k-th best prunes the
+key frames met after, and frame t is finished once its last context frame, t - 1, was met. A frame's features are dropped
 once it was met as a key and finished as a query: at most the first frame and
 ``context + 1`` others are held, whatever the video's length; labels are kept for the
 first frame and the last ``context`` frames. Frame t's labels come out ``context - 1`` frames
@@ -56,9 +57,9 @@ import torch
 import torch.nn.functional as F
 
 from fmapicon.errors import UserError
-from fmapicon.evaluation.local_affinity import (FrameSearch, NearFloor, Tiles, bf16_copy, bf16_is_faster,
-                                               first_frame_topk, int8_is_faster, rounding_margin, scatter_rows,
-                                               window_candidates)
+from fmapicon.evaluation.local_affinity import (FrameSearch, NearFloor, RunningTopK, Tiles, bf16_copy,
+                                               bf16_is_faster, first_frame_topk, int8_is_faster, rounding_margin,
+                                               scatter_rows, window_candidates)
 
 PROTOCOLS = ("crw", "original", "copy")
 VOID = 255
@@ -205,17 +206,6 @@ def _key_users(s: int, context: int, restarts=()) -> list[tuple[int, int]]:
 # --------------------------------------------------------------------------- streaming CRW
 
 
-@dataclass
-class _Candidates:
-    """The known candidates of one query frame: dense ``values``/``index`` ``Nq x k`` (the
-    first frame's), their k-th best per query ``floor`` (``Nq``), and sparse additions."""
-
-    values: torch.Tensor
-    index: torch.Tensor
-    floor: torch.Tensor
-    sparse: list
-
-
 class LabelStream:
     """CRW label propagation over frames that arrive one at a time (see the module docstring).
 
@@ -265,6 +255,12 @@ class LabelStream:
         self._store(0, first_labels)
         capacity = 2 * (self.n + 1)
         self.queries = first_features.new_zeros(tiles.rows, tiles.cols, capacity, tiles.tile**2, channels)
+        # per query frame not finished: its k best candidates so far (frame 0's, then the key
+        # frames' as they are met: ``RunningTopK``) and the floor it starts with
+        k = int(params.topk)
+        self.best = (first_features.new_full((capacity, tiles.cells, k), -math.inf),
+                     torch.zeros(capacity, tiles.cells, k, dtype=torch.long, device=first_features.device))
+        self.floors = first_features.new_zeros(capacity, tiles.cells)
         self.base, self.count, self.met = 1, 1, -1
         self.keys = {0: self.first_padded}
         # where bf16 products are native, the windows' entries are found by a bf16 copy of the
@@ -278,7 +274,6 @@ class LabelStream:
                            {0: (low_keys, rounding.max())})
         self.near_keys = {0: NearFloor.key_map(self.first_padded)}   # the near floor's key frames
         self.motion = {0: (0, 0)}       # recent frames' global motion since frame 0, cells (dy, dx)
-        self.pending: dict[int, _Candidates] = {}
         self.peak_retained = self.retained
 
     @property
@@ -302,6 +297,8 @@ class LabelStream:
             keep = self.met + 2                                # the first query frame not finished
             for held in (self.queries,) + (self.coarse[:2] if self.coarse else ()):
                 held[:, :, : t - keep] = held[:, :, keep - self.base: t - self.base].clone()
+            for held in (*self.best, self.floors):
+                held[: t - keep] = held[keep - self.base: t - self.base].clone()
             self.base = keep
         query = self.tiles.arrange(features[None])[:, :, 0]
         self.queries[:, :, t - self.base] = query
@@ -311,7 +308,7 @@ class LabelStream:
             low_keys, rounding = bf16_copy(self.keys[t], dim=0)
             self.coarse[2][t] = (low_keys, rounding.max())
         self.near_keys[t] = NearFloor.key_map(self.keys[t])
-        self.pending[t] = self._seed(t, query)
+        self._seed(t, query)
         self.count += 1
         self.peak_retained = max(self.peak_retained, self.retained)
         finished = []
@@ -326,9 +323,9 @@ class LabelStream:
             finished.append(self._advance())
         return finished
 
-    def _seed(self, t: int, queries: torch.Tensor) -> _Candidates:
+    def _seed(self, t: int, queries: torch.Tensor) -> None:
         """Frame 0's candidates of query frame t (``rows x cols x Q x C``; all its cells, or
-        with ``restrict_first`` within the radius) and its floor."""
+        with ``restrict_first`` within the radius), its first k best, and its floor."""
         k, tiles = self.params.topk, self.tiles
         floor = self._near_floor(t, queries)
         if self.params.restrict_first:
@@ -343,7 +340,15 @@ class LabelStream:
             index = tiles.grid_index[cells]
         full = values.shape[-1] == k
         kth = values.amin(dim=-1) if full else values.new_full(values.shape[:1], -math.inf)
-        return _Candidates(values, index, torch.maximum(kth, floor), [])
+        best_values, best_index = (held[t - self.base] for held in self.best)
+        best_values.fill_(-math.inf)[:, : values.shape[-1]] = values
+        best_index.zero_()[:, : index.shape[-1]] = index
+        self.floors[t - self.base] = torch.maximum(kth, floor)
+
+    def seed_floor(self, t: int) -> torch.Tensor:
+        """``Nq``: the floor query frame t (arrived, not finished) started with, before any
+        key frame was met (tile order)."""
+        return self.floors[t - self.base]
 
     def _near_frames(self, t: int) -> list[int]:
         """The last ``NEAR_FRAMES`` frames of t's short-term context (all held)."""
@@ -377,42 +382,30 @@ class LabelStream:
         s = self.met + 1
         users = [(t, copies) for t, copies in _key_users(s, self.n, self.restarts) if t < self.count]
         first, last = users[0][0], users[-1][0]
-        floor = torch.stack([self.pending[t].floor for t, _ in users])
-        queries = self.queries[:, :, first - self.base: last + 1 - self.base]
+        held = slice(first - self.base, last + 1 - self.base)
         coarse = None
         if self.coarse:
-            held = slice(first - self.base, last + 1 - self.base)
             coarse = (self.coarse[0][:, :, held], self.coarse[1][:, :, held], *self.coarse[2][s])
-        user, query, values, index = window_candidates(self.tiles, queries, self.keys[s], self.params.topk, floor,
-                                                       coarse)
-        index += self._slot(s) * self.tiles.plane
-        order = torch.argsort(user)
-        sizes = torch.bincount(user, minlength=len(users)).tolist()
-        parts = zip(query[order].split(sizes), values[order].split(sizes), index[order].split(sizes))
-        for (t, copies), part in zip(users, parts):
-            self.pending[t].sparse += [part] * min(copies, self.params.topk)
+        running = RunningTopK(self.best[0][held], self.best[1][held], [copies for _, copies in users],
+                              self._slot(s) * self.tiles.plane)
+        window_candidates(self.tiles, self.queries[:, :, held], self.keys[s], self.params.topk, self.floors[held],
+                          coarse, running)
         if s > 0:
             del self.keys[s]
             if self.coarse:
                 del self.coarse[2][s]
         self.met = s
         t = s + 1
-        labels = self._finish(self.pending.pop(t))
+        labels = self._finish(t)
         if self.amend is not None:
             labels = self.amend(t, labels)
         self._store(t, labels)
         return t, labels
 
-    def _finish(self, candidates: _Candidates) -> torch.Tensor:
-        """Soft labels ``K x h x w`` of a frame: softmax over the top-k of its candidates'
-        affinity / temperature, weighting their labels."""
-        values, index = candidates.values, candidates.index
-        if candidates.sparse:
-            query, more, where = (torch.cat(x) for x in zip(*candidates.sparse))
-            extra_values, extra_index = scatter_rows(query, more, where, self.tiles.cells)
-            values, index = torch.cat([values, extra_values], -1), torch.cat([index, extra_index], -1)
-            values, pick = values.topk(min(self.params.topk, values.shape[-1]), dim=-1)
-            index = torch.gather(index, -1, pick)
+    def _finish(self, t: int) -> torch.Tensor:
+        """Soft labels ``K x h x w`` of frame t, all its key frames met: softmax over its k best
+        candidates' affinity / temperature, weighting their labels."""
+        values, index = (held[t - self.base] for held in self.best)
         weights = torch.softmax(values / self.params.temperature, dim=-1)
         weights.masked_fill_(~self.tiles.on_grid[:, None], 0.0)       # padding cells: no candidates, no labels
         return self.tiles.to_grid((weights[..., None] * self.store[index]).sum(dim=1))
