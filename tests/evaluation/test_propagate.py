@@ -53,6 +53,16 @@ def _random_sequence(frames=9, channels=16, h=13, w=19, classes=3, seed=0):
     return features, labels
 
 
+def test_labels_to_ids_is_the_argmax_of_the_upsampled_labels_the_first_of_ties():
+    generator = torch.Generator().manual_seed(5)
+    labels = torch.softmax(torch.randn(5, 6, 9, generator=generator), dim=0)
+    labels[3] = labels[1]                                   # ties: the first id wins, as argmax
+    ids = labels_to_ids(labels, (25, 31))
+    full = F.interpolate(labels[None], size=(25, 31), mode="bilinear", align_corners=False)[0]
+    assert ids.dtype == np.uint8 and np.array_equal(ids, full.argmax(dim=0).numpy())
+    assert set(np.unique(ids)) <= {0, 1, 2, 4} and 3 not in ids
+
+
 def test_context_is_the_previous_frames_padded_with_the_first():
     assert context_slots(1, 3) == [0, 0, 0]
     assert context_slots(2, 3) == [0, 0, 1]
