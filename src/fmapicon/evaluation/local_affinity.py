@@ -196,27 +196,27 @@ class RunningTopK:
 
     def merge(self, cells: slice, user, query, value, key) -> None:
         """Merge entries (query frame 0..U-1, query cell within ``cells``, affinity, padded key
-        position) into the rows of ``cells``."""
+        position) into the rows of ``cells`` (only the rows they touch are read and written)."""
         if not len(value):
             return
-        k, count, size = self.values.shape[-1], self.values.shape[0], cells.stop - cells.start
+        k, size = self.values.shape[-1], cells.stop - cells.start
         line = user * size + (query - cells.start)                       # U x size lines
         key = key + self.offset
         if self.copies is not None:
             repeat = self.copies.take(user)
             line, value, key = (x.repeat_interleave(repeat) for x in (line, value, key))
-        counts = torch.bincount(line, minlength=count * size)
         order = torch.argsort(line)
         line, value, key = (x.index_select(0, order) for x in (line, value, key))
-        slot = k + torch.arange(len(line), device=line.device) - (torch.cumsum(counts, 0) - counts).take(line)
-        width = k + int(counts.max())
-        values = self.values.new_full((count * size, width), -math.inf)
-        index = self.index.new_zeros((count * size, width))
-        values[:, :k], index[:, :k] = self.values[:, cells].reshape(-1, k), self.index[:, cells].reshape(-1, k)
-        values[line, slot], index[line, slot] = value, key
+        touched, counts = torch.unique_consecutive(line, return_counts=True)
+        row = torch.repeat_interleave(torch.arange(len(touched), device=line.device), counts)
+        slot = k + torch.arange(len(line), device=line.device) - (torch.cumsum(counts, 0) - counts).index_select(0, row)
+        user, query = touched // size, touched % size + cells.start
+        values = self.values.new_full((len(touched), k + int(counts.max())), -math.inf)
+        index = self.index.new_zeros(values.shape)
+        values[:, :k], index[:, :k] = self.values[user, query], self.index[user, query]
+        values[row, slot], index[row, slot] = value, key
         values, pick = values.topk(k, dim=-1)
-        self.values[:, cells] = values.view(count, size, k)
-        self.index[:, cells] = index.gather(1, pick).view(count, size, k)
+        self.values[user, query], self.index[user, query] = values, index.gather(1, pick)
 
 
 @torch.no_grad()
