@@ -890,11 +890,11 @@ class FrameSearch:
             line, cell = flat // cells, flat % cells
             values = sampled_product(queries[rows], self.keys.t(), line, cell)
             keep = (values > raised.index_select(0, line)).nonzero().squeeze(1)
-            return start + line.index_select(0, keep), values.index_select(0, keep), cell.index_select(0, keep)
+            return _best_per_row(line.index_select(0, keep), values.index_select(0, keep),
+                                 self.order.index_select(0, cell.index_select(0, keep)), len(scores), k)
 
-        query, values, cell = (torch.cat(x) for x in zip(*parallel_map(block, range(0, len(queries), self.chunk),
-                                                                         queries.device)))
-        return _best_per_row(query, values, self.order.index_select(0, cell), len(queries), k)
+        values, index = zip(*parallel_map(block, range(0, len(queries), self.chunk), queries.device))
+        return torch.cat(values), torch.cat(index)
 
 
 def _best_per_row(query, values, index, rows: int, k: int):
