@@ -32,12 +32,13 @@ Streaming (``LabelStream``): frames' features arrive one at a time. The affiniti
 depend on the labels, so each key frame s is met once, by the ``context`` query frames
 whose context holds it (one batched product per tile), as soon as they have arrived; each
 query frame keeps its k best candidates so far (``RunningTopK``), whose k-th best prunes the
-key frames met after, and frame t is finished once its last context frame, t - 1, was met. A frame's features are dropped
-once it was met as a key and finished as a query: at most the first frame and
-``context + 1`` others are held, whatever the video's length; labels are kept for the
-first frame and the last ``context`` frames. Frame t's labels come out ``context - 1`` frames
-after its features went in (at the end, all at once). The tiled affinities and their
-pruning (speed only, never the result, ties aside) are ``fmapicon.evaluation.local_affinity``.
+key frames met after, and frame t is finished once its last context frame, t - 1, was met.
+A frame's features are dropped once it was met as a key and finished as a query: at most
+the first frame and ``context + 1`` others are held, whatever the video's length; labels
+are kept for the first frame and the last ``context`` frames. Frame t's labels come out
+``context - 1`` frames after its features went in (at the end, all at once). The tiled
+affinities and their pruning (speed only, never the result, ties aside) are
+``fmapicon.evaluation.local_affinity``.
 
 ``protocol="original"`` is the original FeatureMapICON code's evaluation
 (``fmapicon.evaluation.original_protocol``); ``protocol="copy"`` repeats the first mask.
