@@ -205,16 +205,11 @@ class RunningTopK:
         if self.copies is not None:
             repeat = self.copies.take(user)
             line, value, key = (x.repeat_interleave(repeat) for x in (line, value, key))
-        order = torch.argsort(line)
-        line, value, key = (x.index_select(0, order) for x in (line, value, key))
-        touched, counts = torch.unique_consecutive(line, return_counts=True)
-        row = torch.repeat_interleave(torch.arange(len(touched), device=line.device), counts)
-        slot = k + torch.arange(len(line), device=line.device) - (torch.cumsum(counts, 0) - counts).index_select(0, row)
+        touched, row = torch.unique(line, return_inverse=True)
+        new_values, new_index = scatter_rows(row, value, key, len(touched))
         user, query = touched // size, touched % size + cells.start
-        values = self.values.new_full((len(touched), k + int(counts.max())), -math.inf)
-        index = self.index.new_zeros(values.shape)
-        values[:, :k], index[:, :k] = self.values[user, query], self.index[user, query]
-        values[row, slot], index[row, slot] = value, key
+        values = torch.cat([self.values[user, query], new_values], dim=-1)
+        index = torch.cat([self.index[user, query], new_index], dim=-1)
         values, pick = values.topk(k, dim=-1)
         self.values[user, query], self.index[user, query] = values, index.gather(1, pick)
 
@@ -919,8 +914,8 @@ def scatter_rows(query, values, index, rows: int, width: int | None = None):
     counts = torch.bincount(query, minlength=rows)
     width = width or max(1, int(counts.max()) if len(query) else 1)
     order = torch.argsort(query)
-    query, values, index = query[order], values[order], index[order]
-    slot = torch.arange(len(query), device=query.device) - (torch.cumsum(counts, 0) - counts)[query]
+    query, values, index = (x.index_select(0, order) for x in (query, values, index))   # (~3x faster than x[order])
+    slot = torch.arange(len(query), device=query.device) - (torch.cumsum(counts, 0) - counts).index_select(0, query)
     dense_values = values.new_full((rows, width), -math.inf)
     dense_index = torch.zeros(rows, width, dtype=torch.long, device=query.device)
     dense_values[query, slot] = values
